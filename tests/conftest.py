@@ -1,0 +1,29 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: the hub libraries fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """Write rows (dicts or raw strings/bytes) as lines of a JSONL file and return its path."""
+
+    def _write(name, rows):
+        path = Path(tmp_path) / name
+        with open(path, "wb") as fh:
+            for row in rows:
+                if isinstance(row, bytes):
+                    fh.write(row + b"\n")
+                elif isinstance(row, str):
+                    fh.write(row.encode() + b"\n")
+                else:
+                    fh.write(json.dumps(row).encode() + b"\n")
+        return path
+
+    return _write

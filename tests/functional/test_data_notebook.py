@@ -1,0 +1,68 @@
+"""The data-prep notebook executed by papermill, as the pipeline runs it."""
+import json
+
+import nbformat
+import pytest
+
+from utils import pipeline
+from utils.pipeline import Step
+
+pytestmark = pytest.mark.slow
+
+
+def _pairs(n):
+    return [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(n)]
+
+
+def test_pipeline_runs_data_notebook_on_fixture(write_jsonl, tmp_path):
+    src = write_jsonl("small.jsonl", _pairs(30) + ["not json"] + _pairs(3))
+    out = tmp_path / "processed"
+    steps = [Step("01_data_prep", "01_data_prep.ipynb",
+                  {"input_path": str(src), "output_dir": str(out), "on_error": "skip", "seed": 7})]
+    run_dir = pipeline.run(steps, tmp_path / "reports", progress=False)
+    card = json.loads((out / "data_card.json").read_text())
+    assert card["counts"]["total"] == 30 and card["duplicates_removed"]["exact"] == 3
+    assert card["skipped_rows"] == [{"file": str(src), "line": 31,
+                                     "reason": "invalid JSON (Expecting value at column 1); expected one JSON object per line"}]
+    assert (tmp_path / "reports" / "latest").resolve() == run_dir.resolve()
+    executed = nbformat.read(run_dir / "01_data_prep.ipynb", as_version=4)
+    text = json.dumps(executed)
+    assert "Data card" in text and "image/png" in text
+    state = json.loads((run_dir / "run.json").read_text())
+    assert state["complete"] and state["steps"]["01_data_prep"]["status"] == "done"
+
+    # a second start of the same plan makes a new run (the first one is complete)
+    again = pipeline.run(steps, tmp_path / "reports", progress=False, run_id="second")
+    assert again.name == "second" and (tmp_path / "reports" / "latest").resolve() == again.resolve()
+
+
+def test_bad_input_fails_the_run_with_the_message_in_the_notebook(write_jsonl, tmp_path):
+    src = write_jsonl("bad.jsonl", _pairs(5) + ['{"prompt": "x"}'])
+    out = tmp_path / "processed"
+    out.mkdir()
+    (out / "train.jsonl").write_text("previous\n")
+    steps = [Step("01_data_prep", "01_data_prep.ipynb", {"input_path": str(src), "output_dir": str(out)})]
+    with pytest.raises(Exception) as err:
+        pipeline.run(steps, tmp_path / "reports", progress=False, run_id="r1")
+    assert "bad.jsonl:6: missing required field 'response'" in str(err.value)
+    executed = (tmp_path / "reports" / "r1" / "01_data_prep.ipynb").read_text()
+    assert "bad.jsonl:6: missing required field" in executed
+    assert (out / "train.jsonl").read_text() == "previous\n"
+    state = json.loads((tmp_path / "reports" / "r1" / "run.json").read_text())
+    assert state["steps"]["01_data_prep"]["status"] == "failed" and not state["complete"]
+    assert not (tmp_path / "reports" / "latest").exists()
+
+
+def test_cli_exits_non_zero_on_unknown_parameter(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  sed: 3\n")
+    assert pipeline.main(["--config", str(cfg), "--reports-dir", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_exits_non_zero_when_a_notebook_fails(write_jsonl, tmp_path, capsys):
+    src = write_jsonl("bad.jsonl", ["[1, 2]"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  input_path: {src}\n  output_dir: {tmp_path / 'out'}\n")
+    assert pipeline.main(["--config", str(cfg), "--reports-dir", str(tmp_path / "r")]) == 1
+    assert "bad.jsonl:1: line is a JSON list, not an object" in capsys.readouterr().err

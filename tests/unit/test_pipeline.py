@@ -1,0 +1,50 @@
+import pytest
+
+from utils import pipeline
+from utils.pipeline import PipelineError, Step
+
+
+def test_unknown_parameter_is_refused_with_valid_names():
+    with pytest.raises(PipelineError) as err:
+        pipeline.plan({"data": {"seed": 1, "val_fracton": 0.2}}, source="my.yaml")
+    msg = str(err.value)
+    assert "my.yaml [01_data_prep]: unknown parameter(s) ['val_fracton']" in msg
+    assert "'val_fraction'" in msg and "'input_path'" in msg
+
+
+def test_config_errors_name_the_file(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("dta:\n  seed: 1\n")
+    with pytest.raises(PipelineError, match=r"c.yaml: unknown section\(s\) \['dta'\]; valid sections"):
+        pipeline.load_config(bad)
+    bad.write_text("data: [1, 2]\n")
+    with pytest.raises(PipelineError, match="section 'data' must be a mapping"):
+        pipeline.load_config(bad)
+    with pytest.raises(PipelineError, match="config file not found"):
+        pipeline.load_config(tmp_path / "none.yaml")
+
+
+def test_default_config_plans_valid_steps():
+    steps = pipeline.plan(pipeline.load_config())
+    assert steps[0].name == "01_data_prep"
+    assert steps[0].parameters["input_path"] == "embedded:chatterbot-corpus"
+
+
+def test_latest_symlink_is_replaced_atomically(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pipeline.point_latest(tmp_path, tmp_path / "a")
+    pipeline.point_latest(tmp_path, tmp_path / "b")
+    assert (tmp_path / "latest").resolve() == (tmp_path / "b").resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "latest"]
+
+
+def test_unfinished_run_with_same_plan_is_found(tmp_path):
+    steps = [Step("01_data_prep", "01_data_prep.ipynb", {"seed": 1})]
+    fp = pipeline._fingerprint(steps)
+    for name, complete, f in [("20260101-000000", True, fp), ("20260102-000000", False, fp),
+                              ("20260103-000000", False, "other")]:
+        (tmp_path / name).mkdir()
+        pipeline._write_state(tmp_path / name, {"fingerprint": f, "complete": complete})
+    assert pipeline.find_unfinished_run(tmp_path, fp).name == "20260102-000000"
+    assert pipeline.find_unfinished_run(tmp_path, "nope") is None

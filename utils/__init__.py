@@ -1,0 +1,5 @@
+"""Logic of the LoRA comparison repo: data preparation, training, evaluation, reporting.
+
+Notebooks in ``notebooks/`` are thin fronts for these modules; the dashboard and tests use
+the same functions.
+"""

@@ -1,0 +1,48 @@
+"""One place for paths: every default location is derived from the repository root,
+so notebooks behave the same whether run from ``notebooks/``, by papermill or by tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = ROOT / "configs"
+DATA_DIR = ROOT / "data"
+RAW_DIR = DATA_DIR / "raw"
+PROCESSED_DIR = DATA_DIR / "processed"
+MODELS_DIR = ROOT / "models"
+NOTEBOOKS_DIR = ROOT / "notebooks"
+REPORTS_DIR = ROOT / "reports"
+
+# Sentinel accepted wherever an input path is expected: the English ChatterBot corpus
+# shipped by the PyPI package ``chatterbot-corpus`` (converted at run time, never committed).
+EMBEDDED_CORPUS = "embedded:chatterbot-corpus"
+
+
+def chatterbot_corpus_dir() -> Path:
+    """Folder of the English YAML files inside the installed ``chatterbot-corpus`` package."""
+    from importlib.util import find_spec
+
+    spec = find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded corpus needs the package 'chatterbot-corpus' "
+            "(pip install --no-deps chatterbot-corpus==1.3.3; `make venv` does this)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"chatterbot-corpus is installed but {folder} is missing")
+    return folder
+
+
+def from_root(path: str | Path) -> Path:
+    """Resolve a user-given path: absolute as given, relative against the repository root
+    (so ``"data/processed"`` means the same from a notebook, papermill or the shell)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def input_paths(value):
+    """``from_root`` for the ``input_path`` parameter: a path, the embedded-corpus sentinel or a list."""
+    if isinstance(value, (list, tuple)):
+        return [input_paths(v) for v in value]
+    return value if str(value) == EMBEDDED_CORPUS else from_root(value)

@@ -1,0 +1,204 @@
+"""The papermill pipeline: run the numbered notebooks in order into ``reports/<run-id>/``.
+
+    python -m utils.pipeline                      # configs/pipeline.yaml, resumes an unfinished run
+    python -m utils.pipeline --force              # a new run, every step redone
+    python -m utils.pipeline --config my.yaml --quick
+
+Each step is a notebook plus parameters. A run's state lives in ``reports/<run-id>/run.json``;
+a run that stopped half-way is resumed from its first unfinished step when the same plan is
+started again. ``reports/latest`` points at the newest complete run only.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from .paths import CONFIGS_DIR, NOTEBOOKS_DIR, REPORTS_DIR
+
+DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
+# config section -> notebook it parameterises
+SECTIONS = {"data": "01_data_prep.ipynb"}
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Step:
+    name: str
+    notebook: str
+    parameters: dict = field(default_factory=dict)
+
+
+def notebook_parameters(notebook: str | Path) -> dict:
+    """Names and defaults of a notebook's ``parameters`` cell (via papermill's inspector)."""
+    import papermill
+
+    path = NOTEBOOKS_DIR / notebook if not Path(notebook).is_absolute() else Path(notebook)
+    return {name: info["default"] for name, info in papermill.inspect_notebook(str(path)).items()}
+
+
+def check_parameters(step: Step, source: str) -> None:
+    """Refuse parameter names the notebook does not declare, listing the valid ones."""
+    valid = notebook_parameters(step.notebook)
+    unknown = sorted(set(step.parameters) - set(valid))
+    if unknown:
+        raise PipelineError(f"{source}: unknown parameter(s) {unknown} for {step.notebook}; "
+                            f"valid parameters: {sorted(valid)}")
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise PipelineError(f"{path}: unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+    for section, params in config.items():
+        if not isinstance(params, dict):
+            raise PipelineError(f"{path}: section '{section}' must be a mapping of notebook parameters")
+    return config
+
+
+def plan(config: dict, quick: bool = False, source: str = "config") -> list[Step]:
+    """The ordered steps for a config. ``quick`` shrinks every step to a smoke-test size."""
+    steps = [Step("01_data_prep", SECTIONS["data"], dict(config.get("data", {})))]
+    for step in steps:
+        check_parameters(step, f"{source} [{step.name}]")
+    return steps
+
+
+def _fingerprint(steps: list[Step]) -> str:
+    return hashlib.sha1(json.dumps([asdict(s) for s in steps], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _read_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
+    os.replace(tmp, run_dir / "run.json")
+
+
+def find_unfinished_run(reports_dir: Path, fingerprint: str) -> Path | None:
+    """Newest run directory with the same plan that has not finished."""
+    if not reports_dir.exists():
+        return None
+    runs = sorted((p for p in reports_dir.iterdir() if p.is_dir() and not p.is_symlink()), reverse=True)
+    for run_dir in runs:
+        state = _read_state(run_dir)
+        if state and state.get("fingerprint") == fingerprint and not state.get("complete"):
+            return run_dir
+    return None
+
+
+def point_latest(reports_dir: Path, run_dir: Path) -> None:
+    """Atomically repoint ``reports/latest`` (a relative symlink) at ``run_dir``."""
+    tmp = reports_dir / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, reports_dir / "latest")
+
+
+def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False, run_id: str | None = None,
+        kernel_name: str | None = None, progress: bool = True) -> Path:
+    """Execute ``steps`` with papermill; return the run directory."""
+    import papermill
+
+    reports_dir = Path(reports_dir)
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(steps)
+    run_dir = None if (force or run_id) else find_unfinished_run(reports_dir, fingerprint)
+    if run_dir is None:
+        run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = reports_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = {"schema": 1, "run_id": run_dir.name, "fingerprint": fingerprint, "complete": False,
+                 "started": datetime.now(timezone.utc).isoformat(), "steps": {}}
+    else:
+        state = _read_state(run_dir)
+        print(f"resuming unfinished run {run_dir.name}", flush=True)
+    state["plan"] = [asdict(s) for s in steps]
+    _write_state(run_dir, state)
+
+    for i, step in enumerate(steps, start=1):
+        done = state["steps"].get(step.name, {})
+        output = run_dir / f"{step.name}.ipynb"
+        if done.get("status") == "done" and output.exists():
+            print(f"[{i}/{len(steps)}] {step.name}: done in an earlier attempt ({done['seconds']:.1f}s), skipped",
+                  flush=True)
+            continue
+        print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
+        start = time.perf_counter()
+        state["steps"][step.name] = {"status": "running", "notebook": step.notebook}
+        _write_state(run_dir, state)
+        try:
+            papermill.execute_notebook(
+                str(NOTEBOOKS_DIR / step.notebook), str(output), parameters=step.parameters,
+                kernel_name=kernel_name, cwd=str(NOTEBOOKS_DIR), progress_bar=progress,
+            )
+        except BaseException as err:
+            state["steps"][step.name] = {"status": "failed", "notebook": step.notebook,
+                                         "seconds": time.perf_counter() - start, "error": str(err).strip()[-2000:]}
+            _write_state(run_dir, state)
+            raise
+        seconds = time.perf_counter() - start
+        state["steps"][step.name] = {"status": "done", "notebook": step.notebook, "seconds": round(seconds, 2)}
+        _write_state(run_dir, state)
+        print(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.1f}s", flush=True)
+
+    state["complete"] = True
+    state["finished"] = datetime.now(timezone.utc).isoformat()
+    _write_state(run_dir, state)
+    point_latest(reports_dir, run_dir)
+    total = sum(s.get("seconds", 0) for s in state["steps"].values())
+    print(f"run {run_dir.name} complete ({total:.1f}s of steps); reports/latest -> {run_dir.name}", flush=True)
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m utils.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of notebook parameters per section")
+    parser.add_argument("--force", action="store_true", help="start a new run and redo every step")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes for every step")
+    parser.add_argument("--run-id", help="name of the run directory under reports/ (default: UTC timestamp)")
+    parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
+    parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own, lora-compare)")
+    args = parser.parse_args(argv)
+    try:
+        steps = plan(load_config(args.config), quick=args.quick, source=args.config)
+        run(steps, Path(args.reports_dir), force=args.force, run_id=args.run_id, kernel_name=args.kernel)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # papermill's error already holds the notebook's traceback
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
