@@ -14,20 +14,18 @@ import json
 import os
 import random
 import re
-import shutil
 import statistics
-import tempfile
 import unicodedata
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import yaml
 from tqdm.auto import tqdm
 
 from . import pii
+from .io import OutputDirError, write_directory_atomically
 from .paths import EMBEDDED_CORPUS, chatterbot_corpus_dir
 
 SPLITS = ("train", "validation", "test")
@@ -468,36 +466,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def write_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None],
-                               allowed: Sequence[str] = OUTPUT_FILES) -> None:
-    """Let ``write`` fill a temporary folder beside ``output_dir``, then swap it in.
-
-    If ``write`` fails, ``output_dir`` is untouched. A folder holding files other than
-    ``allowed`` is refused, so that swapping it out never deletes someone's files."""
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        if not output_dir.is_dir():
-            raise DataError("output_dir exists and is not a folder", output_dir)
-        foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in allowed)
-        if foreign:
-            raise DataError(f"output_dir holds files this step did not write: {foreign}; "
-                            "expected an empty folder or a previous output of this step", output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write(tmp)
-        old = None
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output_dir, old)
-        os.rename(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- the whole stage
 
 
@@ -549,5 +517,8 @@ def prepare(input_path, output_dir, val_fraction: float = 0.1, test_fraction: fl
         (folder / "data_card.md").write_text(reporting.render_data_card(card), encoding="utf-8")
         reporting.plot_length_distribution(splits, folder / "length_distribution.png")
 
-    write_directory_atomically(output_dir, write)
+    try:
+        write_directory_atomically(output_dir, write, allowed=OUTPUT_FILES)
+    except OutputDirError as err:
+        raise DataError(str(err)) from None
     return card

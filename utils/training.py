@@ -1,0 +1,420 @@
+"""LoRA fine-tuning through Hugging Face ``Trainer`` (so ``accelerate launch`` scales it out
+unchanged): 8-bit base weights, loss on assistant tokens only, dynamic padding with length
+grouping, validation every ``eval_steps`` with early stopping, resumable checkpoints, and a
+``run.json`` + model card beside the final adapter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from . import chat, models
+from .io import write_directory_atomically, write_json_atomically, write_text_atomically
+from .paths import from_root
+
+RUN_SCHEMA = 1
+
+
+class TrainingError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Parameters of ``notebooks/02_train_lora.ipynb`` (same names)."""
+
+    model: str = "smollm2-135m"
+    data_dir: str = "data/processed"
+    output_dir: str | None = None  # default models/<model>-lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] | None = None  # None: preset default; "all-linear": every linear layer
+    load_in_8bit: bool = True
+    random_init: bool = False
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    learning_rate: float | None = None  # None: preset default
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_seq_len: int = 256
+    eval_steps: int = 50
+    save_steps: int = 50
+    seed: int = 42
+    resume: bool = True
+    early_stopping_patience: int = 3
+    padding: str = "dynamic"  # "dynamic" (length-grouped batches) or "max_length" (the tutorial recipe)
+    max_train_examples: int | None = None  # cut the data for smoke runs
+    max_eval_examples: int | None = None
+    logging_steps: int = 5
+
+    def validate(self) -> None:
+        """Refuse impossible settings before any work is done."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise TrainingError(msg)
+
+        need(isinstance(self.lora_r, int) and self.lora_r > 0, f"lora_r={self.lora_r!r}; expected an integer > 0")
+        need(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha!r}; expected > 0")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout!r}; expected 0 <= dropout < 1")
+        need(self.batch_size >= 1, f"batch_size={self.batch_size!r}; expected >= 1")
+        need(self.gradient_accumulation_steps >= 1,
+             f"gradient_accumulation_steps={self.gradient_accumulation_steps!r}; expected >= 1")
+        need(self.max_seq_len >= 8, f"max_seq_len={self.max_seq_len!r}; expected >= 8 tokens")
+        need(self.max_steps > 0 or self.num_epochs > 0, "expected max_steps > 0 or num_epochs > 0")
+        need(self.eval_steps >= 1 and self.save_steps >= 1, "eval_steps and save_steps must be >= 1")
+        need(self.save_steps % self.eval_steps == 0,
+             f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
+             "(the best adapter is chosen among evaluated checkpoints)")
+        need(self.learning_rate is None or self.learning_rate > 0, f"learning_rate={self.learning_rate!r}; expected > 0")
+        need(self.padding in ("dynamic", "max_length"), f"padding={self.padding!r}; expected 'dynamic' or 'max_length'")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_split(data_dir: Path, split: str, limit: int | None) -> list[dict]:
+    from .data import read_jsonl
+
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise TrainingError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
+    rows = read_jsonl(path)
+    return rows[:limit] if limit else rows
+
+
+def encode_rows(rows: Sequence[dict], tokenizer, fmt: str, max_seq_len: int) -> tuple[list[dict], int]:
+    """Encoded examples (input_ids, attention_mask, labels, length) and how many did not fit."""
+    out, dropped = [], 0
+    for row in rows:
+        enc = chat.encode(row["messages"], tokenizer, fmt, max_seq_len)
+        if enc is None:
+            dropped += 1
+            continue
+        out.append({"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
+                    "labels": enc.labels, "length": len(enc.input_ids)})
+    return out, dropped
+
+
+def data_hash(data_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for split in ("train", "validation"):
+        digest.update((data_dir / f"{split}.jsonl").read_bytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint can be resumed from when its state, optimizer, scheduler and readable
+    adapter weights are all there (a run killed mid-save leaves some of them out)."""
+    from safetensors import safe_open
+
+    needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"]
+    if not all((path / n).is_file() and (path / n).stat().st_size > 0 for n in needed):
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_tensor(key)
+    except Exception:  # noqa: BLE001 - any read failure means torn
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: Path, log=print) -> Path | None:
+    """The newest complete ``checkpoint-N``; torn ones are moved aside to ``torn-checkpoint-N``
+    (kept, not deleted) so that the Trainer does not trip over them when it saves step N again."""
+    found = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        if checkpoint_is_complete(path):
+            return path
+        aside = path.with_name(f"torn-{path.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        log(f"checkpoint {path.name} is incomplete (killed while saving?); moved aside to {aside.name}")
+    return None
+
+
+# --------------------------------------------------------------------------- model
+
+
+def resolve_targets(cfg: TrainConfig, spec: dict, model) -> list[str]:
+    available = models.linear_module_names(model)
+    targets = cfg.target_modules
+    if targets is None:
+        targets = spec.get("lora_targets")
+        if targets is None:  # not a preset: attention projections if there are any
+            targets = [t for t in ("q_proj", "v_proj", "c_attn", "query_key_value") if t in available] or available
+    elif targets in ("all-linear", "all_linear"):
+        targets = spec.get("all_linear") or available
+    elif isinstance(targets, str):
+        targets = [targets]
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise TrainingError(f"target_modules {missing} not found in {spec['name']}; its linear modules are {available}")
+    return list(targets)
+
+
+def uses_conv1d(model, targets: Sequence[str]) -> bool:
+    """GPT-2 style Conv1D layers store weights transposed: LoRA needs ``fan_in_fan_out``."""
+    return any(type(m).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, m in model.named_modules())
+
+
+def lora_config(cfg: TrainConfig, targets: list[str], fan_in_fan_out: bool):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+
+
+def count_parameters(model) -> dict:
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_params": int(trainable), "total_params": int(total),
+            "trainable_percent": round(100 * trainable / total, 4)}
+
+
+def expected_lora_params(model, targets: Sequence[str], r: int) -> int:
+    """r x (d_in + d_out) summed over every adapted layer (for checking the count)."""
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            total += r * (module.in_features + module.out_features)
+        elif type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+            total += r * sum(module.weight.shape)
+    return total
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    run: dict = field(default_factory=dict)
+
+
+def _make_callbacks(cfg: TrainConfig):
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    class Throughput(TrainerCallback):
+        """Non-padding tokens and wall time of this session (a resumed run counts its own part)."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.tokens0, self.t0 = state.num_input_tokens_seen, time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.tokens = state.num_input_tokens_seen - self.tokens0
+            self.seconds = time.perf_counter() - self.t0
+
+    throughput = Throughput()
+    return throughput, [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience), throughput]
+
+
+def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainResult:
+    """Fine-tune ``cfg.model`` with LoRA; return where the adapter and ``run.json`` are."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    cfg.validate()
+    spec = models.resolve(cfg.model)
+    data_dir = from_root(cfg.data_dir)
+    train_rows = _load_split(data_dir, "train", cfg.max_train_examples)
+    val_rows = _load_split(data_dir, "validation", cfg.max_eval_examples)
+    output_dir = from_root(cfg.output_dir) if cfg.output_dir else models.adapter_dir(cfg.model)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    set_seed(cfg.seed)
+    rss_before = _peak_rss_mb()
+    loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fmt = chat.chat_format(spec, tokenizer)
+
+    train_ds, dropped_train = encode_rows(train_rows, tokenizer, fmt, cfg.max_seq_len)
+    val_ds, dropped_val = encode_rows(val_rows, tokenizer, fmt, cfg.max_seq_len)
+    if not train_ds or not val_ds:
+        prompts = sorted(chat.encode(r["messages"], tokenizer, fmt, 10**6).prompt_tokens for r in train_rows[:200])
+        raise TrainingError(f"max_seq_len={cfg.max_seq_len} is shorter than every prompt (median prompt "
+                            f"{prompts[len(prompts) // 2]} tokens in {fmt!r} format); raise max_seq_len")
+    if dropped_train:
+        log(f"{dropped_train} of {len(train_rows)} training conversations have no reply token within "
+            f"max_seq_len={cfg.max_seq_len} and are left out")
+
+    targets = resolve_targets(cfg, spec, model)
+    fan_in_fan_out = uses_conv1d(model, targets)
+    if loaded.info["load_in_8bit"]:
+        # casts norms to fp32 and readies inputs for gradients; checkpointing off: on a CPU
+        # memory is not the constraint and recomputation costs ~30% speed
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, lora_config(cfg, targets, fan_in_fan_out))
+    params = count_parameters(model)
+    log(f"LoRA on {targets}: {params['trainable_params']:,} trainable of {params['total_params']:,} "
+        f"parameters ({params['trainable_percent']:.3f}%)")
+
+    use_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate or spec.get("learning_rate", 2e-4),
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        train_sampling_strategy="group_by_length" if cfg.padding == "dynamic" else "random",
+        length_column_name="length",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=True,
+        report_to=[],
+        use_cpu=use_cpu,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, label_pad_token_id=chat.IGNORE_INDEX,
+        padding="max_length" if cfg.padding == "max_length" else True,
+        max_length=cfg.max_seq_len if cfg.padding == "max_length" else None,
+    )
+    throughput, callbacks = _make_callbacks(cfg)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
+                      eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
+                      callbacks=callbacks + list(extra_callbacks))
+
+    checkpoint = last_complete_checkpoint(output_dir, log) if cfg.resume else None
+    if checkpoint is not None:
+        log(f"resuming from {checkpoint.name}")
+    with models._quiet_bnb():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    history = trainer.state.log_history
+    run = {
+        "schema": RUN_SCHEMA,
+        "model": spec["name"],
+        "base_model": loaded.info.get("hub_id") or loaded.info["weights"],
+        "source": loaded.info["source"],
+        "weights": loaded.info["weights"],
+        "gguf_sha256": loaded.info.get("gguf_sha256"),
+        "random_init": cfg.random_init,
+        "label": loaded.info.get("label"),
+        "load_in_8bit": loaded.info["load_in_8bit"],
+        "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
+        "chat_format": fmt,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target_modules": targets,
+                 "fan_in_fan_out": fan_in_fan_out},
+        **params,
+        "config": asdict(cfg),
+        "data_dir": str(data_dir),
+        "data_sha256": data_hash(data_dir),
+        "examples": {"train": len(train_ds), "validation": len(val_ds),
+                     "dropped_too_long": {"train": dropped_train, "validation": dropped_val}},
+        "seed": cfg.seed,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+        "best_eval_loss": trainer.state.best_metric,
+        "loss_history": {
+            "train": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+            "validation": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        },
+        "train_runtime_s": round(throughput.seconds, 2),
+        "train_tokens": int(throughput.tokens),
+        "train_tokens_per_s": round(throughput.tokens / throughput.seconds, 2) if throughput.seconds else None,
+        "train_loss": result.training_loss,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_before_model_mb": round(rss_before, 1),
+        "device": "cpu" if use_cpu else "cuda",
+        "versions": _versions(),
+    }
+    final_dir = output_dir / "final"
+
+    def write_final(folder: Path) -> None:
+        trainer.model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        _point_adapter_at_base(folder, run["base_model"])
+
+    write_directory_atomically(final_dir, write_final)
+    write_json_atomically(output_dir / "run.json", run)
+    write_text_atomically(output_dir / "MODEL_CARD.md", model_card(run, spec))
+    from . import reporting
+
+    reporting.plot_loss_curves(run, output_dir / "loss_curves.png")
+    return TrainResult(output_dir, final_dir, run)
+
+
+def _point_adapter_at_base(folder: Path, base: str) -> None:
+    """Record the base model's public id (not a machine's cache path) in adapter_config.json."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def model_card(run: dict, spec: dict) -> str:
+    card = spec.get("card", {})
+    rows = [
+        ("Model Type", card.get("type", "Decoder-only Transformer")),
+        ("Size", card.get("size", f"{run['total_params'] / 1e6:.0f}M parameters")),
+        ("Base", f"`{run['base_model']}`"),
+        ("Fine-Tuning", f"LoRA r={run['lora']['r']} alpha={run['lora']['alpha']} on {', '.join(run['lora']['target_modules'])}, "
+                        + ("8-bit base weights" if run["load_in_8bit"] else "full-precision base weights")),
+        ("Trainable parameters", f"{run['trainable_params']:,} of {run['total_params']:,} ({run['trainable_percent']:.3f}%)"),
+        ("Training data", f"{run['examples']['train']} conversations from {run['data_dir']} (sha256 {run['data_sha256'][:12]})"),
+        ("Best validation loss", f"{run['best_eval_loss']:.4f}" if run["best_eval_loss"] is not None else "n/a"),
+        ("Intended Use", "Research on parameter-efficient fine-tuning; conversational text generation"),
+        ("Limitations", "May hallucinate or be incoherent; not a substitute for professional advice"),
+        ("License", card.get("licence", "see the base model")),
+    ]
+    lines = [f"# {run['model']} LoRA", ""]
+    if run.get("random_init"):
+        lines += [f"**{models.RANDOM_WEIGHTS_LABEL}** — this adapter was trained on random base weights.", ""]
+    lines += ["| Field | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "Load it:", "", "```python",
+              "from peft import PeftModel",
+              f"model = PeftModel.from_pretrained(base_model, \"{Path(run['config']['output_dir'] or 'models/' + run['model'] + '-lora') / 'final'}\")",
+              "```", ""]
+    return "\n".join(lines)
