@@ -196,32 +196,25 @@ def _quiet_bnb():
             logger.setLevel(old)
 
 
-def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0) -> LoadedModel:
-    """Load a preset, local folder or hub id as an fp32 (or 8-bit) causal LM with its tokenizer.
-
-    ``info`` records where the weights came from, whether they are random, whether 8-bit
-    was used (and why not, if it fell back), and how long loading took."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = resolve(name)
-    start = time.perf_counter()
-    info = {"model": spec["name"], "source": spec["source"], "hub_id": spec.get("hub_id"),
-            "random_init": bool(random_init), "load_in_8bit_requested": bool(load_in_8bit)}
+def weights_folder(spec: dict, random_init: bool = False, seed: int = 0) -> tuple[Path | str, dict]:
+    """Where ``from_pretrained`` finds the weights (converting or creating them once), and what
+    to record about them."""
     if random_init:
         if "architecture" not in spec:
             raise ModelError(f"random_init=True needs an architecture file; presets with one: "
                              f"{sorted(k for k, v in presets().items() if 'architecture' in v)}")
         folder = _random_checkpoint(spec, seed)
-        info["label"] = RANDOM_WEIGHTS_LABEL
-    elif spec["source"] == "gguf":
+        return folder, {"weights": str(folder), "label": RANDOM_WEIGHTS_LABEL}
+    if spec["source"] == "gguf":
         folder, digest = _convert_gguf(spec)
-        info["gguf_sha256"] = digest
-    elif spec["source"] == "local":
-        folder = Path(spec["path"])
-    else:
-        folder = spec["hub_id"]
-    info["weights"] = str(folder)
+        return folder, {"weights": str(folder), "gguf_sha256": digest}
+    if spec["source"] == "local":
+        return Path(spec["path"]), {"weights": spec["path"]}
+    return spec["hub_id"], {"weights": spec["hub_id"]}
+
+
+def _load_tokenizer(spec: dict, folder):
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -235,6 +228,30 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
         raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name: str, random_init: bool = False):
+    """The tokenizer of a preset, folder or hub id, without loading the weights."""
+    spec = resolve(name)
+    return _load_tokenizer(spec, weights_folder(spec, random_init)[0])
+
+
+def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0) -> LoadedModel:
+    """Load a preset, local folder or hub id as an fp32 (or 8-bit) causal LM with its tokenizer.
+
+    ``info`` records where the weights came from, whether they are random, whether 8-bit
+    was used (and why not, if it fell back), and how long loading took."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = resolve(name)
+    start = time.perf_counter()
+    info = {"model": spec["name"], "source": spec["source"], "hub_id": spec.get("hub_id"),
+            "random_init": bool(random_init), "load_in_8bit_requested": bool(load_in_8bit)}
+    folder, extra = weights_folder(spec, random_init, seed)
+    info.update(extra)
+    tokenizer = _load_tokenizer(spec, folder)
 
     kwargs = {"dtype": torch.float32, "use_safetensors": True}
     model = None

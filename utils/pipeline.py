@@ -26,7 +26,14 @@ from .paths import CONFIGS_DIR, NOTEBOOKS_DIR, REPORTS_DIR
 
 DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
 # config section -> notebook it parameterises
-SECTIONS = {"data": "01_data_prep.ipynb"}
+SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb"}
+# sections that are not notebook parameters
+META_SECTIONS = ("models", "train_per_model")
+# --quick: smoke-test sizes, written to models/quick/ so real adapters are never touched
+QUICK = {
+    "train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 4, "max_train_examples": 32,
+              "max_eval_examples": 8, "resume": False},
+}
 
 
 class PipelineError(RuntimeError):
@@ -67,18 +74,38 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
         raise PipelineError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
-    unknown = sorted(set(config) - set(SECTIONS))
+    valid = sorted(SECTIONS) + list(META_SECTIONS)
+    unknown = sorted(set(config) - set(valid))
     if unknown:
-        raise PipelineError(f"{path}: unknown section(s) {unknown}; valid sections: {sorted(SECTIONS)}")
+        raise PipelineError(f"{path}: unknown section(s) {unknown}; valid sections: {valid}")
     for section, params in config.items():
-        if not isinstance(params, dict):
+        if section == "models":
+            if not isinstance(params, list) or not all(isinstance(m, str) for m in params):
+                raise PipelineError(f"{path}: 'models' must be a list of model names")
+        elif not isinstance(params, dict):
             raise PipelineError(f"{path}: section '{section}' must be a mapping of notebook parameters")
     return config
 
 
-def plan(config: dict, quick: bool = False, source: str = "config") -> list[Step]:
-    """The ordered steps for a config. ``quick`` shrinks every step to a smoke-test size."""
-    steps = [Step("01_data_prep", SECTIONS["data"], dict(config.get("data", {})))]
+def plan(config: dict, quick: bool = False, source: str = "config", models: list[str] | None = None) -> list[Step]:
+    """The ordered steps for a config. ``quick`` shrinks every step to a smoke-test size;
+    ``models`` overrides the config's list."""
+    data = dict(config.get("data", {}))
+    steps = [Step("01_data_prep", SECTIONS["data"], data)]
+    per_model = config.get("train_per_model", {}) or {}
+    unknown = sorted(set(per_model) - set(config.get("models", [])))
+    if unknown:
+        raise PipelineError(f"{source}: train_per_model names {unknown}, which are not in models "
+                            f"{config.get('models', [])}")
+    models = models if models is not None else config.get("models", [])
+    for model in models:
+        params = {**config.get("train", {}), **(per_model.get(model) or {}), "model": model}
+        if "output_dir" in data:
+            params.setdefault("data_dir", data["output_dir"])
+        if quick:
+            params.update(QUICK["train"])
+            params["output_dir"] = f"models/quick/{model}-lora"
+        steps.append(Step(f"02_train_lora-{model}", SECTIONS["train"], params))
     for step in steps:
         check_parameters(step, f"{source} [{step.name}]")
     return steps
@@ -154,9 +181,12 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
         start = time.perf_counter()
         state["steps"][step.name] = {"status": "running", "notebook": step.notebook}
         _write_state(run_dir, state)
+        parameters = dict(step.parameters)
+        if "report_dir" in notebook_parameters(step.notebook):
+            parameters.setdefault("report_dir", str(run_dir))  # figures and tables land beside the notebooks
         try:
             papermill.execute_notebook(
-                str(NOTEBOOKS_DIR / step.notebook), str(output), parameters=step.parameters,
+                str(NOTEBOOKS_DIR / step.notebook), str(output), parameters=parameters,
                 kernel_name=kernel_name, cwd=str(NOTEBOOKS_DIR), progress_bar=progress,
             )
         except BaseException as err:
@@ -186,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test sizes for every step")
     parser.add_argument("--run-id", help="name of the run directory under reports/ (default: UTC timestamp)")
     parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
+    parser.add_argument("--models", nargs="+", help="models to train and compare (default: the config's list)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own, lora-compare)")
     args = parser.parse_args(argv)
     try:
-        steps = plan(load_config(args.config), quick=args.quick, source=args.config)
+        steps = plan(load_config(args.config), quick=args.quick, source=args.config, models=args.models)
         run(steps, Path(args.reports_dir), force=args.force, run_id=args.run_id, kernel_name=args.kernel)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

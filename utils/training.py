@@ -202,6 +202,15 @@ def expected_lora_params(model, targets: Sequence[str], r: int) -> int:
 # --------------------------------------------------------------------------- training
 
 
+def private_rss_mb() -> float:
+    """Resident memory that is the process's own (RSS minus file-backed pages such as
+    memory-mapped weight files, which the kernel can drop)."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return (info.rss - info.shared) / 2**20
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -229,10 +238,19 @@ def _make_callbacks(cfg: TrainConfig):
     from transformers import EarlyStoppingCallback, TrainerCallback
 
     class Throughput(TrainerCallback):
-        """Non-padding tokens and wall time of this session (a resumed run counts its own part)."""
+        """Non-padding tokens, time spent in optimizer steps (evaluation and checkpointing left
+        out) and wall time of this session (a resumed run counts its own part), and the peak
+        resident memory seen at step ends, without file-backed pages."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.tokens0, self.t0 = state.num_input_tokens_seen, time.perf_counter()
+            self.tokens0, self.t0, self.step_seconds, self.peak_private_mb = state.num_input_tokens_seen, time.perf_counter(), 0.0, 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_seconds += time.perf_counter() - self.step_t0
+            self.peak_private_mb = max(self.peak_private_mb, private_rss_mb())
 
         def on_train_end(self, args, state, control, **kw):
             self.tokens = state.num_input_tokens_seen - self.tokens0
@@ -310,6 +328,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         length_column_name="length",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=True,
+        prediction_loss_only=True,  # evaluation keeps losses only, never every batch's logits
         report_to=[],
         use_cpu=use_cpu,
         dataloader_num_workers=0,
@@ -361,10 +380,13 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
             "train": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
             "validation": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         },
-        "train_runtime_s": round(throughput.seconds, 2),
-        "train_tokens": int(throughput.tokens),
-        "train_tokens_per_s": round(throughput.tokens / throughput.seconds, 2) if throughput.seconds else None,
+        "train_runtime_s": round(throughput.seconds, 2),  # wall time, evaluation and checkpoints included
+        "train_step_time_s": round(throughput.step_seconds, 2),
+        "train_tokens": int(throughput.tokens),  # non-padding tokens
+        "train_tokens_per_s": round(throughput.tokens / throughput.step_seconds, 2) if throughput.step_seconds else None,
+        "peak_private_rss_mb": round(throughput.peak_private_mb, 1),
         "train_loss": result.training_loss,
+        "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_rss_before_model_mb": round(rss_before, 1),
         "device": "cpu" if use_cpu else "cuda",
@@ -418,3 +440,12 @@ def model_card(run: dict, spec: dict) -> str:
               f"model = PeftModel.from_pretrained(base_model, \"{Path(run['config']['output_dir'] or 'models/' + run['model'] + '-lora') / 'final'}\")",
               "```", ""]
     return "\n".join(lines)
+
+
+def export_to_report(result: TrainResult, report_dir: Path) -> None:
+    """Copy the run's loss curves and run.json into a pipeline report folder."""
+    name = result.run["model"]
+    (report_dir / "figures").mkdir(parents=True, exist_ok=True)
+    (report_dir / "runs").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.output_dir / "loss_curves.png", report_dir / "figures" / f"loss_curves-{name}.png")
+    shutil.copyfile(result.output_dir / "run.json", report_dir / "runs" / f"{name}.json")

@@ -48,3 +48,27 @@ def test_unfinished_run_with_same_plan_is_found(tmp_path):
         pipeline._write_state(tmp_path / name, {"fingerprint": f, "complete": complete})
     assert pipeline.find_unfinished_run(tmp_path, fp).name == "20260102-000000"
     assert pipeline.find_unfinished_run(tmp_path, "nope") is None
+
+
+def test_plan_has_one_training_step_per_model():
+    config = {"data": {"output_dir": "data/x"}, "models": ["smollm2-135m", "gemma3-270m"],
+              "train": {"lora_r": 4}, "train_per_model": {"gemma3-270m": {"learning_rate": 1e-3}}}
+    steps = pipeline.plan(config)
+    assert [s.name for s in steps] == ["01_data_prep", "02_train_lora-smollm2-135m", "02_train_lora-gemma3-270m"]
+    assert steps[1].parameters == {"lora_r": 4, "model": "smollm2-135m", "data_dir": "data/x"}
+    assert steps[2].parameters["learning_rate"] == 1e-3
+    assert [s.name for s in pipeline.plan(config, models=["gpt2"])][1:] == ["02_train_lora-gpt2"]
+
+
+def test_quick_plan_uses_tiny_sizes_and_a_separate_folder():
+    steps = pipeline.plan({"models": ["smollm2-135m"], "train": {"max_steps": 500}}, quick=True)
+    params = steps[1].parameters
+    assert params["max_steps"] == 4 and params["output_dir"] == "models/quick/smollm2-135m-lora"
+    assert params["resume"] is False
+
+
+def test_unknown_training_parameter_and_model_override_are_refused():
+    with pytest.raises(PipelineError, match=r"unknown parameter\(s\) \['lora_rank'\] for 02_train_lora.ipynb"):
+        pipeline.plan({"models": ["gpt2"], "train": {"lora_rank": 4}})
+    with pytest.raises(PipelineError, match=r"train_per_model names \['gpt2'\], which are not in models"):
+        pipeline.plan({"models": ["smollm2-135m"], "train_per_model": {"gpt2": {}}})
