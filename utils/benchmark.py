@@ -156,6 +156,191 @@ def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: in
     return report
 
 
+# --------------------------------------------------------------------------- latency, throughput, memory
+
+LATENCY_PROMPTS = [
+    "What is artificial intelligence?",
+    "Can you recommend a good book to read this weekend?",
+    "I have been feeling anxious lately. What can I do?",
+]
+
+
+def weight_bytes_read_per_token(model) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer of the layers, except an
+    input embedding table that is not also the output layer (only one row of it is read)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    skip = set()
+    if inp is not None and (out is None or out.weight.data_ptr() != inp.weight.data_ptr()):
+        skip.add(inp.weight.data_ptr())
+    seen, total = set(), 0
+    for p in list(model.parameters()):
+        ptr = p.data_ptr()
+        if ptr in seen or ptr in skip:
+            continue
+        seen.add(ptr)
+        total += p.numel() * p.element_size()
+    return total
+
+
+def measure_variant(model, tokenizer, ids: list[list[int]], new_tokens: int, repeats: int, batch: int = 1) -> dict:
+    """Warm-up, then ``repeats`` timed generations of exactly ``new_tokens`` per prompt; time to
+    first token from separate 1-token generations."""
+    from .generation import time_generation
+
+    time_generation(model, tokenizer, ids[0], 2, batch)  # warm-up (allocations, first-call paths)
+    lat, ttft = [], []
+    for _ in range(repeats):
+        for prompt in ids:
+            ttft.append(time_generation(model, tokenizer, prompt, 1, batch))
+            lat.append(time_generation(model, tokenizer, prompt, new_tokens, batch))
+    import numpy as np
+
+    lat_a, ttft_a = np.array(lat), np.array(ttft)
+    decode_s = max(float(lat_a.mean() - ttft_a.mean()), 1e-9)
+    return {
+        "batch": batch, "new_tokens": new_tokens, "n": len(lat),
+        "latency_mean_s": float(lat_a.mean()), "latency_median_s": float(np.median(lat_a)),
+        "latency_p95_s": float(np.quantile(lat_a, 0.95)), "latencies_s": [round(x, 4) for x in lat],
+        "ttft_mean_s": float(ttft_a.mean()), "ttft_median_s": float(np.median(ttft_a)),
+        "decode_tokens_per_s": (new_tokens - 1) * batch / decode_s,
+        "decode_steps_per_s": (new_tokens - 1) / decode_s,
+    }
+
+
+def _latency_model(args: argparse.Namespace) -> None:
+    """All variants of one model, in a fresh process (so its peak memory is its own)."""
+    import gc
+    import resource
+
+    import torch
+
+    from . import chat, models
+    from .generation import prompt_ids
+
+    torch.manual_seed(0)
+    rows = []
+
+    def record(name, loaded_model, tokenizer, ids, batch=1, **extra):
+        res = measure_variant(loaded_model, tokenizer, ids, args.new_tokens, args.repeats, batch)
+        res.update(variant=name, model=args.model, weight_bytes=weight_bytes_read_per_token(loaded_model),
+                   memory_footprint_mb=round(loaded_model.get_memory_footprint() / 2**20, 1), **extra)
+        rows.append(res)
+        print(f"  {args.model} {name}: {res['latency_mean_s']:.3f}s mean, {res['decode_tokens_per_s']:.1f} tok/s",
+              file=sys.stderr, flush=True)
+
+    def adapter_on(base, tokenizer):
+        """The trained adapter if there is one; otherwise a fresh LoRA of the same shape (timing only)."""
+        from peft import PeftModel, get_peft_model
+
+        from .training import TrainConfig, lora_config, resolve_targets, uses_conv1d
+
+        if args.adapter:
+            return PeftModel.from_pretrained(base, str(Path(args.adapter) / "final")), "trained adapter"
+        spec = models.resolve(args.model)
+        targets = resolve_targets(TrainConfig(), spec, base)
+        return get_peft_model(base, lora_config(TrainConfig(), targets, uses_conv1d(base, targets))), "untrained adapter (timing only)"
+
+    loaded = models.load_model(args.model, random_init=args.random_init)
+    tok = loaded.tokenizer
+    if args.random_init:  # random weights: fixed-length token prompts, no meaningful text
+        ids = [list(range(10 + 7 * i, 10 + 7 * i + 24)) for i in range(len(LATENCY_PROMPTS))]
+    else:
+        fmt = chat.chat_format(loaded.spec, tok)
+        ids = [prompt_ids(tok, [{"role": "user", "content": p}], fmt) for p in LATENCY_PROMPTS]
+    label = {"label": loaded.info.get("label")} if args.random_init else {}
+    base = loaded.model.eval()
+    record("fp32 base", base, tok, ids, **label)
+    if not args.random_init:
+        peft_model, how = adapter_on(base, tok)
+        record("fp32 LoRA unmerged", peft_model, tok, ids, adapter=how)
+        merged = peft_model.merge_and_unload()
+        record("fp32 LoRA merged", merged, tok, ids, adapter=how)
+        record("fp32 LoRA merged, batch 8", merged, tok, ids[:1], batch=8, adapter=how)
+        del peft_model, merged, base, loaded
+        gc.collect()
+        q = models.load_model(args.model, load_in_8bit=True)
+        if q.info["load_in_8bit"]:
+            with models._quiet_bnb():
+                record("8-bit base", q.model.eval(), tok, ids[:1])
+                peft_q, how = adapter_on(q.model, tok)
+                record("8-bit LoRA unmerged", peft_q, tok, ids[:1], adapter=how)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"model": args.model, "random_init": args.random_init, "peak_rss_mb": round(peak, 1),
+                                  "variants": rows}), flush=True)
+
+
+def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2", "tinyllama"), new_tokens: int = 32,
+                      repeats: int = 2, models_dir: Path | None = None, out_path: Path | None = None) -> dict:
+    """Latency, time to first token, decode rate, memory and roofline fraction for each model's
+    variants, and the original pair as architecture-exact random-weight stand-ins."""
+    from tqdm.auto import tqdm
+
+    from . import models as model_registry
+    from .paths import MODELS_DIR
+
+    models_dir = Path(models_dir or MODELS_DIR)
+    bandwidth = memory_bandwidth()
+    flops = matmul_flops()
+    jobs = [(m, False) for m in models_list] + [(m, True) for m in random_models]
+    results = []
+    for model, random_init in tqdm(jobs, desc="latency benchmark"):
+        cmd = [sys.executable, "-m", "utils.benchmark", "_latency-model", "--model", model,
+               "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+        adapter = models_dir / f"{model_registry.resolve(model)['name']}-lora"
+        if random_init:
+            cmd.append("--random-init")
+        elif (adapter / "final" / "adapter_config.json").exists():
+            cmd += ["--adapter", str(adapter)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"latency benchmark of {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+
+    rows = []
+    for res in results:
+        for v in res["variants"]:
+            bound = bandwidth / v["weight_bytes"]  # decode steps/s if only weight reads cost time
+            v["roofline_steps_per_s"] = bound
+            v["roofline_fraction"] = v["decode_steps_per_s"] / bound
+            v["random_init"] = res["random_init"]
+            v["process_peak_rss_mb"] = res["peak_rss_mb"]
+            rows.append(v)
+
+    def find(model, variant):
+        return next((r for r in rows if r["model"] == model and r["variant"] == variant and not r["random_init"]), None)
+
+    checks = {}
+    for model in models_list:
+        base, merged, unmerged = find(model, "fp32 base"), find(model, "fp32 LoRA merged"), find(model, "fp32 LoRA unmerged")
+        if base and merged and unmerged:
+            checks[model] = {
+                "merged_roofline_fraction": merged["roofline_fraction"],
+                "merged_vs_base_latency": merged["latency_mean_s"] / base["latency_mean_s"],
+                "unmerged_overhead": unmerged["latency_mean_s"] / base["latency_mean_s"] - 1,
+                "target_merged_at_least_half_of_bound": merged["roofline_fraction"] >= 0.5,
+                "target_merged_within_5pct_of_base": abs(merged["latency_mean_s"] / base["latency_mean_s"] - 1) <= 0.05,
+            }
+    original = [r for r in rows if r["random_init"] and r["variant"] == "fp32 base"]
+    ratio = None
+    by = {r["model"]: r for r in original}
+    if "gpt2" in by and "tinyllama" in by:
+        ratio = by["tinyllama"]["latency_mean_s"] / by["gpt2"]["latency_mean_s"]
+    report = {
+        "schema": 1, "benchmark": "latency",
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "method": {"new_tokens": new_tokens, "min_new_tokens": new_tokens, "decoding": "greedy", "repeats": repeats,
+                   "prompts": LATENCY_PROMPTS, "warmup": 1,
+                   "decode_rate": "(new_tokens - 1) / (mean latency - mean time to first token)",
+                   "roofline": "decode steps/s <= memory bandwidth / bytes of weights read per step"},
+        "machine": {**machine(), "memory_bandwidth_gbs": round(bandwidth / 1e9, 2), "matmul_gflops": round(flops / 1e9, 1)},
+        "rows": rows, "checks": checks, "original_pair_ratio_tinyllama_over_gpt2": ratio,
+    }
+    if out_path is not None:
+        write_json_atomically(out_path, report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,7 +356,26 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--variant", choices=sorted(TRAIN_VARIANTS), required=True)
         else:
             p.add_argument("--variants", nargs="+", default=list(TRAIN_VARIANTS), choices=sorted(TRAIN_VARIANTS))
+    for name in ("latency", "_latency-model"):
+        p = sub.add_parser(name)
+        p.add_argument("--new-tokens", type=int, default=32)
+        p.add_argument("--repeats", type=int, default=2)
+        if name == "latency":
+            p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+            p.add_argument("--random-models", nargs="*", default=["gpt2", "tinyllama"])
+        else:
+            p.add_argument("--model", required=True)
+            p.add_argument("--random-init", action="store_true")
+            p.add_argument("--adapter")
     args = parser.parse_args(argv)
+    if args.command == "_latency-model":
+        _latency_model(args)
+        return 0
+    if args.command == "latency":
+        out = BENCH_DIR / "latency-latest.json"
+        report = latency_benchmark(args.models, args.random_models, args.new_tokens, args.repeats, out_path=out)
+        print(json.dumps({"checks": report["checks"], "ratio": report["original_pair_ratio_tinyllama_over_gpt2"]}, indent=2))
+        return 0
     if args.command == "_train-variant":
         _train_variant(args)
         return 0

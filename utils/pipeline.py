@@ -26,13 +26,16 @@ from .paths import CONFIGS_DIR, NOTEBOOKS_DIR, REPORTS_DIR
 
 DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
 # config section -> notebook it parameterises
-SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb"}
+SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb", "evaluate": "03_evaluate.ipynb",
+            "benchmark": "04_benchmark.ipynb"}
 # sections that are not notebook parameters
-META_SECTIONS = ("models", "train_per_model")
-# --quick: smoke-test sizes, written to models/quick/ so real adapters are never touched
+META_SECTIONS = ("models", "train_per_model", "models_dir")
+# --quick: smoke-test sizes; adapters go to <models_dir>/quick/ so real ones are never touched
 QUICK = {
     "train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 4, "max_train_examples": 32,
               "max_eval_examples": 8, "resume": False},
+    "evaluate": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8},
+    "benchmark": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"]},
 }
 
 
@@ -82,6 +85,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
         if section == "models":
             if not isinstance(params, list) or not all(isinstance(m, str) for m in params):
                 raise PipelineError(f"{path}: 'models' must be a list of model names")
+        elif section == "models_dir":
+            if not isinstance(params, str):
+                raise PipelineError(f"{path}: 'models_dir' must be a folder path")
         elif not isinstance(params, dict):
             raise PipelineError(f"{path}: section '{section}' must be a mapping of notebook parameters")
     return config
@@ -98,17 +104,33 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
         raise PipelineError(f"{source}: train_per_model names {unknown}, which are not in models "
                             f"{config.get('models', [])}")
     models = models if models is not None else config.get("models", [])
+    models_dir = config.get("models_dir", "models") + ("/quick" if quick else "")
+    data_dir = data.get("output_dir", "data/processed")
     for model in models:
-        params = {**config.get("train", {}), **(per_model.get(model) or {}), "model": model}
-        if "output_dir" in data:
-            params.setdefault("data_dir", data["output_dir"])
+        params = {"data_dir": data_dir, **config.get("train", {}), **(per_model.get(model) or {}), "model": model}
         if quick:
             params.update(QUICK["train"])
-            params["output_dir"] = f"models/quick/{model}-lora"
-        steps.append(Step(f"02_train_lora-{model}", SECTIONS["train"], params))
+        if quick or "models_dir" in config:
+            params["output_dir"] = f"{models_dir}/{resolve_name(model)}-lora"
+        steps.append(Step(f"02_train_lora-{resolve_name(model)}", SECTIONS["train"], params))
+    for section, name in (("evaluate", "03_evaluate"), ("benchmark", "04_benchmark")):
+        if section not in config and not models:
+            continue
+        params = {**config.get(section, {}), "models": list(models), "models_dir": models_dir}
+        if section == "evaluate":
+            params.setdefault("data_dir", data_dir)
+        if quick:
+            params.update(QUICK[section])
+        steps.append(Step(name, SECTIONS[section], params))
     for step in steps:
         check_parameters(step, f"{source} [{step.name}]")
     return steps
+
+
+def resolve_name(model: str) -> str:
+    from .models import resolve
+
+    return resolve(model)["name"]
 
 
 def _fingerprint(steps: list[Step]) -> str:
@@ -149,6 +171,29 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
     os.replace(tmp, reports_dir / "latest")
 
 
+def finish_report(run_dir: Path, steps: list[Step]) -> None:
+    """Copy the data and model cards into the run folder and build metrics.json + report.html."""
+    import shutil
+
+    from .paths import from_root
+    from .report import build_report
+
+    cards = run_dir / "cards"
+    cards.mkdir(exist_ok=True)
+    for step in steps:
+        p = step.parameters
+        if step.notebook == SECTIONS["data"]:
+            card = from_root(p.get("output_dir", "data/processed")) / "data_card.md"
+            if card.exists():
+                shutil.copyfile(card, cards / "0_data_card.md")
+        elif step.notebook == SECTIONS["train"]:
+            out = from_root(p["output_dir"]) if p.get("output_dir") else from_root("models") / f"{resolve_name(p['model'])}-lora"
+            if (out / "MODEL_CARD.md").exists():
+                shutil.copyfile(out / "MODEL_CARD.md", cards / f"1_model_card-{resolve_name(p['model'])}.md")
+    build_report(run_dir)
+    print(f"report: {run_dir / 'report.html'}", flush=True)
+
+
 def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False, run_id: str | None = None,
         kernel_name: str | None = None, progress: bool = True) -> Path:
     """Execute ``steps`` with papermill; return the run directory."""
@@ -187,7 +232,7 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
         try:
             papermill.execute_notebook(
                 str(NOTEBOOKS_DIR / step.notebook), str(output), parameters=parameters,
-                kernel_name=kernel_name, cwd=str(NOTEBOOKS_DIR), progress_bar=progress,
+                kernel_name=kernel_name, cwd=str(NOTEBOOKS_DIR), progress_bar=progress, log_output=progress,
             )
         except BaseException as err:
             state["steps"][step.name] = {"status": "failed", "notebook": step.notebook,
@@ -199,6 +244,7 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
         _write_state(run_dir, state)
         print(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.1f}s", flush=True)
 
+    finish_report(run_dir, steps)
     state["complete"] = True
     state["finished"] = datetime.now(timezone.utc).isoformat()
     _write_state(run_dir, state)

@@ -103,3 +103,87 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+# --------------------------------------------------------------------------- evaluation and benchmark figures
+
+QUALITY = ("coherence", "relevance", "similarity", "rouge_l")
+
+
+def plot_quality(evaluation: Mapping, path: Path | None = None):
+    """Mean score per model variant with its 95% bootstrap interval, one panel per metric."""
+    sns.set_theme(style="whitegrid")
+    names = list(evaluation["summary"])
+    fig, axes = plt.subplots(1, len(QUALITY), figsize=(4 * len(QUALITY), 0.5 * len(names) + 2), sharey=True)
+    for ax, metric in zip(axes, QUALITY):
+        stats = [evaluation["summary"][n][metric] for n in names]
+        means = [s["mean"] or 0 for s in stats]
+        err = [[(s["mean"] or 0) - (s["low"] or 0) for s in stats], [(s["high"] or 0) - (s["mean"] or 0) for s in stats]]
+        ax.barh(names, means, xerr=err, color=sns.color_palette("deep", len(names)), capsize=3)
+        ax.set_title(f"{metric} (n={stats[0]['n']})")
+        if metric in ("coherence", "relevance"):
+            ax.set_xlim(1, 5)
+    fig.suptitle("Response quality, mean with 95% bootstrap interval")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_latency(bench: Mapping, path: Path | None = None):
+    """Latency distribution per model and variant (batch-1 rows; random-weight rows labelled)."""
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    rows = []
+    for r in bench["rows"]:
+        label = f"{r['model']}{' (random weights)' if r['random_init'] else ''} · {r['variant']}"
+        rows += [{"variant": label, "latency (s)": x} for x in r["latencies_s"]]
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * df["variant"].nunique() + 1.5))
+    sns.stripplot(df, x="latency (s)", y="variant", ax=ax, size=5, jitter=0.15)
+    sns.pointplot(df, x="latency (s)", y="variant", ax=ax, estimator="median", errorbar=None, color="black",
+                  markers="|", linestyles="none")
+    ax.set_title(f"Latency of {bench['method']['new_tokens']} new tokens (dots: runs, bar: median)")
+    ax.set_xscale("log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_parameters(trainable: Mapping[str, Mapping], path: Path | None = None):
+    """Trainable vs total parameters per model, log scale."""
+    sns.set_theme(style="whitegrid")
+    names = list(trainable)
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
+    y = range(len(names))
+    ax.barh([i + 0.2 for i in y], [trainable[n]["total_params"] for n in names], height=0.4, label="total")
+    ax.barh([i - 0.2 for i in y], [trainable[n]["trainable_params"] for n in names], height=0.4, label="trainable (LoRA)")
+    ax.set_yticks(list(y), names)
+    ax.set_xscale("log")
+    for i, n in enumerate(names):
+        ax.text(trainable[n]["trainable_params"], i - 0.2, f" {trainable[n]['trainable_percent']:.2f}%", va="center")
+    ax.set_xlabel("parameters (log scale)")
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_memory(bench: Mapping, path: Path | None = None):
+    """Model memory footprint per variant and the peak resident memory of each model's process."""
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    df = pd.DataFrame([{"model": r["model"] + (" (random)" if r["random_init"] else ""), "variant": r["variant"],
+                        "MB": r["memory_footprint_mb"]} for r in bench["rows"] if r["batch"] == 1])
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    sns.barplot(df, x="model", y="MB", hue="variant", ax=ax)
+    ax.set_yscale("log")
+    ax.set_title("Model memory footprint (log scale)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

@@ -1,0 +1,133 @@
+"""Generation: batched greedy generation for evaluation, single-prompt timing for benchmarks,
+and streaming for the dashboard. One model object per (model, adapter) pair: adapters are
+merged or attached once, never switched under a running generation.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from . import chat
+
+
+@dataclass
+class Generated:
+    text: str
+    new_tokens: int
+    latency_s: float  # wall time of the call that produced it (a batch's time, shared by its members)
+    batch_size: int
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict], fmt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids of the generation prompt; cut from the left to ``max_prompt_tokens`` (the most
+    recent turns are kept)."""
+    text = chat.prompt_text(list(messages), tokenizer, fmt)
+    ids = tokenizer(text, add_special_tokens=(fmt == "plain"))["input_ids"]
+    if max_prompt_tokens and len(ids) > max_prompt_tokens:
+        ids = ids[-max_prompt_tokens:]
+    return ids
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _gen_kwargs(tokenizer, model, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0) -> dict:
+    kw = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
+          "eos_token_id": stop_token_ids(tokenizer, model)}
+    if min_new_tokens:
+        kw["min_new_tokens"] = min_new_tokens
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p)
+    else:  # plain greedy: no sampling knobs that would trigger warnings
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fmt: str, max_new_tokens: int = 64,
+                   batch_size: int = 8, min_new_tokens: int = 0, max_prompt_tokens: int = 768,
+                   progress: bool = True) -> list[Generated]:
+    """Greedy replies to the last user turn of each conversation, generated in left-padded batches."""
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(conversations)), key=lambda i: len(conversations[i][-1]["content"]))
+    results: dict[int, Generated] = {}
+    pad = tokenizer.pad_token_id
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generating", disable=not progress, leave=False):
+        ids = [prompt_ids(tokenizer, conversations[i], fmt, max_prompt_tokens) for i in batch]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            gen = model.generate(input_ids=input_ids, attention_mask=attention,
+                                 **_gen_kwargs(tokenizer, model, max_new_tokens, min_new_tokens))
+        seconds = time.perf_counter() - start
+        stops = set(stop_token_ids(tokenizer, model)) | {pad}
+        for row, i in enumerate(batch):
+            new = gen[row, width:].tolist()
+            n = next((k for k, t in enumerate(new) if t in stops), len(new))
+            text = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+            results[i] = Generated(text, n, seconds, len(batch))
+    return [results[i] for i in range(len(conversations))]
+
+
+def time_generation(model, tokenizer, ids: list[int], new_tokens: int, batch: int = 1) -> float:
+    """Wall time of generating exactly ``new_tokens`` tokens (min = max) for ``batch`` copies of a prompt."""
+    import torch
+
+    input_ids = torch.tensor([ids] * batch)
+    kw = _gen_kwargs(tokenizer, model, new_tokens, min_new_tokens=new_tokens)
+    kw["eos_token_id"] = None  # fixed length: stopping early would change what is measured
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kw)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] - input_ids.shape[1] == new_tokens, "generation length was not fixed"
+    return seconds
+
+
+def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens: int = 128, do_sample: bool = False,
+           temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
+           max_prompt_tokens: int = 768, lock: threading.Lock | None = None) -> Iterator[str]:
+    """Yield the reply's text piece by piece as it is generated (for the dashboard)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    ids = prompt_ids(tokenizer, messages, fmt, max_prompt_tokens)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kw = _gen_kwargs(tokenizer, model, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    input_ids = torch.tensor([ids])
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            if lock is not None:
+                lock.acquire()
+            try:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                with torch.inference_mode():
+                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
+            finally:
+                if lock is not None:
+                    lock.release()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
