@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -173,8 +174,6 @@ def point_latest(reports_dir: Path, run_dir: Path) -> None:
 
 def finish_report(run_dir: Path, steps: list[Step]) -> None:
     """Copy the data and model cards into the run folder and build metrics.json + report.html."""
-    import shutil
-
     from .paths import from_root
     from .report import build_report
 
@@ -192,6 +191,86 @@ def finish_report(run_dir: Path, steps: list[Step]) -> None:
                 shutil.copyfile(out / "MODEL_CARD.md", cards / f"1_model_card-{resolve_name(p['model'])}.md")
     build_report(run_dir)
     print(f"report: {run_dir / 'report.html'}", flush=True)
+
+
+class StepFailed(RuntimeError):
+    def __init__(self, step: str, notebook: Path, error: BaseException):
+        self.step, self.notebook = step, notebook
+        super().__init__(f"step {step} failed; its output notebook with the error: {notebook}\n{error}")
+
+
+def _file_digest(path: Path) -> str:
+    if not path.is_file():
+        return "missing"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _adapter_files(step: Step) -> list[Path]:
+    from .paths import from_root
+
+    models_dir = from_root(step.parameters.get("models_dir", "models"))
+    return [models_dir / f"{resolve_name(m)}-lora" / "final" / "adapter_model.safetensors"
+            for m in step.parameters.get("models", [])]
+
+
+def step_inputs(step: Step) -> list[Path]:
+    """Files whose content decides a step's result (besides its notebook and parameters)."""
+    from .paths import from_root, input_paths
+
+    p = step.parameters
+    if step.notebook == SECTIONS["data"]:
+        from .data import resolve_inputs
+
+        defaults = notebook_parameters(step.notebook)
+        try:
+            return resolve_inputs(input_paths(p.get("input_path", defaults["input_path"])))
+        except Exception:  # noqa: BLE001 - the notebook itself reports bad inputs
+            return []
+    data_dir = from_root(p.get("data_dir", "data/processed"))
+    if step.notebook == SECTIONS["train"]:
+        return [data_dir / "train.jsonl", data_dir / "validation.jsonl"]
+    if step.notebook == SECTIONS["evaluate"]:
+        return [data_dir / f"{p.get('split', 'test')}.jsonl", data_dir / "validation.jsonl"] + _adapter_files(step)
+    return _adapter_files(step)
+
+
+def step_key(step: Step) -> str:
+    digest = hashlib.sha256((NOTEBOOKS_DIR / step.notebook).read_bytes())
+    digest.update(json.dumps(step.parameters, sort_keys=True, default=str).encode())
+    for path in step_inputs(step):
+        digest.update(f"{path}:{_file_digest(path)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def external_outputs_present(step: Step) -> bool:
+    """What a step leaves outside the run folder is still there (data splits, adapters)."""
+    from .paths import from_root
+
+    p = step.parameters
+    if step.notebook == SECTIONS["data"]:
+        return (from_root(p.get("output_dir", "data/processed")) / "data_card.json").exists()
+    if step.notebook == SECTIONS["train"]:
+        out = from_root(p["output_dir"]) if p.get("output_dir") else from_root("models") / f"{resolve_name(p['model'])}-lora"
+        return (out / "final" / "adapter_model.safetensors").exists()
+    return True
+
+
+def find_reusable(reports_dir: Path, run_dir: Path, step: Step, key: str) -> tuple[Path, dict] | None:
+    """The newest earlier run in which this step finished with the same key, outputs intact."""
+    if not external_outputs_present(step):
+        return None
+    for other in sorted((p for p in reports_dir.iterdir() if p.is_dir() and not p.is_symlink() and p != run_dir),
+                        reverse=True):
+        prev = (_read_state(other) or {}).get("steps", {}).get(step.name)
+        if prev and prev.get("status") == "done" and prev.get("key") == key and (other / f"{step.name}.ipynb").exists() \
+                and all((other / rel).exists() for rel in prev.get("artifacts", [])):
+            return other, prev
+    return None
+
+
+def _snapshot(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime for p in run_dir.rglob("*")
+            if p.is_file() and p.name != "run.json"}
 
 
 def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False, run_id: str | None = None,
@@ -216,15 +295,28 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
     _write_state(run_dir, state)
 
     for i, step in enumerate(steps, start=1):
-        done = state["steps"].get(step.name, {})
+        key = step_key(step)
         output = run_dir / f"{step.name}.ipynb"
-        if done.get("status") == "done" and output.exists():
-            print(f"[{i}/{len(steps)}] {step.name}: done in an earlier attempt ({done['seconds']:.1f}s), skipped",
-                  flush=True)
+        done = state["steps"].get(step.name, {})
+        if not force and done.get("status") == "done" and done.get("key") == key and output.exists() \
+                and external_outputs_present(step):
+            print(f"[{i}/{len(steps)}] {step.name}: done in an earlier attempt of this run, skipped", flush=True)
+            continue
+        earlier = None if force else find_reusable(reports_dir, run_dir, step, key)
+        if earlier is not None:
+            prev_dir, prev = earlier
+            for rel in [f"{step.name}.ipynb"] + prev.get("artifacts", []):
+                (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(prev_dir / rel, run_dir / rel)
+            state["steps"][step.name] = {**prev, "reused_from": prev_dir.name}
+            _write_state(run_dir, state)
+            print(f"[{i}/{len(steps)}] {step.name}: inputs and parameters unchanged since run {prev_dir.name}, "
+                  "reused (--force reruns)", flush=True)
             continue
         print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
         start = time.perf_counter()
-        state["steps"][step.name] = {"status": "running", "notebook": step.notebook}
+        before = _snapshot(run_dir)
+        state["steps"][step.name] = {"status": "running", "notebook": step.notebook, "key": key}
         _write_state(run_dir, state)
         parameters = dict(step.parameters)
         if "report_dir" in notebook_parameters(step.notebook):
@@ -235,12 +327,16 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
                 kernel_name=kernel_name, cwd=str(NOTEBOOKS_DIR), progress_bar=progress, log_output=progress,
             )
         except BaseException as err:
-            state["steps"][step.name] = {"status": "failed", "notebook": step.notebook,
-                                         "seconds": time.perf_counter() - start, "error": str(err).strip()[-2000:]}
+            state["steps"][step.name] = {"status": "failed", "notebook": step.notebook, "key": key,
+                                         "seconds": round(time.perf_counter() - start, 2),
+                                         "error": str(err).strip()[-2000:]}
             _write_state(run_dir, state)
-            raise
+            raise StepFailed(step.name, output, err) from err
         seconds = time.perf_counter() - start
-        state["steps"][step.name] = {"status": "done", "notebook": step.notebook, "seconds": round(seconds, 2)}
+        after = _snapshot(run_dir)
+        artifacts = sorted(rel for rel, mtime in after.items() if before.get(rel) != mtime and rel != output.name)
+        state["steps"][step.name] = {"status": "done", "notebook": step.notebook, "key": key,
+                                     "seconds": round(seconds, 2), "artifacts": artifacts}
         _write_state(run_dir, state)
         print(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.1f}s", flush=True)
 
@@ -271,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # papermill's error already holds the notebook's traceback
+    except StepFailed as err:  # papermill's error already holds the notebook's traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     return 0

@@ -31,9 +31,21 @@ def test_pipeline_runs_data_notebook_on_fixture(write_jsonl, tmp_path):
     state = json.loads((run_dir / "run.json").read_text())
     assert state["complete"] and state["steps"]["01_data_prep"]["status"] == "done"
 
-    # a second start of the same plan makes a new run (the first one is complete)
+    # a second start with unchanged inputs and parameters reuses the finished step
     again = pipeline.run(steps, tmp_path / "reports", progress=False, run_id="second")
     assert again.name == "second" and (tmp_path / "reports" / "latest").resolve() == again.resolve()
+    state2 = json.loads((again / "run.json").read_text())
+    assert state2["steps"]["01_data_prep"]["reused_from"] == run_dir.name
+    assert (again / "01_data_prep.ipynb").exists()
+
+    # changed input: the step runs again; --force: it runs again even when nothing changed
+    with open(src, "a") as fh:
+        fh.write(json.dumps({"prompt": "a new question?", "response": "a new answer."}) + "\n")
+    third = pipeline.run(steps, tmp_path / "reports", progress=False, run_id="third")
+    assert "reused_from" not in json.loads((third / "run.json").read_text())["steps"]["01_data_prep"]
+    assert json.loads((out / "data_card.json").read_text())["counts"]["total"] == 31
+    forced = pipeline.run(steps, tmp_path / "reports", progress=False, run_id="fourth", force=True)
+    assert "reused_from" not in json.loads((forced / "run.json").read_text())["steps"]["01_data_prep"]
 
 
 def test_bad_input_fails_the_run_with_the_message_in_the_notebook(write_jsonl, tmp_path):
@@ -42,8 +54,9 @@ def test_bad_input_fails_the_run_with_the_message_in_the_notebook(write_jsonl, t
     out.mkdir()
     (out / "train.jsonl").write_text("previous\n")
     steps = [Step("01_data_prep", "01_data_prep.ipynb", {"input_path": str(src), "output_dir": str(out)})]
-    with pytest.raises(Exception) as err:
+    with pytest.raises(pipeline.StepFailed) as err:
         pipeline.run(steps, tmp_path / "reports", progress=False, run_id="r1")
+    assert "step 01_data_prep failed" in str(err.value)
     assert "bad.jsonl:6: missing required field 'response'" in str(err.value)
     executed = (tmp_path / "reports" / "r1" / "01_data_prep.ipynb").read_text()
     assert "bad.jsonl:6: missing required field" in executed
@@ -65,4 +78,5 @@ def test_cli_exits_non_zero_when_a_notebook_fails(write_jsonl, tmp_path, capsys)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  input_path: {src}\n  output_dir: {tmp_path / 'out'}\n")
     assert pipeline.main(["--config", str(cfg), "--reports-dir", str(tmp_path / "r")]) == 1
-    assert "bad.jsonl:1: line is a JSON list, not an object" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step 01_data_prep failed" in err and "bad.jsonl:1: line is a JSON list, not an object" in err

@@ -54,10 +54,13 @@ def test_plan_has_one_training_step_per_model():
     config = {"data": {"output_dir": "data/x"}, "models": ["smollm2-135m", "gemma3-270m"],
               "train": {"lora_r": 4}, "train_per_model": {"gemma3-270m": {"learning_rate": 1e-3}}}
     steps = pipeline.plan(config)
-    assert [s.name for s in steps] == ["01_data_prep", "02_train_lora-smollm2-135m", "02_train_lora-gemma3-270m"]
+    assert [s.name for s in steps] == ["01_data_prep", "02_train_lora-smollm2-135m", "02_train_lora-gemma3-270m",
+                                       "03_evaluate", "04_benchmark"]
     assert steps[1].parameters == {"lora_r": 4, "model": "smollm2-135m", "data_dir": "data/x"}
     assert steps[2].parameters["learning_rate"] == 1e-3
-    assert [s.name for s in pipeline.plan(config, models=["gpt2"])][1:] == ["02_train_lora-gpt2"]
+    assert steps[3].parameters == {"models": ["smollm2-135m", "gemma3-270m"], "models_dir": "models", "data_dir": "data/x"}
+    assert [s.name for s in pipeline.plan(config, models=["gpt2"])][1:] == ["02_train_lora-gpt2", "03_evaluate",
+                                                                           "04_benchmark"]
 
 
 def test_quick_plan_uses_tiny_sizes_and_a_separate_folder():
@@ -65,6 +68,7 @@ def test_quick_plan_uses_tiny_sizes_and_a_separate_folder():
     params = steps[1].parameters
     assert params["max_steps"] == 4 and params["output_dir"] == "models/quick/smollm2-135m-lora"
     assert params["resume"] is False
+    assert steps[2].parameters["models_dir"] == "models/quick" and steps[2].parameters["num_examples"] == 4
 
 
 def test_unknown_training_parameter_and_model_override_are_refused():

@@ -1,0 +1,275 @@
+"""Dashboard: compare two models side by side, vote blind, read the reports.
+
+    make app        # = streamlit run streamlit_app.py
+
+A thin UI: every piece of logic lives in utils/ (serving, ratings, metrics, safety, report).
+Settings through the environment: LORA_COMPARE_MODELS_DIR (adapters, default models/),
+LORA_COMPARE_DATA_DIR (processed splits), LORA_COMPARE_REPORTS_DIR, LORA_COMPARE_RATINGS_DB,
+LORA_COMPARE_BASES (comma-separated base models), LORA_COMPARE_POOL (models kept loaded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from utils import metrics, ratings, safety, serving
+from utils.data import read_jsonl
+from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
+
+MODELS = Path(os.environ.get("LORA_COMPARE_MODELS_DIR", MODELS_DIR))
+DATA = Path(os.environ.get("LORA_COMPARE_DATA_DIR", PROCESSED_DIR))
+REPORTS = Path(os.environ.get("LORA_COMPARE_REPORTS_DIR", REPORTS_DIR))
+BASES = tuple(b for b in os.environ.get("LORA_COMPARE_BASES", "").split(",") if b) or None
+
+
+@st.cache_resource
+def model_pool() -> serving.ModelPool:
+    return serving.ModelPool(capacity=int(os.environ.get("LORA_COMPARE_POOL", "2")), models_dir=MODELS)
+
+
+@st.cache_resource
+def scorer() -> metrics.Scorer:
+    # relevance and similarity only: the judge model would double the memory of the dashboard
+    return metrics.Scorer(metrics.Embedder())
+
+
+@st.cache_resource
+def rating_store() -> ratings.RatingStore:
+    return ratings.RatingStore(os.environ.get("LORA_COMPARE_RATINGS_DB", ratings.DEFAULT_DB))
+
+
+def choices() -> list[serving.Choice]:
+    return serving.available_choices(MODELS, BASES)
+
+
+def split_rows(split: str) -> list[dict]:
+    path = DATA / f"{split}.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def settings_panel(key: str) -> dict:
+    with st.expander("Generation settings"):
+        c1, c2, c3, c4, c5 = st.columns(5)
+        max_new = c1.number_input("max new tokens", 8, 512, 96, key=f"{key}_max")
+        sample = c2.toggle("sampling", False, key=f"{key}_sample", help="off: greedy decoding")
+        temp = c3.slider("temperature", 0.1, 1.5, 0.7, key=f"{key}_temp", disabled=not sample)
+        top_p = c4.slider("top-p", 0.1, 1.0, 0.9, key=f"{key}_topp", disabled=not sample)
+        seed = c5.number_input("seed", 0, 2**31 - 1, 0, key=f"{key}_seed")
+    return {"max_new_tokens": int(max_new), "do_sample": bool(sample), "temperature": float(temp),
+            "top_p": float(top_p), "seed": int(seed)}
+
+
+def show_reply(column, choice: serving.Choice, messages: list[dict], settings: dict):
+    """Stream one side's reply into ``column``; return (text, stats), or (None, None) on refusal."""
+    with column:
+        with st.spinner(f"loading {choice.label} ..."):
+            entry = model_pool().get(choice)
+        box = st.empty()
+        stats = serving.StreamStats()
+        text = box.write_stream(serving.stream_reply(entry, messages, stats, **settings))
+        text = text if isinstance(text, str) else "".join(map(str, text))
+        blocked = safety.blocked_terms(text)
+        if blocked:
+            box.error(f"Reply blocked by the output filter (matched: {', '.join(blocked)}).")
+        cols = st.columns(5)
+        cols[0].metric("latency", f"{stats.latency_s:.2f} s")
+        cols[1].metric("first token", f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–")
+        cols[2].metric("new tokens", stats.new_tokens)
+        cols[3].metric("tokens/s", f"{stats.tokens_per_s:.1f}")
+        cols[4].metric("words", stats.words)
+        return text, stats
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def compare_page():
+    st.header("Compare two models")
+    options = choices()
+    labels = [c.label for c in options]
+    if not any(c.adapter for c in options):
+        st.info("No fine-tuned adapters yet: only base models are listed. Run `make pipeline` to train them.")
+    a_default = next((i for i, c in enumerate(options) if c.adapter), 0)
+    b_default = next((i for i, c in enumerate(options) if c.adapter and i != a_default), min(1, len(options) - 1))
+    col_a, col_b = st.columns(2)
+    pick_a = col_a.selectbox("Model A", labels, index=a_default, key="model_a")
+    pick_b = col_b.selectbox("Model B", labels, index=b_default, key="model_b")
+    side = {"A": options[labels.index(pick_a)], "B": options[labels.index(pick_b)]}
+
+    rows_val = split_rows("validation")
+    use_val = st.toggle("Prompt from the held-out data", key="use_val", disabled=not rows_val,
+                        help=None if rows_val else f"no processed data in {DATA}: run notebooks/01_data_prep.ipynb")
+    if not rows_val:
+        st.caption(f"Validation prompts unavailable: no processed data in {DATA} (run `make pipeline`).")
+    reference = None
+    if use_val and rows_val:
+        split = st.radio("split", ["validation", "test"], horizontal=True, key="val_split")
+        rows = split_rows(split)
+        c1, c2 = st.columns([1, 3])
+        if c1.button("random prompt", key="val_random"):
+            st.session_state["val_index"] = random.randrange(len(rows))
+        index = c2.number_input("index", 0, len(rows) - 1, st.session_state.get("val_index", 0), key="val_index")
+        row = rows[int(index)]
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        history, reference = row["messages"][:last], row["messages"][last]["content"]
+        prompt = history[-1]["content"]
+        st.text_area("Prompt", prompt, disabled=True, key="val_prompt_view")
+    else:
+        prompt = st.text_area("Prompt", key="prompt", placeholder="Ask both models something ...")
+        history = None
+
+    conversation = st.toggle("Conversation mode (each side keeps its own history)", key="conversation")
+    settings = settings_panel("cmp")
+    if st.button("Generate", type="primary", key="generate"):
+        if not prompt.strip():
+            st.warning("The prompt is empty: type something first.")
+            return
+        if safety.crisis_flag(prompt):
+            st.warning(safety.HELP_NOTICE)
+        outputs = {}
+        columns = dict(zip("AB", st.columns(2)))
+        for name, choice in side.items():
+            past = st.session_state.setdefault(f"history_{name}", []) if conversation else []
+            messages = history if history is not None else past + [{"role": "user", "content": prompt}]
+            columns[name].subheader(f"{name}: {choice.label}")
+            text, stats = show_reply(columns[name], choice, messages, settings)
+            outputs[name] = text
+            if conversation and history is None:
+                past += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
+            if safety.crisis_flag(text):
+                columns[name].warning(safety.HELP_NOTICE)
+        if reference is not None:
+            sc = scorer()
+            rel = sc.relevance([prompt] * 2, [outputs["A"], outputs["B"]])
+            sim = sc.embedder.cosine([outputs["A"], outputs["B"]], [reference] * 2)
+            st.subheader("Reference answer")
+            st.write(reference)
+            st.dataframe(pd.DataFrame({
+                "model": [side["A"].label, side["B"].label],
+                "ROUGE-L": [metrics.rouge_l(outputs[s], reference) for s in "AB"],
+                "similarity": [float(x) for x in sim], "relevance /5": rel}), hide_index=True)
+    if conversation and st.button("Clear conversation", key="clear"):
+        st.session_state["history_A"], st.session_state["history_B"] = [], []
+
+
+def arena_page():
+    st.header("Blind arena")
+    st.caption("Two models answer; names are hidden and sides shuffled until you vote.")
+    options = choices()
+    if len(options) < 2:
+        st.info("The arena needs at least two models.")
+        return
+    prompt = st.text_area("Prompt", key="arena_prompt")
+    settings = settings_panel("arena")
+    if st.button("Get two answers", type="primary", key="arena_generate") and prompt.strip():
+        pool = [c for c in options if c.adapter] or options
+        pair = random.sample(pool if len(pool) >= 2 else options, 2)
+        cols = st.columns(2)
+        outs = []
+        for name, choice, col in zip("AB", pair, cols):
+            col.subheader(f"Model {name}")
+            text, _ = show_reply(col, choice, [{"role": "user", "content": prompt}], settings)
+            outs.append(text)
+        st.session_state["arena"] = {"prompt": prompt, "pair": [c.label for c in pair], "outputs": outs,
+                                     "settings": settings, "voted": False}
+        if any(safety.crisis_flag(t) for t in [prompt] + outs):
+            st.warning(safety.HELP_NOTICE)
+    duel = st.session_state.get("arena")
+    if duel and not duel["voted"]:
+        if "arena" in st.session_state and not st.session_state.get("arena_generate"):
+            c = st.columns(2)
+            for name, text, col in zip("AB", duel["outputs"], c):
+                col.subheader(f"Model {name}")
+                col.write(text)
+        rate = st.checkbox("Also rate each answer (1-5)", key="arena_rate")
+        r = {}
+        if rate:
+            c = st.columns(4)
+            r = {"coherence_a": c[0].slider("A coherence", 1, 5, 3), "relevance_a": c[1].slider("A relevance", 1, 5, 3),
+                 "coherence_b": c[2].slider("B coherence", 1, 5, 3), "relevance_b": c[3].slider("B relevance", 1, 5, 3)}
+        buttons = st.columns(4)
+        for label, vote, col in zip(["A is better", "B is better", "Tie", "Both bad"], ratings.VOTES, buttons):
+            if col.button(label, key=f"vote_{vote}"):
+                sc = scorer()
+                rel = sc.relevance([duel["prompt"]] * 2, duel["outputs"])
+                coh = [sc.coherence_parts(duel["prompt"], t)["coherence"] for t in duel["outputs"]]
+                rating_store().add_vote(duel["prompt"], duel["pair"][0], duel["pair"][1], duel["outputs"][0],
+                                        duel["outputs"][1], vote, duel["settings"], r,
+                                        {"coherence_a": coh[0], "relevance_a": rel[0], "coherence_b": coh[1], "relevance_b": rel[1]})
+                duel["voted"] = True
+                st.success(f"Recorded. A was **{duel['pair'][0]}**, B was **{duel['pair'][1]}**.")
+    leaderboard()
+
+
+def leaderboard():
+    votes = rating_store().votes()
+    st.subheader(f"Leaderboard ({len(votes)} votes)")
+    if not votes:
+        st.caption("No votes yet.")
+        return
+    wr, bt = ratings.win_rates(votes), ratings.bradley_terry(votes)
+    st.dataframe(pd.DataFrame([{"model": m, "games": s["games"], "win rate": round(s["win_rate"], 3),
+                                "95% CI": f"[{s['low']:.2f}, {s['high']:.2f}]", "Bradley-Terry (Elo scale)": round(bt.get(m, 1000))}
+                               for m, s in sorted(wr.items(), key=lambda kv: -bt.get(kv[0], 0))]), hide_index=True)
+    parts = []
+    for metric, a in ratings.agreement(votes).items():
+        rho = "–" if a["spearman"] is None else f"{a['spearman']:.2f}"
+        parts.append(f"{metric}: {rho} (n={a['n']})")
+    st.caption("Agreement of automatic and human 1-5 scores (Spearman): " + "; ".join(parts))
+
+
+def reports_page():
+    st.header("Reports")
+    runs = sorted((p for p in REPORTS.iterdir() if (p / "metrics.json").exists() and not p.is_symlink()),
+                  reverse=True) if REPORTS.exists() else []
+    if not runs:
+        st.info(f"No reports in {REPORTS} yet: run `make pipeline`.")
+        return
+    latest = (REPORTS / "latest").resolve() if (REPORTS / "latest").exists() else runs[0]
+    names = [p.name for p in runs]
+    pick = st.selectbox("Run", names, index=names.index(latest.name) if latest.name in names else 0, key="run_pick")
+    run = REPORTS / pick
+    m = json.loads((run / "metrics.json").read_text())
+    if "latency" in m:
+        st.subheader("Latency")
+        st.dataframe(pd.DataFrame([{"model · variant": k, "Avg (s)": round(v["avg_s"], 3), "Median (s)": round(v["median_s"], 3),
+                                    "95% CI": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]", "n": v["n"],
+                                    "of roofline": f"{100 * v['roofline_fraction']:.0f}%"}
+                                   for k, v in m["latency"].items()]), hide_index=True)
+    if "response" in m:
+        st.subheader("Response characteristics")
+
+        def ci(s, d=2):
+            return f"{s['mean']:.{d}f} [{s['low']:.{d}f}, {s['high']:.{d}f}]"
+
+        st.dataframe(pd.DataFrame([{"model": k, "Avg Len (words)": ci(v["avg_len_words"], 1), "Coherence /5": ci(v["coherence"]),
+                                    "Relevance /5": ci(v["relevance"]), "n": v["coherence"]["n"]}
+                                   for k, v in m["response"].items()]), hide_index=True)
+    if m.get("trainable_params"):
+        st.subheader("Trainable parameters")
+        st.dataframe(pd.DataFrame([{"model": k, "trainable": v["trainable"], "total": v["total"], "%": v["percent"]}
+                                   for k, v in m["trainable_params"].items()]), hide_index=True)
+    figures = sorted((run / "figures").glob("*.png"))
+    for fig in figures:
+        st.image(str(fig), caption=fig.stem)
+    samples = run / "samples.jsonl"
+    if samples.exists():
+        st.subheader("Sample outputs")
+        st.dataframe(pd.DataFrame([json.loads(x) for x in samples.read_text().splitlines()]).drop(columns="id"))
+    if (run / "report.html").exists():
+        st.download_button("Download report.html", (run / "report.html").read_bytes(), file_name=f"report-{pick}.html")
+
+
+def main():
+    st.set_page_config(page_title="LoRA model comparison", layout="wide")
+    st.caption(safety.RESEARCH_NOTE)
+    page = st.sidebar.radio("Page", ["Compare", "Blind arena", "Reports"], key="page")
+    {"Compare": compare_page, "Blind arena": arena_page, "Reports": reports_page}[page]()
+
+
+main()

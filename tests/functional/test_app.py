@@ -1,0 +1,148 @@
+"""The dashboard through streamlit.testing.v1.AppTest, on tiny random models (real generation)."""
+import json
+import threading
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tiny import save_tiny_model, write_splits
+from utils import serving, training
+from utils.training import TrainConfig
+
+pytestmark = pytest.mark.slow
+APP = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "streamlit_app.py")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    data = write_splits(root / "data")
+    base = save_tiny_model(root / "tiny-llama", "llama")
+    models_dir = root / "models"
+    training.train(TrainConfig(model=str(base), data_dir=str(data), output_dir=str(models_dir / "tiny-lora"),
+                               load_in_8bit=False, max_steps=2, eval_steps=2, save_steps=2, batch_size=4),
+                   log=lambda *a: None)
+    return {"root": root, "data": data, "base": base, "models": models_dir}
+
+
+@pytest.fixture
+def app(world, monkeypatch, tmp_path):
+    def make(models_dir=None, data_dir=None, reports_dir=None):
+        monkeypatch.setenv("LORA_COMPARE_MODELS_DIR", str(models_dir or world["models"]))
+        monkeypatch.setenv("LORA_COMPARE_DATA_DIR", str(data_dir or world["data"]))
+        monkeypatch.setenv("LORA_COMPARE_REPORTS_DIR", str(reports_dir or tmp_path / "reports"))
+        monkeypatch.setenv("LORA_COMPARE_RATINGS_DB", str(tmp_path / "ratings.sqlite"))
+        monkeypatch.setenv("LORA_COMPARE_BASES", str(world["base"]))
+        st.cache_resource.clear()
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return make
+
+
+def _texts(at):
+    return " ".join(str(m.value) for m in at.markdown) + " ".join(str(c.value) for c in at.caption)
+
+
+def test_compare_page_generates_both_sides_for_real(app):
+    at = app()
+    assert "Research demo" in _texts(at)
+    assert [s.label for s in at.selectbox] == ["Model A", "Model B"]
+    assert "LoRA" in at.selectbox(key="model_a").value
+    at.text_area(key="prompt").input("say cat 3")
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    labels = [m.label for m in at.metric]
+    assert labels.count("latency") == 2 and labels.count("tokens/s") == 2 and labels.count("words") == 2
+    assert any(h.value.startswith("A:") for h in at.subheader) and any(h.value.startswith("B:") for h in at.subheader)
+
+
+def test_validation_prompt_shows_reference_and_scores(app):
+    at = app()
+    at.toggle(key="use_val").set_value(True).run()
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert any(h.value == "Reference answer" for h in at.subheader)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["model", "ROUGE-L", "similarity", "relevance /5"] and len(table) == 2
+
+
+def test_no_adapters_and_no_data(app, tmp_path):
+    at = app(models_dir=tmp_path / "empty-models", data_dir=tmp_path / "no-data")
+    assert any("No fine-tuned adapters yet" in i.value for i in at.info)
+    assert at.toggle(key="use_val").disabled
+    assert "no processed data" in _texts(at)
+
+
+def test_empty_prompt_gets_a_message(app):
+    at = app()
+    at.button(key="generate").click().run()
+    assert any("prompt is empty" in w.value for w in at.warning)
+
+
+def test_arena_vote_is_stored_and_leaderboard_shown(app, world, tmp_path):
+    at = app()
+    at.sidebar.radio(key="page").set_value("Blind arena").run()
+    at.text_area(key="arena_prompt").input("say dog 2")
+    at.button(key="arena_generate").click().run()
+    assert not at.exception, at.exception
+    assert [h.value for h in at.subheader][:2] == ["Model A", "Model B"]
+    at.button(key="vote_tie").click().run()
+    assert not at.exception, at.exception
+    from utils.ratings import RatingStore
+
+    votes = RatingStore(tmp_path / "ratings.sqlite").votes()
+    assert len(votes) == 1 and votes[0]["vote"] == "tie" and votes[0]["auto_relevance_a"] is not None
+    assert any("Leaderboard (1 votes)" in h.value for h in at.subheader)
+
+
+def test_reports_page_lists_runs(app, tmp_path):
+    at = app()
+    at.sidebar.radio(key="page").set_value("Reports").run()
+    assert any("No reports" in i.value for i in at.info)
+    run = tmp_path / "reports" / "20260101-000000"
+    run.mkdir(parents=True)
+    ci = {"mean": 3.0, "low": 2.5, "high": 3.5, "n": 4}
+    (run / "metrics.json").write_text(json.dumps({
+        "latency": {"m · fp32 base": {"avg_s": 1.0, "median_s": 0.9, "ci_low": 0.8, "ci_high": 1.2, "n": 6,
+                                      "roofline_fraction": 0.5}},
+        "response": {"m (LoRA)": {"avg_len_words": ci, "coherence": ci, "relevance": ci}},
+        "trainable_params": {"m": {"trainable": 10, "total": 1000, "percent": 1.0}}}))
+    at = app(reports_dir=tmp_path / "reports")
+    at.sidebar.radio(key="page").set_value("Reports").run()
+    assert not at.exception, at.exception
+    assert [h.value for h in at.subheader] == ["Latency", "Response characteristics", "Trainable parameters"]
+
+
+def test_concurrent_sessions_match_sequential_outputs(world):
+    pool = serving.ModelPool(capacity=2, models_dir=world["models"])
+    choices = serving.available_choices(world["models"], (str(world["base"]),))
+    assert len(choices) == 2
+    prompts = [[{"role": "user", "content": f"say cat {i}"}] for i in range(4)]
+    sequential = [[serving.generate_reply(pool.get(c), p, max_new_tokens=8)[0] for p in prompts] for c in choices]
+    results = {}
+
+    def session(k, choice):
+        results[k] = [serving.generate_reply(pool.get(choice), p, max_new_tokens=8)[0] for p in prompts]
+
+    threads = [threading.Thread(target=session, args=(k, c)) for k, c in enumerate(choices * 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[k] for k in range(4)] == sequential * 2
+    assert len(pool.loaded_keys()) == 2
+
+
+def test_pool_is_bounded_and_refuses_outside_paths(world, tmp_path):
+    pool = serving.ModelPool(capacity=1, models_dir=world["models"])
+    a, b = serving.available_choices(world["models"], (str(world["base"]),))
+    pool.get(a)
+    pool.get(b)
+    assert pool.loaded_keys() == [(b.model, b.adapter)]
+    outside = serving.Choice("x", str(world["base"]), str(tmp_path))
+    with pytest.raises(serving.ChoiceError, match="is outside"):
+        pool.get(outside)

@@ -1,0 +1,45 @@
+"""`python -m utils.pipeline --quick` end to end on the real SmolLM2-135M (a handful of steps
+and examples), as CI runs it."""
+import json
+
+import pytest
+
+from utils import pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_pipeline_end_to_end(tmp_path):
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(f"data:\n  output_dir: {tmp_path / 'processed'}\n  on_error: skip\n"
+                   f"models: [smollm2-135m]\nmodels_dir: {tmp_path / 'models'}\n")
+    reports = tmp_path / "reports"
+    assert pipeline.main(["--quick", "--config", str(cfg), "--reports-dir", str(reports)]) == 0
+    run = (reports / "latest").resolve()
+    for name in ("01_data_prep.ipynb", "02_train_lora-smollm2-135m.ipynb", "03_evaluate.ipynb", "04_benchmark.ipynb",
+                 "metrics.json", "report.html", "evaluation.json", "latency.json", "samples.jsonl",
+                 "figures/quality.png", "figures/latency.png", "figures/parameters.png",
+                 "figures/loss_curves-smollm2-135m.png", "cards/0_data_card.md", "cards/1_model_card-smollm2-135m.md"):
+        assert (run / name).exists(), name
+    assert (tmp_path / "models" / "quick" / "smollm2-135m-lora" / "final" / "adapter_model.safetensors").exists()
+
+    m = json.loads((run / "metrics.json").read_text())
+    # table 1: latency (Avg s, Median s) for the base and fine-tuned model, and the original pair stand-in
+    for variant in ("fp32 base", "fp32 LoRA merged"):
+        row = m["latency"][f"smollm2-135m · {variant}"]
+        assert row["avg_s"] > 0 and row["median_s"] > 0 and row["n"] >= 3 and row["ci_low"] <= row["avg_s"] <= row["ci_high"]
+    assert m["latency"]["gpt2 (random weights) · fp32 base"]["label"] == "random weights: speed and size only"
+    # table 2: response characteristics (Avg Len, Coherence, Relevance) with intervals, base and LoRA
+    for name in ("smollm2-135m (base)", "smollm2-135m (LoRA)"):
+        for field in ("avg_len_words", "coherence", "relevance"):
+            stats = m["response"][name][field]
+            assert stats["n"] == 4 and stats["low"] <= stats["mean"] <= stats["high"]
+    assert m["trainable_params"]["smollm2-135m"]["trainable"] == 460_800
+    assert m["versions"]["transformers"] and m["evaluation_parameters"]["num_examples"] == 4
+    html = (run / "report.html").read_text()
+    assert "Latency" in html and "Response characteristics" in html and "Sample outputs" in html
+
+    # a second start reuses every finished step
+    assert pipeline.main(["--quick", "--config", str(cfg), "--reports-dir", str(reports)]) == 0
+    state = json.loads(((reports / "latest").resolve() / "run.json").read_text())
+    assert all("reused_from" in s for s in state["steps"].values())

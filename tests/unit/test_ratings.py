@@ -1,0 +1,73 @@
+"""The SQLite rating store and the leaderboard maths against hand-computed values."""
+import sqlite3
+
+import pytest
+
+from utils import ratings
+
+
+def _vote(a, b, vote, **kw):
+    return {"model_a": a, "model_b": b, "vote": vote, **kw}
+
+
+def test_store_writes_and_reads_back(tmp_path):
+    store = ratings.RatingStore(tmp_path / "r.sqlite")
+    vid = store.add_vote("hi?", "m1", "m2", "hello", "hey", "A", {"max_new_tokens": 32},
+                         {"coherence_a": 4, "relevance_a": 5}, {"coherence_a": 3.5, "relevance_a": 4.2})
+    rows = store.votes()
+    assert vid == 1 and len(rows) == 1
+    row = rows[0]
+    assert (row["prompt"], row["model_a"], row["output_b"], row["vote"]) == ("hi?", "m1", "hey", "A")
+    assert row["coherence_a"] == 4 and row["coherence_b"] is None and row["auto_relevance_a"] == pytest.approx(4.2)
+    assert '"max_new_tokens": 32' in row["settings"] and row["created_utc"].endswith("+00:00")
+    # a second store object on the same file sees the same data (the path is the database)
+    assert len(ratings.RatingStore(tmp_path / "r.sqlite").votes()) == 1
+
+
+def test_store_refuses_bad_votes_and_ratings(tmp_path):
+    store = ratings.RatingStore(tmp_path / "r.sqlite")
+    with pytest.raises(ValueError, match=r"vote='C'; expected one of \['A', 'B', 'tie', 'both_bad'\]"):
+        store.add_vote("p", "a", "b", "x", "y", "C")
+    with pytest.raises(ValueError, match="rating coherence_a=6; expected an integer from 1 to 5"):
+        store.add_vote("p", "a", "b", "x", "y", "A", ratings={"coherence_a": 6})
+    with sqlite3.connect(tmp_path / "r.sqlite") as con:  # the schema enforces it too
+        with pytest.raises(sqlite3.IntegrityError):
+            con.execute("INSERT INTO votes (created_utc, prompt, model_a, model_b, output_a, output_b, settings, vote)"
+                        " VALUES ('t', 'p', 'a', 'b', 'x', 'y', '{}', 'nope')")
+    assert store.votes() == []
+
+
+def test_wilson_interval_by_hand():
+    low, high = ratings.wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert ratings.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_win_rates_count_ties_half():
+    votes = [_vote("x", "y", "A"), _vote("y", "x", "tie"), _vote("x", "y", "both_bad"), _vote("y", "x", "A")]
+    wr = ratings.win_rates(votes)
+    assert wr["x"]["games"] == 4 and wr["x"]["wins"] == 1.5 and wr["x"]["win_rate"] == pytest.approx(0.375)
+    assert wr["y"]["wins"] == 1.5
+
+
+def test_bradley_terry_two_models_by_hand():
+    # x beats y 3 times out of 4: strengths 3:1, geometric mean 1 -> sqrt(3) and 1/sqrt(3);
+    # on the Elo scale 1000 +/- 400*log10(sqrt(3)) = 1000 +/- 95.42
+    votes = [_vote("x", "y", "A")] * 2 + [_vote("y", "x", "B"), _vote("y", "x", "A")]
+    bt = ratings.bradley_terry(votes, prior=0.0)
+    assert bt["x"] == pytest.approx(1095.42, abs=0.01) and bt["y"] == pytest.approx(904.58, abs=0.01)
+
+
+def test_bradley_terry_prior_keeps_undefeated_finite_and_orders():
+    votes = [_vote("a", "b", "A")] * 3 + [_vote("b", "c", "A")] * 3
+    bt = ratings.bradley_terry(votes)
+    assert bt["a"] > bt["b"] > bt["c"] and all(abs(v) < 5000 for v in bt.values())
+
+
+def test_agreement_spearman():
+    votes = [{"coherence_a": h, "auto_coherence_a": a, "coherence_b": None, "auto_coherence_b": None,
+              "relevance_a": None, "auto_relevance_a": None, "relevance_b": None, "auto_relevance_b": None}
+             for h, a in [(1, 1.2), (2, 2.5), (3, 2.9), (4, 4.4), (5, 4.1)]]
+    agree = ratings.agreement(votes)
+    assert agree["coherence"]["n"] == 5 and agree["coherence"]["spearman"] == pytest.approx(0.9)
+    assert agree["relevance"] == {"spearman": None, "p_value": None, "n": 0}

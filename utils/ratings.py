@@ -1,0 +1,155 @@
+"""Blind-arena votes and ratings in SQLite, and the leaderboard maths.
+
+What is stored, per vote: UTC time, the prompt, both outputs, the generation settings, the
+true identities of both sides, the vote (A / B / tie / both_bad) and optional 1-5 coherence and
+relevance ratings of each side, plus the automatic scores of each side when they were computed.
+Nothing about the person voting (no name, address or session id) is stored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .paths import DATA_DIR
+
+DEFAULT_DB = DATA_DIR / "ratings.sqlite"
+VOTES = ("A", "B", "tie", "both_bad")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS votes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_utc TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    output_a TEXT NOT NULL,
+    output_b TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    vote TEXT NOT NULL CHECK (vote IN ('A', 'B', 'tie', 'both_bad')),
+    coherence_a INTEGER CHECK (coherence_a BETWEEN 1 AND 5),
+    relevance_a INTEGER CHECK (relevance_a BETWEEN 1 AND 5),
+    coherence_b INTEGER CHECK (coherence_b BETWEEN 1 AND 5),
+    relevance_b INTEGER CHECK (relevance_b BETWEEN 1 AND 5),
+    auto_coherence_a REAL, auto_relevance_a REAL, auto_coherence_b REAL, auto_relevance_b REAL
+);
+"""
+
+
+class RatingStore:
+    def __init__(self, path: str | Path = DEFAULT_DB):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as con:
+            con.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30)
+        con.row_factory = sqlite3.Row
+        return con
+
+    def add_vote(self, prompt: str, model_a: str, model_b: str, output_a: str, output_b: str, vote: str,
+                 settings: dict | None = None, ratings: dict | None = None, auto: dict | None = None) -> int:
+        if vote not in VOTES:
+            raise ValueError(f"vote={vote!r}; expected one of {list(VOTES)}")
+        ratings, auto = ratings or {}, auto or {}
+        for key, value in ratings.items():
+            if value is not None and not (isinstance(value, int) and 1 <= value <= 5):
+                raise ValueError(f"rating {key}={value!r}; expected an integer from 1 to 5")
+        with closing(self._connect()) as con, con:
+            cur = con.execute(
+                "INSERT INTO votes (created_utc, prompt, model_a, model_b, output_a, output_b, settings, vote,"
+                " coherence_a, relevance_a, coherence_b, relevance_b,"
+                " auto_coherence_a, auto_relevance_a, auto_coherence_b, auto_relevance_b)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (datetime.now(timezone.utc).isoformat(timespec="seconds"), prompt, model_a, model_b, output_a, output_b,
+                 json.dumps(settings or {}, sort_keys=True), vote,
+                 ratings.get("coherence_a"), ratings.get("relevance_a"), ratings.get("coherence_b"), ratings.get("relevance_b"),
+                 auto.get("coherence_a"), auto.get("relevance_a"), auto.get("coherence_b"), auto.get("relevance_b")))
+            return int(cur.lastrowid)
+
+    def votes(self) -> list[dict]:
+        with closing(self._connect()) as con:
+            return [dict(r) for r in con.execute("SELECT * FROM votes ORDER BY id")]
+
+
+# --------------------------------------------------------------------------- leaderboard maths
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion (ties already counted as half wins)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def win_rates(votes: list[dict]) -> dict[str, dict]:
+    """Per model: games (votes it took part in, 'both bad' included), win rate with ties as half,
+    and its Wilson 95% interval."""
+    stats: dict[str, dict] = {}
+    for v in votes:
+        for side, model, other in (("A", v["model_a"], "B"), ("B", v["model_b"], "A")):
+            s = stats.setdefault(model, {"games": 0, "wins": 0.0})
+            s["games"] += 1
+            s["wins"] += 1.0 if v["vote"] == side else 0.5 if v["vote"] == "tie" else 0.0
+    for s in stats.values():
+        s["win_rate"] = s["wins"] / s["games"]
+        s["low"], s["high"] = wilson_interval(s["wins"], s["games"])
+    return stats
+
+
+def bradley_terry(votes: list[dict], iterations: int = 200, prior: float = 0.5) -> dict[str, float]:
+    """Bradley-Terry strengths by the MM algorithm (Hunter 2004), ties as half a win each way,
+    with ``prior`` virtual wins against an average opponent so that undefeated models stay finite.
+    Returned on an Elo-like scale: 400 * log10(strength) + 1000, mean strength 1."""
+    names = sorted({v["model_a"] for v in votes} | {v["model_b"] for v in votes})
+    if not names:
+        return {}
+    idx = {n: i for i, n in enumerate(names)}
+    k = len(names)
+    wins = np.full(k, prior)
+    games = np.zeros((k, k))
+    for v in votes:
+        if v["vote"] == "both_bad":
+            continue
+        a, b = idx[v["model_a"]], idx[v["model_b"]]
+        games[a, b] += 1
+        games[b, a] += 1
+        wins[a] += 1.0 if v["vote"] == "A" else 0.5 if v["vote"] == "tie" else 0.0
+        wins[b] += 1.0 if v["vote"] == "B" else 0.5 if v["vote"] == "tie" else 0.0
+    p = np.ones(k)
+    for _ in range(iterations):
+        denom = np.array([sum(games[i, j] / (p[i] + p[j]) for j in range(k) if j != i) + 2 * prior / (p[i] + 1)
+                          for i in range(k)])
+        p = wins / denom
+        p = p / np.exp(np.mean(np.log(p)))
+    return {n: float(400 * math.log10(p[idx[n]]) + 1000) for n in names}
+
+
+def agreement(votes: list[dict]) -> dict[str, dict]:
+    """Spearman correlation between automatic and human 1-5 scores, with n."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for metric in ("coherence", "relevance"):
+        human, auto = [], []
+        for v in votes:
+            for side in ("a", "b"):
+                h, a = v.get(f"{metric}_{side}"), v.get(f"auto_{metric}_{side}")
+                if h is not None and a is not None:
+                    human.append(h)
+                    auto.append(a)
+        if len(human) >= 3 and len(set(human)) > 1 and len(set(auto)) > 1:
+            rho, pval = spearmanr(human, auto)
+            out[metric] = {"spearman": float(rho), "p_value": float(pval), "n": len(human)}
+        else:
+            out[metric] = {"spearman": None, "p_value": None, "n": len(human)}
+    return out
