@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline test test-fast lab strip clean
+.PHONY: venv pipeline test test-fast lab app benchmark strip clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,14 @@ test-fast: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The dashboard on http://127.0.0.1:8501 (settings in .streamlit/config.toml)
+app: $(STAMP)
+	$(VENV)/bin/streamlit run streamlit_app.py $(ARGS)
+
+# Training throughput: this repo's recipe vs the tutorial recipe, fp32 vs 8-bit (about 7 minutes)
+benchmark: $(STAMP)
+	$(PY) -m utils.benchmark train $(ARGS)
 
 # Strip outputs from the notebooks in git (cell tags such as `parameters` are kept).
 strip: $(STAMP)

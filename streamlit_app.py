@@ -76,12 +76,15 @@ def show_reply(column, choice: serving.Choice, messages: list[dict], settings: d
         blocked = safety.blocked_terms(text)
         if blocked:
             box.error(f"Reply blocked by the output filter (matched: {', '.join(blocked)}).")
-        cols = st.columns(5)
-        cols[0].metric("latency", f"{stats.latency_s:.2f} s")
-        cols[1].metric("first token", f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–")
-        cols[2].metric("new tokens", stats.new_tokens)
-        cols[3].metric("tokens/s", f"{stats.tokens_per_s:.1f}")
-        cols[4].metric("words", stats.words)
+        if stats.truncated:
+            st.caption(f"The conversation was longer than the prompt limit: only its last {stats.prompt_tokens} "
+                       "tokens were used.")
+        top, bottom = st.columns(3), st.columns(3)
+        top[0].metric("latency", f"{stats.latency_s:.2f} s")
+        top[1].metric("first token", f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–")
+        top[2].metric("tokens/s", f"{stats.tokens_per_s:.1f}")
+        bottom[0].metric("new tokens", stats.new_tokens)
+        bottom[1].metric("words", stats.words)
         return text, stats
 
 
@@ -95,7 +98,8 @@ def compare_page():
     if not any(c.adapter for c in options):
         st.info("No fine-tuned adapters yet: only base models are listed. Run `make pipeline` to train them.")
     a_default = next((i for i, c in enumerate(options) if c.adapter), 0)
-    b_default = next((i for i, c in enumerate(options) if c.adapter and i != a_default), min(1, len(options) - 1))
+    b_default = next((i for i, c in enumerate(options) if c.adapter and i != a_default),
+                     next((i for i in range(len(options)) if i != a_default), 0))
     col_a, col_b = st.columns(2)
     pick_a = col_a.selectbox("Model A", labels, index=a_default, key="model_a")
     pick_b = col_b.selectbox("Model B", labels, index=b_default, key="model_b")

@@ -38,10 +38,17 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return ids
 
 
+# In the plain format a model that has not learnt to stop (a base model) goes on to write the
+# user's next turn; a chat harness stops there, and so do we.
+PLAIN_STOP = "\nUser:"
+
+
 def _gen_kwargs(tokenizer, model, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
-                temperature: float = 1.0, top_p: float = 1.0) -> dict:
+                temperature: float = 1.0, top_p: float = 1.0, fmt: str | None = None) -> dict:
     kw = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
           "eos_token_id": stop_token_ids(tokenizer, model)}
+    if fmt == "plain":
+        kw.update(stop_strings=[PLAIN_STOP], tokenizer=tokenizer)
     if min_new_tokens:
         kw["min_new_tokens"] = min_new_tokens
     if do_sample:
@@ -70,13 +77,13 @@ def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fm
         start = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(input_ids=input_ids, attention_mask=attention,
-                                 **_gen_kwargs(tokenizer, model, max_new_tokens, min_new_tokens))
+                                 **_gen_kwargs(tokenizer, model, max_new_tokens, min_new_tokens, fmt=fmt))
         seconds = time.perf_counter() - start
         stops = set(stop_token_ids(tokenizer, model)) | {pad}
         for row, i in enumerate(batch):
             new = gen[row, width:].tolist()
             n = next((k for k, t in enumerate(new) if t in stops), len(new))
-            text = tokenizer.decode(new[:n], skip_special_tokens=True).strip()
+            text = tokenizer.decode(new[:n], skip_special_tokens=True).split(PLAIN_STOP)[0].strip()
             results[i] = Generated(text, n, seconds, len(batch))
     return [results[i] for i in range(len(conversations))]
 
@@ -98,14 +105,28 @@ def time_generation(model, tokenizer, ids: list[int], new_tokens: int, batch: in
 
 def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens: int = 128, do_sample: bool = False,
            temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
-           max_prompt_tokens: int = 768, lock: threading.Lock | None = None) -> Iterator[str]:
-    """Yield the reply's text piece by piece as it is generated (for the dashboard)."""
+           max_prompt_tokens: int = 768, lock: threading.Lock | None = None, info: dict | None = None) -> Iterator[str]:
+    """Yield the reply's text piece by piece as it is generated (for the dashboard). ``info``
+    receives ``new_tokens`` (generated token count), ``prompt_tokens`` and ``truncated``
+    (the prompt was cut from the left to ``max_prompt_tokens``)."""
     import torch
     from transformers import TextIteratorStreamer
 
+    class CountingStreamer(TextIteratorStreamer):
+        new_tokens = 0
+
+        def put(self, value):
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.new_tokens += int(value.numel())
+            super().put(value)
+
+    full = len(prompt_ids(tokenizer, messages, fmt, None))
     ids = prompt_ids(tokenizer, messages, fmt, max_prompt_tokens)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kw = _gen_kwargs(tokenizer, model, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    if info is not None:
+        info.update(prompt_tokens=len(ids), truncated=full > len(ids))
+    streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kw = _gen_kwargs(tokenizer, model, max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                     fmt=fmt)
     input_ids = torch.tensor([ids])
     errors: list[BaseException] = []
 
@@ -127,7 +148,25 @@ def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens:
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    yield from streamer
+    if fmt == "plain":  # hold back what could be the start of the stop string
+        pending, keep = "", len(PLAIN_STOP) - 1
+        for piece in streamer:
+            pending += piece
+            if PLAIN_STOP in pending:
+                yield pending.split(PLAIN_STOP)[0]
+                pending = None
+                break
+            if len(pending) > keep:
+                yield pending[:-keep]
+                pending = pending[-keep:]
+        for _ in streamer:  # drain: generation stops by itself at the stop string
+            pass
+        if pending:
+            yield pending
+    else:
+        yield from streamer
     thread.join()
+    if info is not None:
+        info["new_tokens"] = streamer.new_tokens
     if errors:
         raise errors[0]

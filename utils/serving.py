@@ -122,6 +122,8 @@ class StreamStats:
     ttft_s: float | None = None
     new_tokens: int = 0
     words: int = 0
+    prompt_tokens: int = 0
+    truncated: bool = False  # the prompt was cut from the left to fit
 
     @property
     def tokens_per_s(self) -> float:
@@ -133,16 +135,18 @@ def stream_reply(entry: Entry, messages: list[dict], stats: StreamStats, max_new
                  max_prompt_tokens: int = 768) -> Iterator[str]:
     """Stream the reply to ``messages`` and fill ``stats`` (latency, time to first token, tokens, words)."""
     start = time.perf_counter()
-    text = ""
+    text, info = "", {}
     for piece in generation.stream(entry.loaded.model, entry.loaded.tokenizer, messages, entry.fmt,
                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                   top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens, lock=entry.lock):
+                                   top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens, lock=entry.lock,
+                                   info=info):
         if piece and stats.ttft_s is None:
             stats.ttft_s = time.perf_counter() - start
         text += piece
         yield piece
     stats.latency_s = time.perf_counter() - start
-    stats.new_tokens = len(entry.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    stats.new_tokens = info.get("new_tokens", 0)
+    stats.prompt_tokens, stats.truncated = info.get("prompt_tokens", 0), info.get("truncated", False)
     stats.words = len(text.split())
 
 

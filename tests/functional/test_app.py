@@ -146,3 +146,13 @@ def test_pool_is_bounded_and_refuses_outside_paths(world, tmp_path):
     outside = serving.Choice("x", str(world["base"]), str(tmp_path))
     with pytest.raises(serving.ChoiceError, match="is outside"):
         pool.get(outside)
+
+
+def test_streamed_token_count_and_long_prompt_notice(world):
+    pool = serving.ModelPool(capacity=1, models_dir=world["models"])
+    entry = pool.get(serving.Choice("base", str(world["base"])))
+    text, stats = serving.generate_reply(entry, [{"role": "user", "content": "hi"}], max_new_tokens=7)
+    assert 1 <= stats.new_tokens <= 7 and not stats.truncated
+    long = [{"role": "user", "content": "word " * 400}]
+    text, stats = serving.generate_reply(entry, long, max_new_tokens=4, max_prompt_tokens=100)
+    assert stats.truncated and stats.prompt_tokens == 100

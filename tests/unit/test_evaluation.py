@@ -77,3 +77,26 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path):
 def test_missing_data_names_the_notebook(tmp_path):
     with pytest.raises(evaluation.EvaluationError, match="test.jsonl not found: run notebooks/01_data_prep.ipynb first"):
         evaluation.evaluate(evaluation.EvalConfig(data_dir=str(tmp_path)))
+
+
+def test_plain_format_stops_at_the_next_user_turn(setup, monkeypatch):
+    """A base model in the plain format that goes on to write "User: ..." is cut there,
+    in batched generation and in streaming alike."""
+    loaded = models.load_model(str(setup["llama"]))
+    tok = loaded.tokenizer
+    scripted = tok("Fine thanks\nUser: and you?\nAssistant: ok", add_special_tokens=False)["input_ids"]
+
+    def fake_generate(input_ids=None, streamer=None, **kw):
+        assert kw.get("stop_strings") == [generation.PLAIN_STOP]
+        out = torch.cat([input_ids, torch.tensor([scripted] * input_ids.shape[0])], dim=1)
+        if streamer is not None:
+            streamer.put(input_ids)
+            for t in scripted:
+                streamer.put(torch.tensor([t]))
+            streamer.end()
+        return out
+
+    monkeypatch.setattr(loaded.model, "generate", fake_generate)
+    convs = [[{"role": "user", "content": "how are you?"}]]
+    assert generation.generate_batch(loaded.model, tok, convs, "plain", progress=False)[0].text == "Fine thanks"
+    assert "".join(generation.stream(loaded.model, tok, convs[0], "plain")) == "Fine thanks"
