@@ -23,7 +23,20 @@ def _ci(values) -> dict:
     return M.bootstrap_ci(values)
 
 
-def collect_metrics(run_dir: Path) -> dict:
+def human_agreement(db: Path | None) -> dict | None:
+    """Votes in the dashboard's rating store and how well automatic scores agree with human ones."""
+    from .ratings import DEFAULT_DB, RatingStore, agreement
+
+    db = Path(db) if db is not None else DEFAULT_DB
+    if not db.exists():
+        return None
+    votes = RatingStore(db).votes()
+    if not votes:
+        return None
+    return {"database": str(db), "votes": len(votes), "agreement": agreement(votes)}
+
+
+def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
     run_dir = Path(run_dir)
     evaluation = _load(run_dir / "evaluation.json")
     bench = _load(run_dir / "latency.json")
@@ -64,6 +77,8 @@ def collect_metrics(run_dir: Path) -> dict:
         out["win_rates"] = evaluation["win_rates"]
         out["evaluation_parameters"] = evaluation["config"]
         out["judge_model"] = evaluation["judge_model"]
+
+    out["human_ratings"] = human_agreement(ratings_db)
 
     out["trainable_params"] = {m: {"trainable": r["trainable_params"], "total": r["total_params"],
                                    "percent": r["trainable_percent"], "load_in_8bit": r["load_in_8bit"],
@@ -201,6 +216,13 @@ def render_html(m: dict, run_dir: Path) -> str:
         parts += ["<h2>Sample outputs</h2>", _table(["prompt", "reference"] + names,
                   [[html.escape(r["prompt"]), html.escape(r["reference"])] + [html.escape(r[n]) for n in names] for r in rows])]
 
+    if m.get("human_ratings"):
+        h = m["human_ratings"]
+        rows = [[k, "–" if a["spearman"] is None else f"{a['spearman']:.2f}", a["n"]] for k, a in h["agreement"].items()]
+        parts += [f"<h2>Agreement with human ratings</h2><p>{h['votes']} blind-arena votes in the dashboard's "
+                  "rating store; Spearman correlation between the automatic 1-5 scores and the human ones.</p>",
+                  _table(["score", "Spearman", "n"], rows)]
+
     cards = sorted((run_dir / "cards").glob("*.md")) if (run_dir / "cards").exists() else []
     if cards:
         parts.append("<h2>Data and model cards</h2>")
@@ -212,12 +234,12 @@ def render_html(m: dict, run_dir: Path) -> str:
     return f"<!doctype html><html><head><meta charset=utf-8><title>LoRA comparison {html.escape(m['run_id'])}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
 
 
-def build_report(run_dir: Path) -> Path:
+def build_report(run_dir: Path, ratings_db: Path | None = None) -> Path:
     """Write ``metrics.json`` and ``report.html`` into ``run_dir``; return the HTML path."""
     from . import reporting
 
     run_dir = Path(run_dir)
-    m = collect_metrics(run_dir)
+    m = collect_metrics(run_dir, ratings_db)
     if m["trainable_params"]:
         reporting.plot_parameters({k: {"trainable_params": v["trainable"], "total_params": v["total"],
                                        "trainable_percent": v["percent"]} for k, v in m["trainable_params"].items()},

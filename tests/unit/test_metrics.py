@@ -1,5 +1,4 @@
 """Metric functions against hand-computed values, and the statistics."""
-import math
 
 import numpy as np
 import pytest

@@ -71,3 +71,16 @@ def test_agreement_spearman():
     agree = ratings.agreement(votes)
     assert agree["coherence"]["n"] == 5 and agree["coherence"]["spearman"] == pytest.approx(0.9)
     assert agree["relevance"] == {"spearman": None, "p_value": None, "n": 0}
+
+
+def test_report_includes_agreement_once_ratings_exist(tmp_path):
+    from utils import report
+
+    assert report.human_agreement(tmp_path / "none.sqlite") is None
+    store = ratings.RatingStore(tmp_path / "r.sqlite")
+    assert report.human_agreement(tmp_path / "r.sqlite") is None  # exists but empty
+    for human, auto in [(1, 1.5), (3, 2.5), (5, 4.0), (2, 2.2)]:
+        store.add_vote("p", "a", "b", "x", "y", "A", ratings={"coherence_a": human}, auto={"coherence_a": auto})
+    got = report.human_agreement(tmp_path / "r.sqlite")
+    assert got["votes"] == 4 and got["agreement"]["coherence"]["spearman"] == pytest.approx(1.0)
+    assert got["agreement"]["coherence"]["n"] == 4
