@@ -449,3 +449,39 @@ def export_to_report(result: TrainResult, report_dir: Path) -> None:
     (report_dir / "runs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.output_dir / "loss_curves.png", report_dir / "figures" / f"loss_curves-{name}.png")
     shutil.copyfile(result.output_dir / "run.json", report_dir / "runs" / f"{name}.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line for scripted and multi-process runs, e.g.
+    ``accelerate launch --config_file configs/accelerate/ddp.yaml -m utils.training --model smollm2-135m``.
+    Every ``TrainConfig`` field is an option (``--lora-r 16``, ``--target-modules q_proj v_proj``)."""
+    import argparse
+    import dataclasses
+
+    parser = argparse.ArgumentParser(prog="python -m utils.training", description=main.__doc__)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "target_modules":
+            parser.add_argument(flag, nargs="+", default=None)
+        elif f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+        elif f.type in ("int", int, "int | None"):
+            parser.add_argument(flag, type=int, default=f.default)
+        elif f.type in ("float", float, "float | None"):
+            parser.add_argument(flag, type=float, default=f.default)
+        else:
+            parser.add_argument(flag, default=f.default)
+    args = vars(parser.parse_args(argv))
+    if args["target_modules"] and len(args["target_modules"]) == 1 and args["target_modules"][0] == "all-linear":
+        args["target_modules"] = "all-linear"
+    result = train(TrainConfig(**args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: result.run[k] for k in ("model", "global_step", "best_eval_loss", "trainable_params",
+                                                       "train_tokens_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
