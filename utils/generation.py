@@ -154,13 +154,13 @@ def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens:
             pending += piece
             if PLAIN_STOP in pending:
                 yield pending.split(PLAIN_STOP)[0]
-                pending = None
+                pending = ""
+                for _ in streamer:  # drain what is left; generation stops by itself at the stop string
+                    pass
                 break
             if len(pending) > keep:
                 yield pending[:-keep]
                 pending = pending[-keep:]
-        for _ in streamer:  # drain: generation stops by itself at the stop string
-            pass
         if pending:
             yield pending
     else:

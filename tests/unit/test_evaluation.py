@@ -100,3 +100,6 @@ def test_plain_format_stops_at_the_next_user_turn(setup, monkeypatch):
     convs = [[{"role": "user", "content": "how are you?"}]]
     assert generation.generate_batch(loaded.model, tok, convs, "plain", progress=False)[0].text == "Fine thanks"
     assert "".join(generation.stream(loaded.model, tok, convs[0], "plain")) == "Fine thanks"
+    # a reply without the stop string streams whole, and the stream ends
+    scripted[:] = tok("All good, no more turns", add_special_tokens=False)["input_ids"]
+    assert "".join(generation.stream(loaded.model, tok, convs[0], "plain")) == "All good, no more turns"
