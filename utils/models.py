@@ -51,6 +51,11 @@ def resolve(name: str) -> dict:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelError(f"model folder {path} has no config.json; expected a saved transformers model")
+        if not list(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
+            pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            raise ModelError(f"model folder {path} has no safetensors weights"
+                             + (f" (only pickle files {pickled}, which can run code when loaded)" if pickled else "")
+                             + "; only safetensors are loaded: convert with save_pretrained(safe_serialization=True)")
         return {"name": path.name, "source": "local", "path": str(path), "chat_format": "auto"}
     if "/" in name and not name.startswith((".", "/")):
         return {"name": name.replace("/", "--"), "source": "hub", "hub_id": name, "chat_format": "auto"}

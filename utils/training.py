@@ -234,6 +234,47 @@ class TrainResult:
     run: dict = field(default_factory=dict)
 
 
+def _trainer_class():
+    """``Trainer`` whose length-grouped order is a function of (seed, epoch) only.
+
+    The stock length-grouped sampler draws from the global torch RNG, so a run resumed in the
+    middle of an epoch shuffles that epoch differently from the uninterrupted run. Seeding each
+    epoch's shuffle explicitly makes a resumed run repeat the uninterrupted one exactly, and gives
+    every process of a distributed run the same order to shard."""
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    class EpochSeededLengthSampler(torch.utils.data.Sampler):
+        # The epoch is read from the trainer's state when an epoch's iteration starts: on resume
+        # the state is restored from the checkpoint, while set_epoch() does not reach a sampler
+        # wrapped for skipping the batches already trained.
+        def __init__(self, lengths, batch_size: int, seed: int, epoch_fn):
+            self.lengths, self.batch_size, self.seed, self.epoch_fn = list(lengths), batch_size, seed, epoch_fn
+
+        def __len__(self) -> int:
+            return len(self.lengths)
+
+        def __iter__(self):
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1000003 + self.epoch_fn())
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+    class LoraTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy != "group_by_length":
+                return super()._get_train_sampler(train_dataset)
+            # the "length" column may already be dropped as an unused column by now
+            lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+            return EpochSeededLengthSampler(lengths,
+                                            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                                            lambda: int(round(self.state.epoch or 0.0, 6)))
+
+    return LoraTrainer
+
+
 def _make_callbacks(cfg: TrainConfig):
     from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -265,7 +306,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     import torch
     from datasets import Dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
     cfg.validate()
     spec = models.resolve(cfg.model)
@@ -315,6 +356,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         warmup_steps=0,
         eval_strategy="steps",
         eval_steps=cfg.eval_steps,
+        eval_on_start=True,  # the base model's validation loss: where the loss curve starts
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=2,
@@ -340,7 +382,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         max_length=cfg.max_seq_len if cfg.padding == "max_length" else None,
     )
     throughput, callbacks = _make_callbacks(cfg)
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
+    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
                       eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
                       callbacks=callbacks + list(extra_callbacks))
 

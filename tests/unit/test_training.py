@@ -30,7 +30,9 @@ def _cfg(tiny, arch, out, **kw):
 def test_a_few_steps_lower_the_loss_and_write_the_artefacts(tiny, tmp_path, arch):
     res = training.train(_cfg(tiny, arch, tmp_path / "out", max_steps=24, eval_steps=6, save_steps=6, learning_rate=3e-2))
     val = [p["loss"] for p in res.run["loss_history"]["validation"]]
-    assert len(val) == 4 and val[-1] < val[0] - 0.5
+    # step 0 is the untrained model (eval_on_start), then every 6 steps
+    assert [p["step"] for p in res.run["loss_history"]["validation"]] == [0, 6, 12, 18, 24]
+    assert val[-1] < val[0] - 0.5
     final = tmp_path / "out" / "final"
     assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
     assert not list(final.glob("*.bin")) and not list(final.glob("*.pt"))
@@ -220,3 +222,23 @@ def test_impossible_settings_refused_before_work(tiny, tmp_path, kw, message):
 def test_max_seq_len_below_every_prompt(tiny, tmp_path):
     with pytest.raises(TrainingError, match=r"max_seq_len=10 is shorter than every prompt \(median prompt \d+ tokens"):
         training.train(_cfg(tiny, "llama", tmp_path / "y", max_seq_len=10))
+
+
+def test_pickle_only_model_folder_is_refused(tiny, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny["llama"], folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(models.ModelError, match=r"no safetensors weights \(only pickle files \['pytorch_model.bin'\]"):
+        models.resolve(str(folder))
+
+
+def test_adapter_without_safetensors_is_refused(tiny, tmp_path):
+    training.train(_cfg(tiny, "llama", tmp_path / "p", max_steps=2))
+    final = tmp_path / "p" / "final"
+    (final / "adapter_model.safetensors").rename(final / "adapter_model.bin")
+    with pytest.raises(models.ModelError, match="no adapter_model.safetensors"):
+        models.load_finetuned(tmp_path / "p")
