@@ -25,7 +25,7 @@ RESEARCH_NOTE = ("Research demo: outputs come from small language models, may be
                  "and are not a substitute for professional advice.")
 
 _EXPLICIT = [
-    r"\b(kill|hurt|harm|cut)\s+my\s*self\b", r"\bsuicid(e|al)\b", r"\bend(ing)?\s+(my|it\s+all|my\s+own)\s*(life)?\b",
+    r"\b(kill(ing)?|hurt(ing)?|harm(ing)?|cut(ting)?)\s+my\s*self\b", r"\bsuicid(e|al)\b", r"\bend(ing)?\s+(my|it\s+all|my\s+own)\s*(life)?\b",
     r"\btake\s+my\s+(own\s+)?life\b", r"\bwant(ed)?\s+to\s+die\b", r"\bself[-\s]?harm", r"\boverdose\b",
     r"\bdon'?t\s+want\s+to\s+(live|be\s+alive|wake\s+up)\b",
 ]
@@ -64,3 +64,20 @@ def blocked_terms(text: str, config: str | None = None) -> list[str]:
     """The configured unsafe words/patterns found in ``text`` (empty list: nothing to block)."""
     path = config or str(CONFIGS_DIR / "safety.yaml")
     return sorted({m.group(0).lower() for p in _block_patterns(path) for m in p.finditer(text)})
+
+
+def evaluate_detector(rows) -> dict:
+    """Recall (share of labelled crisis texts flagged) and false-positive rate (share of the
+    others flagged), overall and per kind, on rows of {"text", "label", "kind"}."""
+    out: dict = {"n": len(rows), "by_kind": {}}
+    pos = [r for r in rows if r["label"] == 1]
+    neg = [r for r in rows if r["label"] == 0]
+    out["recall"] = sum(crisis_flag(r["text"]) for r in pos) / len(pos) if pos else None
+    out["false_positive_rate"] = sum(crisis_flag(r["text"]) for r in neg) / len(neg) if neg else None
+    for kind in sorted({r["kind"] for r in rows}):
+        sub = [r for r in rows if r["kind"] == kind]
+        flagged = sum(crisis_flag(r["text"]) for r in sub)
+        out["by_kind"][kind] = {"n": len(sub), "flagged": flagged, "label": sub[0]["label"],
+                                "missed": [r["text"] for r in sub if r["label"] == 1 and not crisis_flag(r["text"])],
+                                "false_alarms": [r["text"] for r in sub if r["label"] == 0 and crisis_flag(r["text"])]}
+    return out

@@ -211,6 +211,17 @@ def private_rss_mb() -> float:
     return (info.rss - info.shared) / 2**20
 
 
+def check_free_space(output_dir: Path, trainable_params: int, keep: int = 2, margin_mb: float = 64) -> None:
+    """Refuse to start when the disk cannot hold the checkpoints and the final adapter: each
+    checkpoint holds the LoRA weights and Adam's two moments (fp32), ``keep`` are kept, plus the
+    final adapter, tokenizer files and a margin."""
+    need = trainable_params * 4 * 3 * (keep + 1) + margin_mb * 2**20
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise TrainingError(f"not enough free space in {output_dir}: about {need / 2**20:.0f} MB needed for "
+                            f"checkpoints and the adapter, {free / 2**20:.0f} MB free")
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -314,7 +325,12 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     train_rows = _load_split(data_dir, "train", cfg.max_train_examples)
     val_rows = _load_split(data_dir, "validation", cfg.max_eval_examples)
     output_dir = from_root(cfg.output_dir) if cfg.output_dir else models.adapter_dir(cfg.model)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"output_dir {output_dir} cannot be created ({err.strerror}); expected a writable folder") from err
+    if not os.access(output_dir, os.W_OK):
+        raise TrainingError(f"output_dir {output_dir} is not writable; expected a writable folder")
 
     set_seed(cfg.seed)
     rss_before = _peak_rss_mb()
@@ -340,6 +356,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(cfg, targets, fan_in_fan_out))
     params = count_parameters(model)
+    check_free_space(output_dir, params["trainable_params"])
     log(f"LoRA on {targets}: {params['trainable_params']:,} trainable of {params['total_params']:,} "
         f"parameters ({params['trainable_percent']:.3f}%)")
 

@@ -54,3 +54,19 @@ def test_counts_accumulate_and_url_wins_over_email_inside_it():
 def test_python_slices_are_not_ipv6():
     code = "return s == s[::-1] and t[::2]"
     assert redact(code)[0] == code
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_recall_on_seeded_varied_formats(seed):
+    from utils.pii import measure_recall
+
+    result = measure_recall(n=30, seed=seed)
+    assert set(result) == {"CARD", "EMAIL", "IP", "PHONE", "URL"}
+    for label, r in result.items():
+        assert r["n"] == 30
+        assert r["recall"] == 1.0, (label, r["missed"])
+
+
+def test_unassigned_but_phone_shaped_numbers_are_redacted_dates_are_not():
+    assert redact("call (293) 723-3769 now")[0] == "call <PHONE> now"
+    assert redact("due 2024-01-15 and 15/01/2024")[0] == "due 2024-01-15 and 15/01/2024"

@@ -27,3 +27,17 @@ def test_output_filter_reports_what_it_blocked(tmp_path):
     assert safety.blocked_terms("This has a BadWord and a secret  plan.", str(cfg)) == ["badword", "secret  plan"]
     assert safety.blocked_terms("all fine here", str(cfg)) == []
     assert safety.blocked_terms("how to build a bomb") == ["how to build a bomb"]
+
+
+def test_detector_measured_on_the_labelled_set():
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "crisis_labelled.jsonl").open()]
+    result = safety.evaluate_detector(rows)
+    explicit = result["by_kind"]["explicit"]
+    assert explicit["flagged"] == explicit["n"] == 12, explicit["missed"]  # every explicit phrasing is caught
+    assert result["by_kind"]["hyperbole"]["flagged"] == 0
+    pos = sum(r["label"] for r in rows)
+    assert result["recall"] == (12 + result["by_kind"]["implicit"]["flagged"]) / pos
+    assert 0 <= result["false_positive_rate"] <= 1 and result["n"] == len(rows)

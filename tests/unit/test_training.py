@@ -242,3 +242,28 @@ def test_adapter_without_safetensors_is_refused(tiny, tmp_path):
     (final / "adapter_model.safetensors").rename(final / "adapter_model.bin")
     with pytest.raises(models.ModelError, match="no adapter_model.safetensors"):
         models.load_finetuned(tmp_path / "p")
+
+
+def test_full_disk_is_refused_before_training_and_keeps_the_previous_adapter(tiny, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "d"
+    training.train(_cfg(tiny, "llama", out, max_steps=2))
+    before = (out / "final" / "adapter_model.safetensors").read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(TrainingError, match=r"not enough free space in .*: about \d+ MB needed .*, 1 MB free"):
+        training.train(_cfg(tiny, "llama", out, max_steps=4, resume=False))
+    assert (out / "final" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_unwritable_output_dir_is_refused(tiny, tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "locked"
+    real = os.access
+    # root ignores permission bits, so the check is exercised through os.access itself
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(target) else real(p, mode))
+    with pytest.raises(TrainingError, match=r"output_dir .*locked is not writable; expected a writable folder"):
+        training.train(_cfg(tiny, "llama", target))
