@@ -156,3 +156,39 @@ def test_streamed_token_count_and_long_prompt_notice(world):
     long = [{"role": "user", "content": "word " * 400}]
     text, stats = serving.generate_reply(entry, long, max_new_tokens=4, max_prompt_tokens=100)
     assert stats.truncated and stats.prompt_tokens == 100
+
+
+@pytest.mark.parametrize("prompt", [
+    "   ", "\x00\x07 control \x1b[31m characters \x7f", "x" * 3000, "supercalifragilistic" * 50,
+    "Привет, как дела? 你好吗？ مرحبا", "🙂🚀🔥 emoji only 👍🏽",
+], ids=["whitespace", "control", "very-long-prompt", "long-single-token", "non-latin", "emoji"])
+def test_odd_prompts_get_a_reply_not_a_crash(world, prompt):
+    pool = serving.ModelPool(capacity=1, models_dir=world["models"])
+    entry = pool.get(serving.Choice("base", str(world["base"])))
+    text, stats = serving.generate_reply(entry, [{"role": "user", "content": prompt}], max_new_tokens=6,
+                                         max_prompt_tokens=256)
+    assert isinstance(text, str) and stats.new_tokens >= 1
+    assert stats.truncated == (len(prompt.encode()) > 240)  # the byte tokenizer: one token per byte
+
+
+def test_eight_concurrent_sessions_generate_like_sequential_with_bounded_memory(world):
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = serving.ModelPool(capacity=2, models_dir=world["models"])
+    choices = serving.available_choices(world["models"], (str(world["base"]),))
+    prompts = [[{"role": "user", "content": f"say {w} {i}"}] for i, w in enumerate(["cat", "dog", "sun"])]
+    expected = {c: [serving.generate_reply(pool.get(c), p, max_new_tokens=8)[0] for p in prompts] for c in choices}
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def session(k):
+        choice = choices[k % len(choices)]
+        return choice, [serving.generate_reply(pool.get(choice), p, max_new_tokens=8)[0] for p in prompts]
+
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        results = list(ex.map(session, range(8)))
+    assert all(outs == expected[choice] for choice, outs in results)
+    assert len(pool.loaded_keys()) <= 2
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    print(f"peak RSS grew by {grown_mb:.1f} MB over 8 concurrent sessions")
+    assert grown_mb < 500

@@ -80,3 +80,36 @@ def test_cli_exits_non_zero_when_a_notebook_fails(write_jsonl, tmp_path, capsys)
     assert pipeline.main(["--config", str(cfg), "--reports-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "step 01_data_prep failed" in err and "bad.jsonl:1: line is a JSON list, not an object" in err
+
+
+def test_pipeline_killed_mid_step_resumes_and_latest_never_points_at_it(write_jsonl, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = write_jsonl("small.jsonl", _pairs(30))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  input_path: {src}\n  output_dir: {tmp_path / 'out'}\n")
+    reports = tmp_path / "reports"
+    cmd = [sys.executable, "-m", "utils.pipeline", "--config", str(cfg), "--reports-dir", str(reports)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    state_file = None
+    while time.time() < deadline:
+        found = list(reports.glob("*/run.json"))
+        if found and '"running"' in found[0].read_text():
+            state_file = found[0]
+            break
+        time.sleep(0.05)
+    assert state_file is not None, "the step never started"
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel
+    proc.wait()
+    assert not (reports / "latest").exists()
+
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming unfinished run {state_file.parent.name}" in done.stdout
+    assert (reports / "latest").resolve() == state_file.parent.resolve()
+    assert json.loads(state_file.read_text())["complete"] is True
