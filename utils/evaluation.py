@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import chat, generation, metrics, models
+from . import chat, generation, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
 from .paths import MODELS_DIR, from_root
@@ -147,8 +147,9 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         texts = [g.text for g in gens]
         scores = scorer.score(prompts, texts, references,
                               progress=lambda it, name=name: tqdm(it, desc=f"scoring {name}", leave=False))
-        per_example[name] = [{"reply": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s / g.batch_size, **s}
-                             for g, s in zip(gens, scores)]
+        per_example[name] = [{"reply": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s / g.batch_size,
+                              "crisis_flag": safety.crisis_flag(p) or safety.crisis_flag(g.text), **s}
+                             for p, g, s in zip(prompts, gens, scores)]
 
     summary = {name: {m: metrics.bootstrap_ci([r.get(m) for r in rows], seed=cfg.seed) for m in METRICS}
                for name, rows in per_example.items()}
@@ -175,7 +176,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "judge_model": cfg.judge_model,
     }
     samples = [{"id": ex["id"], "prompt": p, "reference": ref,
-                **{name: per_example[name][i]["reply"] for name in per_example}}
+                **{name: per_example[name][i]["reply"] for name in per_example},
+                "crisis_flag": any(per_example[name][i]["crisis_flag"] for name in per_example)}
                for i, (ex, p, ref) in enumerate(zip(examples, prompts, references))]
     result["per_example"] = per_example
     result["samples"] = samples

@@ -105,6 +105,8 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
         raise PipelineError(f"{source}: train_per_model names {unknown}, which are not in models "
                             f"{config.get('models', [])}")
     models = models if models is not None else config.get("models", [])
+    for model in models:
+        check_model_name(model, source)
     models_dir = config.get("models_dir", "models") + ("/quick" if quick else "")
     data_dir = data.get("output_dir", "data/processed")
     for model in models:
@@ -126,6 +128,24 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
     for step in steps:
         check_parameters(step, f"{source} [{step.name}]")
     return steps
+
+
+def check_model_name(model: str, source: str = "config") -> None:
+    """Models are presets, Hugging Face ids, or folders inside the repository's models/ (after
+    resolving symlinks); anything else is refused."""
+    from .models import presets
+    from .paths import MODELS_DIR, ROOT
+
+    if model in presets():
+        return
+    path = Path(model).expanduser()
+    path = path if path.is_absolute() else ROOT / path
+    if path.exists() or model.startswith((".", "/", "~")):
+        try:
+            path.resolve().relative_to(MODELS_DIR.resolve())
+        except ValueError:
+            raise PipelineError(f"{source}: model path {model} is outside {MODELS_DIR}; use a preset "
+                                f"{sorted(presets())}, a Hugging Face id, or a folder under models/") from None
 
 
 def resolve_name(model: str) -> str:

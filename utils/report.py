@@ -212,7 +212,7 @@ def render_html(m: dict, run_dir: Path) -> str:
     samples = run_dir / "samples.jsonl"
     if samples.exists():
         rows = [json.loads(line) for line in samples.read_text().splitlines()[:8]]
-        names = [k for k in rows[0] if k not in ("id", "prompt", "reference")] if rows else []
+        names = [k for k in rows[0] if k not in ("id", "prompt", "reference", "crisis_flag")] if rows else []
         parts += ["<h2>Sample outputs</h2>", _table(["prompt", "reference"] + names,
                   [[html.escape(r["prompt"]), html.escape(r["reference"])] + [html.escape(r[n]) for n in names] for r in rows])]
 

@@ -192,3 +192,15 @@ def test_eight_concurrent_sessions_generate_like_sequential_with_bounded_memory(
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     print(f"peak RSS grew by {grown_mb:.1f} MB over 8 concurrent sessions")
     assert grown_mb < 500
+
+
+def test_blocked_reply_is_shown_as_blocked(app, monkeypatch):
+    import utils.safety
+
+    monkeypatch.setattr(utils.safety, "blocked_terms", lambda text, config=None: ["forbidden word"])
+    at = app()
+    at.text_area(key="prompt").input("say cat 3")
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    blocked = [e.value for e in at.error if "blocked by the output filter" in e.value]
+    assert len(blocked) == 2 and "forbidden word" in blocked[0]

@@ -76,3 +76,23 @@ def test_unknown_training_parameter_and_model_override_are_refused():
         pipeline.plan({"models": ["gpt2"], "train": {"lora_rank": 4}})
     with pytest.raises(PipelineError, match=r"train_per_model names \['gpt2'\], which are not in models"):
         pipeline.plan({"models": ["smollm2-135m"], "train_per_model": {"gpt2": {}}})
+
+
+def test_model_paths_outside_models_dir_are_refused(tmp_path):
+    from utils.paths import MODELS_DIR
+
+    outside = tmp_path / "weights"
+    outside.mkdir()
+    with pytest.raises(PipelineError, match=r"model path .*weights is outside .*models"):
+        pipeline.plan({"models": [str(outside)]})
+    MODELS_DIR.mkdir(exist_ok=True)
+    link = MODELS_DIR / "escape-link-test"
+    link.unlink(missing_ok=True)
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(PipelineError, match="is outside"):
+            pipeline.check_model_name(str(link))
+    finally:
+        link.unlink()
+    pipeline.check_model_name("smollm2-135m")
+    pipeline.check_model_name("org/some-hub-model")
