@@ -320,7 +320,11 @@ def load_finetuned(adapter_root: str | Path, load_in_8bit: bool = False, merge: 
     loaded = load_model(run["config"]["model"], load_in_8bit=load_in_8bit, random_init=run.get("random_init", False))
     final = adapter_root / "final"
     check_adapter_matches(final, loaded)
-    model = PeftModel.from_pretrained(loaded.model, str(final), is_trainable=False)
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(final), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, missing modules
+        raise ModelError(f"adapter {final} does not fit base {loaded.info.get('hub_id') or loaded.info['weights']!r}: "
+                         f"{str(err).splitlines()[0][:300]}") from err
     if merge:
         if loaded.info["load_in_8bit"]:
             raise ModelError("merge=True needs full-precision weights; load with load_in_8bit=False")

@@ -267,3 +267,29 @@ def test_unwritable_output_dir_is_refused(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(target) else real(p, mode))
     with pytest.raises(TrainingError, match=r"output_dir .*locked is not writable; expected a writable folder"):
         training.train(_cfg(tiny, "llama", target))
+
+
+def test_adapter_with_matching_name_but_other_shapes_is_refused(tiny, tmp_path):
+    import json as _json
+    import shutil
+
+    training.train(_cfg(tiny, "llama", tmp_path / "s", max_steps=2))
+    # same folder name and base id, different architecture: a GPT-2 saved where the llama was
+    other = tmp_path / "impostor"
+    shutil.copytree(tiny["gpt2"], other)
+    run = _json.loads((tmp_path / "s" / "run.json").read_text())
+    run["config"]["model"] = str(other)
+    (tmp_path / "s" / "run.json").write_text(_json.dumps(run))
+    cfg_path = tmp_path / "s" / "final" / "adapter_config.json"
+    cfg = _json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(other)
+    cfg_path.write_text(_json.dumps(cfg))
+    with pytest.raises(models.ModelError, match=r"does not fit base '.*impostor'"):
+        models.load_finetuned(tmp_path / "s")
+
+
+def test_remote_code_is_never_trusted():
+    from pathlib import Path
+
+    for path in (Path(models.__file__).parent).glob("*.py"):
+        assert "trust_remote_code=True" not in path.read_text(), path
