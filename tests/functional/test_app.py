@@ -222,24 +222,3 @@ def test_symlink_escaping_models_dir_and_missing_adapter_config_are_refused(worl
     (broken / "final" / "adapter_config.json").unlink()
     with pytest.raises(serving.ChoiceError, match="has no final/adapter_config.json"):
         serving.check_adapter_path(broken, models_dir)
-
-
-def test_eight_apptest_sessions_in_threads(app, world):
-    """Eight dashboard sessions (AppTest instances) generating at once get what one session gets alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def session(prompt):
-        at = AppTest.from_file(APP, default_timeout=300)
-        at.run()
-        at.text_area(key="prompt").input(prompt)
-        at.button(key="generate").click().run()
-        assert not at.exception, at.exception
-        return [m.value for m in at.markdown if m.value and "Research demo" not in m.value]
-
-    app()  # environment and a clean cache
-    prompts = [f"say cat {i % 2}" for i in range(8)]
-    alone = {p: session(p) for p in set(prompts)}
-    assert all(len(v) >= 2 for v in alone.values())  # both replies are there
-    with ThreadPoolExecutor(max_workers=8) as ex:
-        together = list(ex.map(session, prompts))
-    assert together == [alone[p] for p in prompts]
