@@ -157,15 +157,21 @@ def test_lora_parameter_count_formula(tiny):
     assert training.count_parameters(model)["trainable_params"] == expected
 
 
-def test_gpt2_124m_c_attn_r8_trains_294912_parameters():
-    from peft import get_peft_model
+def _meta_model(architecture: str):
+    """The shipped architecture built on the meta device: shapes and counts, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = json.loads((models.CONFIGS_DIR / "architectures" / "gpt2-124m.json").read_text())
+    arch = json.loads((models.CONFIGS_DIR / "architectures" / architecture).read_text())
     arch.pop("_comment")
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_gpt2_124m_c_attn_r8_trains_294912_parameters():
+    from peft import get_peft_model
+
+    model = _meta_model("gpt2-124m.json")
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     peft_model = get_peft_model(model, training.lora_config(TrainConfig(lora_r=8), ["c_attn"], True))
     counts = training.count_parameters(peft_model)
@@ -174,13 +180,7 @@ def test_gpt2_124m_c_attn_r8_trains_294912_parameters():
 
 
 def test_tinyllama_architecture_has_the_published_size():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    arch = json.loads((models.CONFIGS_DIR / "architectures" / "tinyllama-1.1b.json").read_text())
-    arch.pop("_comment")
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = _meta_model("tinyllama-1.1b.json")
     assert sum(p.numel() for p in model.parameters()) == 1_100_048_384
 
 
