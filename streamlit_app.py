@@ -64,12 +64,13 @@ def settings_panel(key: str) -> dict:
             "top_p": float(top_p), "seed": int(seed)}
 
 
-def show_reply(column, choice: serving.Choice, messages: list[dict], settings: dict):
-    """Stream one side's reply into ``column``; return (text, stats), or (None, None) on refusal."""
+def show_reply(column, choice: serving.Choice, messages: list[dict], settings: dict, key: str):
+    """Stream one side's reply into ``column`` (inside a container keyed ``key``: the browser tests
+    find the reply by its CSS class ``st-key-<key>``); return (text, stats)."""
     with column:
         with st.spinner(f"loading {choice.label} ..."):
             entry = model_pool().get(choice)
-        box = st.empty()
+        box = st.container(key=key).empty()
         stats = serving.StreamStats()
         text = box.write_stream(serving.stream_reply(entry, messages, stats, **settings))
         text = text if isinstance(text, str) else "".join(map(str, text))
@@ -141,7 +142,7 @@ def compare_page():
             past = st.session_state.setdefault(f"history_{name}", []) if conversation else []
             messages = history if history is not None else past + [{"role": "user", "content": prompt}]
             columns[name].subheader(f"{name}: {choice.label}")
-            text, stats = show_reply(columns[name], choice, messages, settings)
+            text, stats = show_reply(columns[name], choice, messages, settings, key=f"reply_{name}")
             outputs[name] = text
             if conversation and history is None:
                 past += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
@@ -177,7 +178,7 @@ def arena_page():
         outs = []
         for name, choice, col in zip("AB", pair, cols):
             col.subheader(f"Model {name}")
-            text, _ = show_reply(col, choice, [{"role": "user", "content": prompt}], settings)
+            text, _ = show_reply(col, choice, [{"role": "user", "content": prompt}], settings, key=f"arena_reply_{name}")
             outs.append(text)
         st.session_state["arena"] = {"prompt": prompt, "pair": [c.label for c in pair], "outputs": outs,
                                      "settings": settings, "voted": False}

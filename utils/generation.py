@@ -41,6 +41,10 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 # In the plain format a model that has not learnt to stop (a base model) goes on to write the
 # user's next turn; a chat harness stops there, and so do we.
 PLAIN_STOP = "\nUser:"
+# Sampling draws from torch's one global generator, and generate() takes no generator of its own:
+# two sampled generations at once (different models, so different per-model locks) would interleave
+# their draws and neither would be reproducible from its seed. Sampled generations take this lock.
+_SAMPLING = threading.Lock()
 
 
 def _gen_kwargs(tokenizer, model, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False,
@@ -132,16 +136,17 @@ def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens:
 
     def work():
         try:
-            if lock is not None:
-                lock.acquire()
+            locks = [x for x in (lock, _SAMPLING if do_sample else None) if x is not None]
+            for x in locks:
+                x.acquire()
             try:
                 if seed is not None:
                     torch.manual_seed(seed)
                 with torch.inference_mode():
                     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
             finally:
-                if lock is not None:
-                    lock.release()
+                for x in reversed(locks):
+                    x.release()
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
             streamer.end()

@@ -278,8 +278,12 @@ def _trainer_class():
                 return super()._get_train_sampler(train_dataset)
             # the "length" column may already be dropped as an unused column by now
             lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
-            return EpochSeededLengthSampler(lengths,
-                                            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            # Grouped by the global batch (all processes, all accumulation steps): accelerate hands
+            # consecutive slices of this one order to the processes, so N processes with batch b
+            # see exactly the batches one process with batch N*b sees. Grouping by the per-device
+            # batch instead gives an order that depends on the process count.
+            global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return EpochSeededLengthSampler(lengths, global_batch,
                                             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
                                             lambda: int(round(self.state.epoch or 0.0, 6)))
 
@@ -403,7 +407,10 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
                       eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
                       callbacks=callbacks + list(extra_callbacks))
 
-    checkpoint = last_complete_checkpoint(output_dir, log) if cfg.resume else None
+    # Several processes (accelerate/torchrun): the main one looks first, and moves torn checkpoints
+    # aside; the others then find the same complete checkpoint.
+    with args.main_process_first(desc="looking for the last complete checkpoint"):
+        checkpoint = last_complete_checkpoint(output_dir, log) if cfg.resume else None
     if checkpoint is not None:
         log(f"resuming from {checkpoint.name}")
     with models._quiet_bnb():
@@ -449,6 +456,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_rss_before_model_mb": round(rss_before, 1),
         "device": "cpu" if use_cpu else "cuda",
+        "world_size": args.world_size,  # training processes; token counts above are summed over them
         "versions": _versions(),
     }
     final_dir = output_dir / "final"
@@ -458,12 +466,14 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         tokenizer.save_pretrained(folder)
         _point_adapter_at_base(folder, run["base_model"])
 
-    write_directory_atomically(final_dir, write_final)
-    write_json_atomically(output_dir / "run.json", run)
-    write_text_atomically(output_dir / "MODEL_CARD.md", model_card(run, spec))
-    from . import reporting
+    if trainer.is_world_process_zero():  # one writer when several processes train
+        write_directory_atomically(final_dir, write_final)
+        write_json_atomically(output_dir / "run.json", run)
+        write_text_atomically(output_dir / "MODEL_CARD.md", model_card(run, spec))
+        from . import reporting
 
-    reporting.plot_loss_curves(run, output_dir / "loss_curves.png")
+        reporting.plot_loss_curves(run, output_dir / "loss_curves.png")
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir, final_dir, run)
 
 
