@@ -59,6 +59,33 @@ def notebook_parameters(notebook: str | Path) -> dict:
     return {name: info["default"] for name, info in papermill.inspect_notebook(str(path)).items()}
 
 
+# papermill writes the parameters it is given into a new cell with exactly this first line; the
+# notebooks' own parameters cells start differently ("# Parameters (...)").
+INJECTED_HEADER = "# Parameters\n"
+
+
+def injected_parameter_names(history: list[str]) -> list[str]:
+    """Names assigned in cells papermill injected, from the kernel's input history (``In``)."""
+    import ast
+
+    names = []
+    for source in history:
+        if source.startswith(INJECTED_HEADER):
+            for node in ast.parse(source).body:
+                if isinstance(node, ast.Assign):
+                    names += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    return names
+
+
+def check_injected_parameters(history: list[str], notebook: str) -> None:
+    """Called by each notebook right after its parameters: refuse names passed with
+    ``papermill -p`` that the notebook does not declare (papermill itself only warns)."""
+    valid = notebook_parameters(notebook)
+    unknown = sorted(set(injected_parameter_names(history)) - set(valid))
+    if unknown:
+        raise PipelineError(f"notebooks/{notebook}: unknown parameter(s) {unknown}; valid parameters: {sorted(valid)}")
+
+
 def check_parameters(step: Step, source: str) -> None:
     """Refuse parameter names the notebook does not declare, listing the valid ones."""
     valid = notebook_parameters(step.notebook)

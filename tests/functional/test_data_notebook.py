@@ -113,3 +113,20 @@ def test_pipeline_killed_mid_step_resumes_and_latest_never_points_at_it(write_js
     assert f"resuming unfinished run {state_file.parent.name}" in done.stdout
     assert (reports / "latest").resolve() == state_file.parent.resolve()
     assert json.loads(state_file.read_text())["complete"] is True
+
+
+def test_papermill_run_with_a_misspelt_parameter_stops_before_any_work(write_jsonl, tmp_path):
+    import papermill
+
+    src = write_jsonl("small.jsonl", _pairs(30))
+    out = tmp_path / "processed"
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(pipeline.NOTEBOOKS_DIR / "01_data_prep.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"input_path": str(src), "output_dir": str(out), "val_fracton": 0.3},
+                                   cwd=str(pipeline.NOTEBOOKS_DIR), progress_bar=False)
+    assert "unknown parameter(s) ['val_fracton']" in str(err.value) and "'val_fraction'" in str(err.value)
+    assert not out.exists()
+    papermill.execute_notebook(str(pipeline.NOTEBOOKS_DIR / "01_data_prep.ipynb"), str(tmp_path / "ok.ipynb"),
+                               parameters={"input_path": str(src), "output_dir": str(out), "val_fraction": 0.2},
+                               cwd=str(pipeline.NOTEBOOKS_DIR), progress_bar=False)
+    assert (out / "train.jsonl").exists()
