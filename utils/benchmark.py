@@ -277,7 +277,7 @@ def _latency_model(args: argparse.Namespace) -> None:
         gc.collect()
         q = models.load_model(args.model, load_in_8bit=True)
         if q.info["load_in_8bit"]:
-            with models._quiet_bnb():
+            with models.quiet_bnb():
                 record("8-bit base", q.model.eval(), tok, ids[:1])
                 peft_q, how = adapter_on(q.model, tok)
                 record("8-bit LoRA unmerged", peft_q, tok, ids[:1], adapter=how)

@@ -187,7 +187,7 @@ class LoadedModel:
 
 
 @contextlib.contextmanager
-def _quiet_bnb():
+def quiet_bnb():
     # bitsandbytes on CPU logs a line per layer about casting inputs to fp16
     logger = logging.getLogger("bitsandbytes")
     old = logger.level
@@ -264,7 +264,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
         try:
             from transformers import BitsAndBytesConfig
 
-            with _quiet_bnb():
+            with quiet_bnb():
                 model = AutoModelForCausalLM.from_pretrained(
                     folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True), **kwargs)
             info["load_in_8bit"] = True

@@ -10,13 +10,14 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from . import chat, models
-from .io import write_directory_atomically, write_json_atomically, write_text_atomically
+from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import from_root
 
 RUN_SCHEMA = 1
@@ -413,7 +414,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         checkpoint = last_complete_checkpoint(output_dir, log) if cfg.resume else None
     if checkpoint is not None:
         log(f"resuming from {checkpoint.name}")
-    with models._quiet_bnb():
+    with models.quiet_bnb():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     history = trainer.state.log_history
@@ -520,6 +521,15 @@ def export_to_report(result: TrainResult, report_dir: Path) -> None:
     shutil.copyfile(result.output_dir / "run.json", report_dir / "runs" / f"{name}.json")
 
 
+def _cli_bool(value: str) -> bool:
+    import argparse
+
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a boolean; expected true or false")
+    return words[value.lower()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line for scripted and multi-process runs, e.g.
     ``accelerate launch --config_file configs/accelerate/ddp.yaml -m utils.training --model smollm2-135m``.
@@ -533,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if f.name == "target_modules":
             parser.add_argument(flag, nargs="+", default=None)
         elif f.type in ("bool", bool):
-            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+            parser.add_argument(flag, type=_cli_bool, default=f.default, metavar="{true,false}")
         elif f.type in ("int", int, "int | None"):
             parser.add_argument(flag, type=int, default=f.default)
         elif f.type in ("float", float, "float | None"):
@@ -543,7 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     if args["target_modules"] and len(args["target_modules"]) == 1 and args["target_modules"][0] == "all-linear":
         args["target_modules"] = "all-linear"
-    result = train(TrainConfig(**args))
+    try:
+        result = train(TrainConfig(**args))
+    except (TrainingError, models.ModelError, OutputDirError) as err:  # bad input: the message says it all
+        print(f"python -m utils.training: error: {err}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: result.run[k] for k in ("model", "global_step", "best_eval_loss", "trainable_params",
                                                        "train_tokens_per_s")}))
@@ -551,6 +565,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

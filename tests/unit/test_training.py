@@ -293,3 +293,11 @@ def test_remote_code_is_never_trusted():
 
     for path in (Path(models.__file__).parent).glob("*.py"):
         assert "trust_remote_code=True" not in path.read_text(), path
+
+
+def test_cli_prints_bad_input_as_one_line_and_exits_2(capsys):
+    assert training.main(["--lora-r", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "python -m utils.training: error: lora_r=0; expected an integer > 0"
+    with pytest.raises(SystemExit) as exit_:
+        training.main(["--load-in-8bit", "flase"])  # not silently False
+    assert exit_.value.code == 2 and "'flase' is not a boolean; expected true or false" in capsys.readouterr().err
