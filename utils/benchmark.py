@@ -95,6 +95,8 @@ TRAIN_VARIANTS = {
     "tutorial-fp32": {"padding": "max_length", "load_in_8bit": False},
     "repo-8bit": {"padding": "dynamic", "load_in_8bit": True},
     "tutorial-8bit": {"padding": "max_length", "load_in_8bit": True},
+    "repo-fp32-ckpt": {"padding": "dynamic", "load_in_8bit": False, "gradient_checkpointing": True},
+    "repo-8bit-ckpt": {"padding": "dynamic", "load_in_8bit": True, "gradient_checkpointing": True},
 }
 
 
@@ -115,7 +117,8 @@ def _train_variant(args: argparse.Namespace) -> None:
         "tokens_per_s": run["train_tokens_per_s"], "total_params": run["total_params"],
         "trainable_params": run["trainable_params"], "load_in_8bit_used": run["load_in_8bit"],
         "model_memory_mb": run["model_memory_mb"], "peak_rss_mb": run["peak_rss_mb"],
-        "peak_private_rss_mb": run["peak_private_rss_mb"], "baseline_private_rss_mb": round(baseline, 1),
+        "peak_private_rss_mb": run["peak_private_rss_mb"], "peak_train_rss_mb": run["peak_train_rss_mb"],
+        "baseline_private_rss_mb": round(baseline, 1),
         "peak_private_rss_delta_mb": round(run["peak_private_rss_mb"] - baseline, 1),
     }), flush=True)
 
@@ -148,13 +151,21 @@ def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: in
         "compute_fraction_repo_fp32": results.get("repo-fp32", {}).get("compute_fraction"),
         "compute_fraction_repo_8bit": results.get("repo-8bit", {}).get("compute_fraction"),
         "model_memory_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "model_memory_mb"),
+        # memory while training (sampled inside steps); "private" leaves out file-backed pages such
+        # as the memory-mapped fp32 weights, which favours fp32, so the target uses everything resident
+        "train_rss_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "peak_train_rss_mb"),
+        "train_rss_ratio_8bit_vs_fp32_ckpt": ratio("repo-8bit-ckpt", "repo-fp32-ckpt", "peak_train_rss_mb"),
         "peak_private_rss_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "peak_private_rss_mb"),
-        "peak_rss_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "peak_rss_mb"),
+        "peak_private_rss_ratio_8bit_vs_fp32_ckpt": ratio("repo-8bit-ckpt", "repo-fp32-ckpt", "peak_private_rss_mb"),
+        "checkpointing_memory_ratio_fp32": ratio("repo-fp32-ckpt", "repo-fp32", "peak_train_rss_mb"),
+        "checkpointing_speed_ratio_fp32": ratio("repo-fp32-ckpt", "repo-fp32", "tokens_per_s"),
+        "peak_rss_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "peak_rss_mb"),  # whole process, loading included
     }
     targets = {
         "speedup_vs_tutorial >= 2": (summary["speedup_vs_tutorial_fp32"] or 0) >= 2,
         "compute_fraction >= 0.5": (summary["compute_fraction_repo_fp32"] or 0) >= 0.5,
-        "8bit peak memory <= 0.6x (private RSS)": (summary["peak_private_rss_ratio_8bit_vs_fp32"] or 9) <= 0.6,
+        "8bit peak training memory <= 0.6x": (summary["train_rss_ratio_8bit_vs_fp32"] or 9) <= 0.6,
+        "8bit peak training memory <= 0.6x (gradient checkpointing)": (summary["train_rss_ratio_8bit_vs_fp32_ckpt"] or 9) <= 0.6,
         "8bit model memory <= 0.6x": (summary["model_memory_ratio_8bit_vs_fp32"] or 9) <= 0.6,
     }
     report = {

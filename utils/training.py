@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainConfig:
     resume: bool = True
     early_stopping_patience: int = 3
     padding: str = "dynamic"  # "dynamic" (length-grouped batches) or "max_length" (the tutorial recipe)
+    gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~30% slower
     max_train_examples: int | None = None  # cut the data for smoke runs
     max_eval_examples: int | None = None
     logging_steps: int = 5
@@ -273,6 +275,39 @@ def _trainer_class():
             return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
 
     class LoraTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Cross-entropy at the trained positions only. The stock path applies the output layer
+            to every position and keeps those logits (batch x length x vocabulary floats: 400 MB for
+            8 x 256 tokens and SmolLM2's 49k vocabulary, with as much again for their softmax and
+            gradient) although only the assistant's tokens carry a label. Here the last hidden state
+            is gathered at the labelled positions first, so the logits are (labelled tokens x vocab).
+            Same value as the model's own loss (tested); normalised like the Trainer's: by the number
+            of labelled tokens in the whole (accumulated, all-process) batch."""
+            import torch.nn.functional as F
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            # through the (possibly DDP-wrapped) model's forward, so gradient sync still works;
+            # logits_to_keep=1 makes its own output layer nearly free
+            outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+            target = labels[:, 1:]
+            keep = target != chat.IGNORE_INDEX
+            hidden = outputs.hidden_states[-1][:, :-1][keep]
+            causal = self.accelerator.unwrap_model(model)
+            logits = causal.get_output_embeddings()(hidden).float()
+            cap = getattr(causal.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            total = F.cross_entropy(logits, target[keep], reduction="sum")
+            if num_items_in_batch is None:
+                loss = total / keep.sum().clamp(min=1)
+            else:
+                loss = total / num_items_in_batch
+                if self.args.average_tokens_across_devices:  # DDP averages gradients over processes
+                    loss = loss * self.accelerator.num_processes
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return (loss, {"loss": loss}) if return_outputs else loss
+
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             if self.args.train_sampling_strategy != "group_by_length":
@@ -297,21 +332,38 @@ def _make_callbacks(cfg: TrainConfig):
     class Throughput(TrainerCallback):
         """Non-padding tokens, time spent in optimizer steps (evaluation and checkpointing left
         out) and wall time of this session (a resumed run counts its own part), and the peak
-        resident memory seen at step ends, without file-backed pages."""
+        memory during training, sampled every 50 ms by a thread (inside a step, where activations
+        peak, not only between steps): resident set in all, and without file-backed pages."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.tokens0, self.t0, self.step_seconds, self.peak_private_mb = state.num_input_tokens_seen, time.perf_counter(), 0.0, 0.0
+            self.tokens0, self.t0, self.step_seconds = state.num_input_tokens_seen, time.perf_counter(), 0.0
+            self.peak_private_mb = self.peak_rss_mb = 0.0
+            self._stop = threading.Event()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+
+        def _sample(self):
+            import psutil
+
+            process = psutil.Process()
+            while True:
+                info = process.memory_info()
+                self.peak_rss_mb = max(self.peak_rss_mb, info.rss / 2**20)
+                self.peak_private_mb = max(self.peak_private_mb, (info.rss - info.shared) / 2**20)
+                if self._stop.wait(0.05):
+                    return
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.step_seconds += time.perf_counter() - self.step_t0
-            self.peak_private_mb = max(self.peak_private_mb, private_rss_mb())
 
         def on_train_end(self, args, state, control, **kw):
             self.tokens = state.num_input_tokens_seen - self.tokens0
             self.seconds = time.perf_counter() - self.t0
+            self._stop.set()
+            self._sampler.join()
 
     throughput = Throughput()
     return throughput, [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience), throughput]
@@ -356,9 +408,14 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     targets = resolve_targets(cfg, spec, model)
     fan_in_fan_out = uses_conv1d(model, targets)
     if loaded.info["load_in_8bit"]:
-        # casts norms to fp32 and readies inputs for gradients; checkpointing off: on a CPU
-        # memory is not the constraint and recomputation costs ~30% speed
+        # casts norms to fp32; checkpointing is switched on (or not) by the Trainer below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.gradient_checkpointing:
+        # Re-entrant checkpointing runs each layer's first forward without autograd, so nothing of it
+        # is kept. (The non-re-entrant kind relies on saved-tensor hooks, which bitsandbytes' CPU
+        # 8-bit matmul bypasses by holding its input on ctx: it saved no memory in 8-bit.) It needs
+        # the layers' input to require grad, although the embeddings are frozen.
+        model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(cfg, targets, fan_in_fan_out))
     params = count_parameters(model)
     check_free_space(output_dir, params["trainable_params"])
@@ -396,6 +453,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         report_to=[],
         use_cpu=use_cpu,
         dataloader_num_workers=0,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
         disable_tqdm=False,
     )
     collator = DataCollatorForSeq2Seq(
@@ -451,7 +510,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "train_step_time_s": round(throughput.step_seconds, 2),
         "train_tokens": int(throughput.tokens),  # non-padding tokens
         "train_tokens_per_s": round(throughput.tokens / throughput.step_seconds, 2) if throughput.step_seconds else None,
-        "peak_private_rss_mb": round(throughput.peak_private_mb, 1),
+        "peak_private_rss_mb": round(throughput.peak_private_mb, 1),  # while training, file-backed pages left out
+        "peak_train_rss_mb": round(throughput.peak_rss_mb, 1),  # while training, everything resident
         "train_loss": result.training_loss,
         "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 1),
         "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -301,3 +301,53 @@ def test_cli_prints_bad_input_as_one_line_and_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         training.main(["--load-in-8bit", "flase"])  # not silently False
     assert exit_.value.code == 2 and "'flase' is not a boolean; expected true or false" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_loss_at_labelled_positions_equals_the_models_own_loss_and_gradients(tiny, tmp_path, arch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny[arch])
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                            init_lora_weights=False))  # B != 0, so every LoRA weight gets a gradient
+    trainer = training._trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                           report_to=[]))
+    ids = torch.randint(0, 256, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = chat.IGNORE_INDEX  # the prompt
+    labels[2, 9:] = chat.IGNORE_INDEX  # padding of a shorter row
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    expected = model(**batch).loss
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ours = trainer.compute_loss(model, batch)
+    ours.backward()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert grads
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    n_labelled = int((labels[:, 1:] != chat.IGNORE_INDEX).sum())
+    with_items = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(2 * n_labelled))
+    torch.testing.assert_close(with_items, expected / 2)  # normalised by the tokens of the whole batch
+
+
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["fp32", "8bit"])
+def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path, eight_bit):
+    plain = training.train(_cfg(tiny, "llama", tmp_path / "plain", max_steps=4, load_in_8bit=eight_bit), log=lambda *a: None)
+    ckpt = training.train(_cfg(tiny, "llama", tmp_path / "ckpt", max_steps=4, load_in_8bit=eight_bit,
+                               gradient_checkpointing=True), log=lambda *a: None)
+    assert ckpt.run["config"]["gradient_checkpointing"] and ckpt.run["load_in_8bit"] == eight_bit
+    a, b = _adapter(plain.output_dir), _adapter(ckpt.output_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-3  # it did train
+    assert ckpt.run["peak_train_rss_mb"] >= ckpt.run["peak_private_rss_mb"] > 0
