@@ -242,6 +242,22 @@ def load_tokenizer(name: str, random_init: bool = False):
     return _load_tokenizer(spec, weights_folder(spec, random_init)[0])
 
 
+def _detach_from_weights_file(model) -> None:
+    """Give the layers that stay in floating point (embeddings, norms) their own memory.
+
+    safetensors memory-maps the weights file and the tensors loaded from it share that mapping;
+    while one of them lives, the whole mapping stays, with every page read during quantisation
+    still resident (405 MB of SmolLM2's 515 MB after an 8-bit load). Copying the few unquantised
+    tensors lets the mapping go, so the 8-bit model does not carry the fp32 file with it."""
+    import gc
+
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor is not None and tensor.is_floating_point():
+                tensor.data = tensor.data.clone()
+    gc.collect()
+
+
 def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0) -> LoadedModel:
     """Load a preset, local folder or hub id as an fp32 (or 8-bit) causal LM with its tokenizer.
 
@@ -267,6 +283,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
             with quiet_bnb():
                 model = AutoModelForCausalLM.from_pretrained(
                     folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True), **kwargs)
+            _detach_from_weights_file(model)
             info["load_in_8bit"] = True
         except Exception as err:  # noqa: BLE001 - any failure means: fall back, loudly
             info["load_in_8bit"] = False

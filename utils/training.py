@@ -283,8 +283,14 @@ def _trainer_class():
             is gathered at the labelled positions first, so the logits are (labelled tokens x vocab).
             Same value as the model's own loss (tested); normalised like the Trainer's: by the number
             of labelled tokens in the whole (accumulated, all-process) batch."""
+            import inspect
+
             import torch.nn.functional as F
 
+            causal = self.accelerator.unwrap_model(model)
+            base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal
+            if "labels" not in inputs or "logits_to_keep" not in inspect.signature(base.forward).parameters:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # other architectures
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             # through the (possibly DDP-wrapped) model's forward, so gradient sync still works;
@@ -293,7 +299,6 @@ def _trainer_class():
             target = labels[:, 1:]
             keep = target != chat.IGNORE_INDEX
             hidden = outputs.hidden_states[-1][:, :-1][keep]
-            causal = self.accelerator.unwrap_model(model)
             logits = causal.get_output_embeddings()(hidden).float()
             cap = getattr(causal.config, "final_logit_softcapping", None)
             if cap:
@@ -393,7 +398,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     rss_before = _peak_rss_mb()
     loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
     model, tokenizer = loaded.model, loaded.tokenizer
-    fmt = chat.chat_format(spec, tokenizer)
+    # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
+    fmt = chat.chat_format({**spec, "chat_format": "auto"} if cfg.random_init else spec, tokenizer)
 
     train_ds, dropped_train = encode_rows(train_rows, tokenizer, fmt, cfg.max_seq_len)
     val_ds, dropped_val = encode_rows(val_rows, tokenizer, fmt, cfg.max_seq_len)
