@@ -79,10 +79,7 @@ def plot_length_distribution(splits: Mapping[str, Sequence], path: Path | None =
         ax.set_xlabel("words (log scale)")
         ax.legend()
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return _save(fig, path)
 
 
 def plot_loss_curves(run: Mapping, path: Path | None = None):
@@ -99,10 +96,7 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
     ax.set(title=title, xlabel="optimizer step", ylabel="loss (assistant tokens)")
     ax.legend()
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-    return fig
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- evaluation and benchmark figures
