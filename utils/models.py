@@ -251,10 +251,9 @@ def _detach_from_weights_file(model) -> None:
     tensors lets the mapping go, so the 8-bit model does not carry the fp32 file with it."""
     import gc
 
-    for module in model.modules():
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if tensor is not None and tensor.is_floating_point():
-                tensor.data = tensor.data.clone()
+    for tensor in [*model.parameters(), *model.buffers()]:  # tied weights come once
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
     gc.collect()
 
 

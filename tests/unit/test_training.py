@@ -351,3 +351,17 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path, eight_bi
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 1e-3  # it did train
     assert ckpt.run["peak_train_rss_mb"] >= ckpt.run["peak_private_rss_mb"] > 0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_8bit_model_lets_go_of_the_fp32_weights_file(tiny, tmp_path, monkeypatch, detach):
+    import shutil
+    from pathlib import Path
+
+    folder = shutil.copytree(tiny["llama"], tmp_path / "llama")  # a file no other test has mapped
+    if not detach:  # the check itself must see a mapping that is kept
+        monkeypatch.setattr(models, "_detach_from_weights_file", lambda model: None)
+    loaded = models.load_model(str(folder), load_in_8bit=True)
+    assert loaded.info["load_in_8bit"]
+    mapped = str(folder / "model.safetensors") in Path("/proc/self/maps").read_text()
+    assert mapped is not detach
