@@ -331,6 +331,16 @@ def _trainer_class():
     return LoraTrainer
 
 
+def _checkpointing_args(training_arguments, enabled: bool) -> dict:
+    """Re-entrant checkpointing under the argument names this transformers version uses
+    (``activation_checkpointing*`` replaced ``gradient_checkpointing*`` during 5.x)."""
+    if not enabled:
+        return {}
+    fields = training_arguments.__dataclass_fields__
+    prefix = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": True}}
+
+
 def _make_callbacks(cfg: TrainConfig):
     from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -459,8 +469,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         report_to=[],
         use_cpu=use_cpu,
         dataloader_num_workers=0,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": True},
+        **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
         disable_tqdm=False,
     )
     collator = DataCollatorForSeq2Seq(
@@ -524,6 +533,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "peak_rss_before_model_mb": round(rss_before, 1),
         "device": "cpu" if use_cpu else "cuda",
         "world_size": args.world_size,  # training processes; token counts above are summed over them
+        "checkpointing_active": bool(getattr(loaded.model, "is_activation_checkpointing",
+                                             getattr(loaded.model, "is_gradient_checkpointing", False))),
         "versions": _versions(),
     }
     final_dir = output_dir / "final"

@@ -345,6 +345,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path, eight_bi
     ckpt = training.train(_cfg(tiny, "llama", tmp_path / "ckpt", max_steps=4, load_in_8bit=eight_bit,
                                gradient_checkpointing=True), log=lambda *a: None)
     assert ckpt.run["config"]["gradient_checkpointing"] and ckpt.run["load_in_8bit"] == eight_bit
+    assert ckpt.run["checkpointing_active"] and not plain.run["checkpointing_active"]
     a, b = _adapter(plain.output_dir), _adapter(ckpt.output_dir)
     assert a.keys() == b.keys()
     for key in a:
