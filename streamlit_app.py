@@ -5,7 +5,8 @@
 A thin UI: every piece of logic lives in utils/ (serving, ratings, metrics, safety, report).
 Settings through the environment: LORA_COMPARE_MODELS_DIR (adapters, default models/),
 LORA_COMPARE_DATA_DIR (processed splits), LORA_COMPARE_REPORTS_DIR, LORA_COMPARE_RATINGS_DB,
-LORA_COMPARE_BASES (comma-separated base models), LORA_COMPARE_POOL (models kept loaded).
+LORA_COMPARE_BASES (comma-separated base models), LORA_COMPARE_POOL (models kept loaded),
+LORA_COMPARE_JUDGE (the judge that grades replies, default the evaluation's; "none" turns grading off).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from utils import judge as J
 from utils import metrics, ratings, safety, serving
 from utils.data import read_jsonl
 from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
@@ -25,6 +27,7 @@ MODELS = Path(os.environ.get("LORA_COMPARE_MODELS_DIR", MODELS_DIR))
 DATA = Path(os.environ.get("LORA_COMPARE_DATA_DIR", PROCESSED_DIR))
 REPORTS = Path(os.environ.get("LORA_COMPARE_REPORTS_DIR", REPORTS_DIR))
 BASES = tuple(b for b in os.environ.get("LORA_COMPARE_BASES", "").split(",") if b) or None
+JUDGE = os.environ.get("LORA_COMPARE_JUDGE", J.DEFAULT_JUDGE)
 
 
 @st.cache_resource
@@ -33,9 +36,23 @@ def model_pool() -> serving.ModelPool:
 
 
 @st.cache_resource
-def scorer() -> metrics.Scorer:
-    # relevance and similarity only: the judge model would double the memory of the dashboard
-    return metrics.Scorer(metrics.Embedder())
+def embedder() -> metrics.Embedder:
+    return metrics.Embedder()
+
+
+@st.cache_resource(show_spinner=False)
+def judge() -> J.LLMJudge | None:
+    """The same judge as the evaluation (loaded on first use: ~2 GB of memory once loaded)."""
+    return None if JUDGE.lower() == "none" else J.LLMJudge(JUDGE)
+
+
+def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) -> list[dict] | None:
+    """The judge's grades of both replies (same code as the evaluation), or None when grading is off."""
+    if JUDGE.lower() == "none":
+        return None
+    with st.spinner(f"grading both replies with the judge ({JUDGE}) ..."):
+        return metrics.Scorer(embedder(), judge()).score([prompt] * len(outputs), outputs,
+                                                         [reference] * len(outputs) if reference else None)
 
 
 @st.cache_resource
@@ -129,6 +146,8 @@ def compare_page():
         history = None
 
     conversation = st.toggle("Conversation mode (each side keeps its own history)", key="conversation")
+    if JUDGE.lower() != "none":
+        st.toggle("Grade both replies with the judge (loads it on first use)", key="grade")
     settings = settings_panel("cmp")
     if st.button("Generate", type="primary", key="generate"):
         if not prompt.strip():
@@ -149,15 +168,18 @@ def compare_page():
             if safety.crisis_flag(text):
                 columns[name].warning(safety.HELP_NOTICE)
         if reference is not None:
-            sc = scorer()
-            rel = sc.relevance([prompt] * 2, [outputs["A"], outputs["B"]])
-            sim = sc.embedder.cosine([outputs["A"], outputs["B"]], [reference] * 2)
             st.subheader("Reference answer")
             st.write(reference)
-            st.dataframe(pd.DataFrame({
-                "model": [side["A"].label, side["B"].label],
-                "ROUGE-L": [metrics.rouge_l(outputs[s], reference) for s in "AB"],
-                "similarity": [float(x) for x in sim], "relevance /5": rel}), hide_index=True)
+        if st.session_state.get("grade") or reference is not None:
+            texts = [outputs["A"], outputs["B"]]
+            graded = grade_pair(prompt, texts, reference) or metrics.Scorer(embedder()).score([prompt] * 2, texts,
+                                                                                              [reference] * 2 if reference else None)
+            table = {"model": [side["A"].label, side["B"].label]}
+            for key, label in (("overall", "overall /5"), ("relevance", "relevance /5"), ("coherence", "coherence /5"),
+                               ("words", "words"), ("rouge_l", "ROUGE-L"), ("similarity", "similarity to reference")):
+                if all(key in g for g in graded):
+                    table[label] = [g[key] for g in graded]
+            st.dataframe(pd.DataFrame(table), hide_index=True)
     if conversation and st.button("Clear conversation", key="clear"):
         st.session_state["history_A"], st.session_state["history_B"] = [], []
 
@@ -200,12 +222,10 @@ def arena_page():
         buttons = st.columns(4)
         for label, vote, col in zip(["A is better", "B is better", "Tie", "Both bad"], ratings.VOTES, buttons):
             if col.button(label, key=f"vote_{vote}"):
-                sc = scorer()
-                rel = sc.relevance([duel["prompt"]] * 2, duel["outputs"])
-                coh = [sc.coherence_parts(duel["prompt"], t)["coherence"] for t in duel["outputs"]]
+                graded = grade_pair(duel["prompt"], duel["outputs"])
+                auto = {f"{m}_{s}": g[m] for s, g in zip("ab", graded) for m in ("coherence", "relevance")} if graded else {}
                 rating_store().add_vote(duel["prompt"], duel["pair"][0], duel["pair"][1], duel["outputs"][0],
-                                        duel["outputs"][1], vote, duel["settings"], r,
-                                        {"coherence_a": coh[0], "relevance_a": rel[0], "coherence_b": coh[1], "relevance_b": rel[1]})
+                                        duel["outputs"][1], vote, duel["settings"], r, auto)
                 duel["voted"] = True
                 st.success(f"Recorded. A was **{duel['pair'][0]}**, B was **{duel['pair'][1]}**.")
     leaderboard()
@@ -221,11 +241,8 @@ def leaderboard():
     st.dataframe(pd.DataFrame([{"model": m, "games": s["games"], "win rate": round(s["win_rate"], 3),
                                 "95% CI": f"[{s['low']:.2f}, {s['high']:.2f}]", "Bradley-Terry (Elo scale)": round(bt.get(m, 1000))}
                                for m, s in sorted(wr.items(), key=lambda kv: -bt.get(kv[0], 0))]), hide_index=True)
-    parts = []
-    for metric, a in ratings.agreement(votes).items():
-        rho = "–" if a["spearman"] is None else f"{a['spearman']:.2f}"
-        parts.append(f"{metric}: {rho} (n={a['n']})")
-    st.caption("Agreement of automatic and human 1-5 scores (Spearman): " + "; ".join(parts))
+    st.caption("Human calibration, the judge's grades vs your 1-5 ratings of the same replies (Spearman, 95% interval): "
+               + ratings.agreement_text(ratings.agreement(votes)))
 
 
 def reports_page():
@@ -247,13 +264,18 @@ def reports_page():
                                     "of roofline": f"{100 * v['roofline_fraction']:.0f}%"}
                                    for k, v in m["latency"].items()]), hide_index=True)
     if "response" in m:
-        st.subheader("Response characteristics")
+        st.subheader("Response quality")
 
         def ci(s, d=2):
+            if not s or s.get("mean") is None:
+                return "–"
             return f"{s['mean']:.{d}f} [{s['low']:.{d}f}, {s['high']:.{d}f}]"
 
-        st.dataframe(pd.DataFrame([{"model": k, "Avg Len (words)": ci(v["avg_len_words"], 1), "Coherence /5": ci(v["coherence"]),
-                                    "Relevance /5": ci(v["relevance"]), "n": v["coherence"]["n"]}
+        for sentence in m.get("verdicts", []):
+            st.markdown(f"- {sentence}")
+        st.dataframe(pd.DataFrame([{"model": k, "Overall /5": ci(v.get("overall")), "Relevance /5": ci(v.get("relevance")),
+                                    "Coherence /5": ci(v.get("coherence")), "Avg Len (words)": ci(v["avg_len_words"], 1),
+                                    "n": v["avg_len_words"]["n"]}
                                    for k, v in m["response"].items()]), hide_index=True)
     if m.get("trainable_params"):
         st.subheader("Trainable parameters")

@@ -56,7 +56,8 @@ def dashboard(world: dict, extra_env: dict | None = None):
     root = world["root"]
     env = {**os.environ, "LORA_COMPARE_MODELS_DIR": str(world["models"]), "LORA_COMPARE_DATA_DIR": str(world["data"]),
            "LORA_COMPARE_BASES": str(world["base"]), "LORA_COMPARE_RATINGS_DB": str(root / "ratings.sqlite"),
-           "LORA_COMPARE_REPORTS_DIR": str(root / "reports"), **(extra_env or {})}
+           "LORA_COMPARE_REPORTS_DIR": str(root / "reports"), "LORA_COMPARE_JUDGE": str(world["base"]),
+           **(extra_env or {})}
     port = _free_port()
     log = open(root / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"),

@@ -1,11 +1,15 @@
 """Side-by-side evaluation: every model, base and fine-tuned (adapter merged), answers the same
-held-out prompts greedily; replies are scored (``utils.metrics``) and summarised with bootstrap
-intervals and paired win rates. Results go to ``<report_dir>/evaluation.json`` and
+prompts greedily: the domain suite (``data/eval/domain_suite.yaml``, by category) and a seeded sample
+of the held-out test split. A local LLM judge (``utils.judge``) grades every reply (relevance,
+coherence, overall; 1-5) and compares the models pairwise in both orders; cheap signals (length,
+distinct-2, embedding similarity, ROUGE-L, chrF, held-out loss) are kept as their own columns.
+Means come with 95% bootstrap intervals and n. Results go to ``<report_dir>/evaluation.json`` and
 ``<report_dir>/samples.jsonl``.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import random
@@ -14,14 +18,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import chat, generation, metrics, models, safety
+import yaml
+
+from . import chat, generation, judge as J, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
-from .paths import MODELS_DIR, from_root
+from .paths import DATA_DIR, MODELS_DIR, from_root
 
-METRICS = ("words", "new_tokens", "latency_s", "rouge_l", "chrf", "similarity", "relevance", "coherence",
-           "fluency", "non_repetition", "rubric")
-WIN_METRICS = ("coherence", "relevance", "similarity", "rouge_l")
+DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
+SUITES = ("both", "domain", "test")
+METRICS = ("words", "new_tokens", "latency_s", *metrics.GRADES, "distinct_2", "prompt_similarity",
+           *metrics.REFERENCE, "judge_seconds")
+TEST_CATEGORY = "test split"
 
 
 class EvaluationError(ValueError):
@@ -35,14 +43,42 @@ class EvalConfig:
     models: list = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
     data_dir: str = "data/processed"
     split: str = "test"
-    num_examples: int = 40
+    suite: str = "both"  # domain suite, test split, or both
+    num_examples: int = 40  # prompts sampled from the test split
     max_new_tokens: int = 64
     batch_size: int = 8
     seed: int = 42
     report_dir: str | None = None
-    judge_model: str = "smollm2-135m"
+    judge_model: str | None = J.DEFAULT_JUDGE
+    judge_dtype: str = "auto"
+    pairwise: bool = True
+    validity: bool = True  # run the validity ladder with the same judge (cached per judge and ladder)
+    allow_judge_as_model: bool = False
     loss_examples: int = 64  # held-out conversations for validation loss / perplexity
     models_dir: str = str(MODELS_DIR)
+
+
+def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
+    """Items ``{id, category, prompt, reference, note}`` of the domain suite; a malformed entry
+    stops with the file, the entry and what was expected."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise EvaluationError(f"{path}: cannot read the domain suite ({err})") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("categories"), dict) or not doc.get("prompts"):
+        raise EvaluationError(f"{path}: expected a mapping with 'categories' (name -> rubric) and 'prompts'")
+    items = []
+    for i, p in enumerate(doc["prompts"]):
+        cat = p.get("category") if isinstance(p, dict) else None
+        if cat not in doc["categories"]:
+            raise EvaluationError(f"{path}: prompts[{i}] has category {cat!r}; expected one of {sorted(doc['categories'])}")
+        if not isinstance(p.get("prompt"), str) or not p["prompt"].strip():
+            raise EvaluationError(f"{path}: prompts[{i}] has no prompt text")
+        items.append({"id": f"domain-{cat}-{i}", "category": cat, "prompt": p["prompt"],
+                      "history": [{"role": "user", "content": p["prompt"]}], "reference": p.get("reference"),
+                      "note": " ".join(doc["categories"][cat]["rubric"].split())})
+    return items
 
 
 def pick_examples(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
@@ -101,19 +137,80 @@ def _load(variant: dict):
     return models.load_finetuned(variant["adapter"], merge=True)
 
 
-def evaluate(cfg: EvalConfig, log=print) -> dict:
-    """Generate, score and summarise; returns the evaluation dict (also written to report_dir)."""
+def eval_items(cfg: EvalConfig) -> list[dict]:
+    """The prompts of this evaluation: the domain suite, the test split sample, or both."""
+    if cfg.suite not in SUITES:
+        raise EvaluationError(f"suite={cfg.suite!r}; expected one of {list(SUITES)}")
+    items = list(load_domain_suite()) if cfg.suite in ("both", "domain") else []
+    if cfg.suite in ("both", "test"):
+        path = from_root(cfg.data_dir) / f"{cfg.split}.jsonl"
+        if not path.exists():
+            raise EvaluationError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
+        for row in pick_examples(read_jsonl(path), cfg.num_examples, cfg.seed):
+            history, user, reference = split_prompt(row)
+            items.append({"id": row["id"], "category": TEST_CATEGORY, "prompt": user, "history": history,
+                          "reference": reference, "note": None})
+    return items
+
+
+def check_judge(cfg: EvalConfig) -> list[str]:
+    """Compared models that are the judge itself: refused unless ``allow_judge_as_model``, then flagged."""
+    if not cfg.judge_model:
+        return []
+    judge_name = models.resolve(cfg.judge_model)["name"]
+    same = [m for m in cfg.models if models.resolve(m)["name"] == judge_name]
+    if same and not cfg.allow_judge_as_model:
+        raise EvaluationError(f"the judge {cfg.judge_model!r} is also a compared model ({same}): a model grading its "
+                              "own replies is biased. Pick another judge_model, or set allow_judge_as_model=True and "
+                              "the report will flag it")
+    return same
+
+
+def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
+    """Each fine-tuned model vs its base, and the two models' final versions vs each other."""
+    by_model: dict[str, dict] = {}
+    for v in all_variants:
+        by_model.setdefault(v["model"], {})[v["kind"]] = v["name"]
+    pairs = [(k["lora"], k["base"]) for k in by_model.values() if "lora" in k]
+    finals = [k.get("lora", k["base"]) for k in by_model.values()]
+    if len(finals) >= 2:
+        pairs.append((finals[0], finals[1]))
+    return pairs
+
+
+def validity_cached(judge, cache_root: Path | None = None) -> dict:
+    """The validity ladder scored by ``judge``, cached per judge weights, dtype, ladder and prompts."""
     from tqdm.auto import tqdm
 
-    data_dir = from_root(cfg.data_dir)
-    path = data_dir / f"{cfg.split}.jsonl"
-    if not path.exists():
-        raise EvaluationError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
+    from . import validity
+
+    key_src = json.dumps([judge.info.get("gguf_sha256") or judge.info.get("weights"), judge.dtype,
+                          validity.LADDER.read_text(encoding="utf-8"), J.SYSTEM, J.INSTRUCTIONS, J.QUESTION], sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    cache = (cache_root or models.cache_dir()) / "validity" / f"{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    start = time.perf_counter()
+    result = validity.run(lambda rows: [judge.grade(r["prompt"], r["reply"]) for r in tqdm(rows, desc="validity ladder")])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["judge"] = {k: judge.info.get(k) for k in ("model", "dtype", "cpu")}
+    write_json_atomically(cache, result)
+    return result
+
+
+def evaluate(cfg: EvalConfig, log=print) -> dict:
+    """Generate, score, compare and summarise; returns the evaluation dict (also written to report_dir)."""
+    from tqdm.auto import tqdm
+
     if not cfg.models:
         raise EvaluationError("models is empty; expected at least one preset, folder or hub id")
-    examples = pick_examples(read_jsonl(path), cfg.num_examples, cfg.seed)
-    loss_rows = read_jsonl(data_dir / "validation.jsonl")[: cfg.loss_examples]
-    histories, prompts, references = zip(*(split_prompt(r) for r in examples))
+    judged_self = check_judge(cfg)
+    items = eval_items(cfg)
+    data_dir = from_root(cfg.data_dir)
+    loss_path = data_dir / "validation.jsonl"
+    loss_rows = read_jsonl(loss_path)[: cfg.loss_examples] if loss_path.exists() else []
+    histories = [it["history"] for it in items]
+    prompts, references, notes = ([it[k] for it in items] for k in ("prompt", "reference", "note"))
     models_dir = from_root(cfg.models_dir)
 
     all_variants = [v for m in cfg.models for v in variants(m, models_dir)]
@@ -130,64 +227,142 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         replies[variant["name"]] = generation.generate_batch(
             loaded.model, loaded.tokenizer, histories, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         gen_seconds = time.perf_counter() - start
-        held = heldout_loss(loaded.model, loaded.tokenizer, fmt, loss_rows, batch_size=cfg.batch_size)
+        held = heldout_loss(loaded.model, loaded.tokenizer, fmt, loss_rows, batch_size=cfg.batch_size) if loss_rows else None
         info[variant["name"]] = {**variant, "chat_format": fmt, "generation_seconds": round(gen_seconds, 2),
                                  "total_params": loaded.info["total_params"], "heldout": held,
                                  "random_init": loaded.info.get("random_init", False)}
         if variant["kind"] == "lora":
             run = models.read_run(variant["adapter"])
             info[variant["name"]]["trainable"] = {k: run[k] for k in ("trainable_params", "total_params", "trainable_percent")}
-        log(f"{variant['name']}: {len(histories)} replies in {gen_seconds:.1f}s; held-out loss {held['loss']:.3f}")
+        log(f"{variant['name']}: {len(histories)} replies in {gen_seconds:.1f}s"
+            + (f"; held-out loss {held['loss']:.3f}" if held else ""))
         del loaded
         gc.collect()
 
-    scorer = metrics.Scorer(metrics.Embedder(), metrics.Judge(cfg.judge_model) if cfg.judge_model else None)
+    judge = J.LLMJudge(cfg.judge_model, dtype=cfg.judge_dtype) if cfg.judge_model else None
+    if judge is not None:
+        log(f"judge {cfg.judge_model}: {judge.dtype} on {judge.info['cpu']['cpu']}")
+    scorer = metrics.Scorer(metrics.Embedder(), judge)
     per_example: dict[str, list[dict]] = {}
     for name, gens in replies.items():
         texts = [g.text for g in gens]
-        scores = scorer.score(prompts, texts, references,
-                              progress=lambda it, name=name: tqdm(it, desc=f"scoring {name}", leave=False))
-        per_example[name] = [{"reply": g.text, "new_tokens": g.new_tokens, "latency_s": g.latency_s / g.batch_size,
-                              "crisis_flag": safety.crisis_flag(p) or safety.crisis_flag(g.text), **s}
-                             for p, g, s in zip(prompts, gens, scores)]
+        scores = scorer.score(prompts, texts, references, notes,
+                              progress=lambda it, name=name: tqdm(it, desc=f"judging {name}", leave=False))
+        per_example[name] = [{"reply": g.text, "category": it["category"], "new_tokens": g.new_tokens,
+                              "latency_s": g.latency_s / g.batch_size,
+                              "crisis_flag": safety.crisis_flag(it["prompt"]) or safety.crisis_flag(g.text), **s}
+                             for it, g, s in zip(items, gens, scores)]
+
+    pairs = comparisons(all_variants)
+    pairwise = {}
+    if judge is not None and cfg.pairwise:
+        for a, b in pairs:
+            verdicts = [judge.compare(p, x["reply"], y["reply"], n) for p, n, x, y in
+                        tqdm(list(zip(prompts, notes, per_example[a], per_example[b])), desc=f"{a} vs {b}", leave=False)]
+            pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed),
+                                       "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, items)
+                                                                            if it["category"] == c], cfg.seed)
+                                                       for c in categories(items)},
+                                       "per_example": verdicts}
+    grade_differences = {f"{a} vs {b}": {m: metrics.paired_difference([r.get(m) for r in per_example[a]],
+                                                                      [r.get(m) for r in per_example[b]], seed=cfg.seed)
+                                         for m in metrics.GRADES + ("words",)}
+                         for a, b in pairs}
 
     summary = {name: {m: metrics.bootstrap_ci([r.get(m) for r in rows], seed=cfg.seed) for m in METRICS}
                for name, rows in per_example.items()}
-    wins = {}
-    by_model = {}
-    for v in all_variants:
-        by_model.setdefault(v["model"], {})[v["kind"]] = v["name"]
-    for model, kinds in by_model.items():
-        if "lora" in kinds:
-            wins[f"{kinds['lora']} vs {kinds['base']}"] = _wins(per_example[kinds["lora"]], per_example[kinds["base"]], cfg.seed)
-    finals = [kinds.get("lora", kinds["base"]) for kinds in by_model.values()]
-    if len(finals) >= 2:
-        wins[f"{finals[0]} vs {finals[1]}"] = _wins(per_example[finals[0]], per_example[finals[1]], cfg.seed)
+    by_category = {name: {c: {m: metrics.bootstrap_ci([r.get(m) for r in rows if r["category"] == c], seed=cfg.seed)
+                              for m in metrics.GRADES + ("words",)} for c in categories(items)}
+                   for name, rows in per_example.items()}
+    validity_result = validity_cached(judge) if judge is not None and cfg.validity else None
 
     result = {
-        "schema": 1,
+        "schema": 2,
         "config": asdict(cfg),
-        "n_examples": len(examples),
-        "example_ids": [r["id"] for r in examples],
+        "n_examples": len(items),
+        "categories": {c: sum(it["category"] == c for it in items) for c in categories(items)},
+        "example_ids": [it["id"] for it in items],
         "variants": info,
         "summary": summary,
-        "win_rates": wins,
+        "by_category": by_category,
+        "comparisons": [list(p) for p in pairs],
+        "pairwise": {k: {kk: vv for kk, vv in v.items() if kk != "per_example"} for k, v in pairwise.items()},
+        "grade_differences": grade_differences,
+        "verdicts": verdict_sentences(pairs, pairwise, grade_differences),
         "scores_explained": metrics.__doc__,
         "judge_model": cfg.judge_model,
+        "judge": ({**judge.info, "timing": judge.timing_summary(),
+                   "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_pass"]} if judge else None),
+        "judge_is_compared": judged_self,
+        "validity": {k: v for k, v in validity_result.items() if k != "rows"} if validity_result else None,
     }
-    samples = [{"id": ex["id"], "prompt": p, "reference": ref,
+    samples = [{"id": it["id"], "category": it["category"], "prompt": it["prompt"], "reference": it["reference"],
                 **{name: per_example[name][i]["reply"] for name in per_example},
                 "crisis_flag": any(per_example[name][i]["crisis_flag"] for name in per_example)}
-               for i, (ex, p, ref) in enumerate(zip(examples, prompts, references))]
+               for i, it in enumerate(items)]
     result["per_example"] = per_example
+    result["pairwise_per_example"] = {k: v["per_example"] for k, v in pairwise.items()}
     result["samples"] = samples
     if cfg.report_dir:
         report_dir = from_root(cfg.report_dir)
         write_json_atomically(report_dir / "evaluation.json", result)
         write_text_atomically(report_dir / "samples.jsonl",
                               "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        if validity_result:
+            write_json_atomically(report_dir / "validity.json", validity_result)
     return result
 
 
-def _wins(a: list[dict], b: list[dict], seed: int) -> dict:
-    return {m: metrics.win_rate([r[m] for r in a], [r[m] for r in b], seed=seed) for m in WIN_METRICS}
+def categories(items: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(it["category"] for it in items))
+
+
+def pairwise_summary(verdicts: Sequence[dict], seed: int) -> dict:
+    """Win rate of A (ties half) with a bootstrap interval, wins/ties/losses, and the mean preference."""
+    if not verdicts:
+        return {"n": 0, "win_rate": None, "low": None, "high": None, "wins": 0, "ties": 0, "losses": 0}
+    outcome = [1.0 if v["verdict"] == "A" else 0.0 if v["verdict"] == "B" else 0.5 for v in verdicts]
+    ci = metrics.bootstrap_ci(outcome, seed=seed)
+    pref = metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)
+    return {"n": ci["n"], "win_rate": ci["mean"], "low": ci["low"], "high": ci["high"],
+            "wins": sum(o == 1.0 for o in outcome), "ties": sum(o == 0.5 for o in outcome),
+            "losses": sum(o == 0.0 for o in outcome), "mean_preference": pref}
+
+
+def _signed(d: dict) -> str:
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+
+
+def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
+    """One sentence per comparison: who is better on what, and where the data cannot tell."""
+    out = []
+    for a, b in pairs:
+        key = f"{a} vs {b}"
+        parts = []
+        w = pairwise.get(key)
+        if w and w["n"]:
+            span = f"{a} wins {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] of {w['n']} pairwise judgements, ties half"
+            if w["low"] > 0.5:
+                parts.append(f"the judge prefers {a} ({span})")
+            elif w["high"] < 0.5:
+                parts.append(f"the judge prefers {b} ({span})")
+            else:
+                parts.append(f"the judge's pairwise verdicts cannot tell them apart ({span})")
+        better, worse, unclear = [], [], []
+        for m in metrics.GRADES:
+            d = differences[key].get(m)
+            if not d or d["mean"] is None:
+                continue
+            text = f"{m} {_signed(d)}"
+            (better if d["low"] > 0 else worse if d["high"] < 0 else unclear).append(text)
+        if better:
+            parts.append(f"{a} grades higher on " + ", ".join(better))
+        if worse:
+            parts.append(f"{a} grades lower on " + ", ".join(worse))
+        if unclear:
+            parts.append("the data cannot tell them apart on " + ", ".join(unclear))
+        words = differences[key].get("words")
+        if words and words["mean"] is not None:
+            parts.append(f"reply length differs by {words['mean']:+.1f} [{words['low']:+.1f}, {words['high']:+.1f}] words")
+        out.append(f"{key}: " + "; ".join(parts) + "." if parts else f"{key}: nothing to compare.")
+    return out

@@ -1,49 +1,38 @@
-"""Response-quality metrics, each documented with what it computes and how it maps to 1-5.
+"""Response-quality metrics: the judge's 1-5 grades, and cheap signals in columns of their own.
 
-Reference metrics (reply vs the reference answer):
-- ``rouge_l``: ROUGE-L F1 (``rouge-score``, stemming on), 0-1.
-- ``chrf``: chrF (``sacrebleu``), 0-100.
-- ``similarity``: cosine of all-MiniLM-L6-v2 sentence embeddings of reply and reference, -1..1.
+Judge grades (``utils.judge``; default judge: Qwen2.5-Coder-1.5B-Instruct), each the expected
+grade 1-5 under the judge's probabilities of "1".."5" after its rubric (one pass, no generation):
+- ``relevance``: does the reply address what was asked (evasive, echoed or off-topic replies score low);
+- ``coherence``: is it well-formed, followable text (scrambled or looping text scores low);
+- ``overall``: correct, safe, helpful, on topic and well written (factual errors or unsafe advice cap it at 2).
+Where a reference answer exists the judge sees it; a category's rubric line (the domain suite) too.
+An empty reply gets 1 on every grade without asking the judge.
 
-Scores on a 1-5 scale (no reference needed):
-- ``relevance``: cosine similarity of the embeddings of prompt and reply, mapped linearly from
-  [0.05, 0.55] to [1, 5] (clipped). Below 0.05 a reply is unrelated to the prompt for this
-  model; above 0.55 it clearly addresses it.
-- ``coherence``: the mean of three sub-scores, so that no single heuristic decides:
-  * ``fluency``: mean log-probability per token of the reply given the prompt under a judge
-    language model (default: SmolLM2-135M-Instruct), mapped linearly from [-6, -1.5] nats to [1, 5].
-    Shuffled words score low.
-  * ``non_repetition``: distinct-2 (unique bigrams / bigrams) of the reply, mapped from [0.2, 1] to [1, 5].
-    Looping replies score low (and they fool the fluency score, which likes repetition).
-  * ``rubric``: the judge model reads a grading rubric and the reply; the score is the expected
-    grade under its probabilities for the next token being "1".."5" (log-likelihood of each grade).
-  An empty reply scores 1 on everything.
+Cheap signals (never mixed into the grades):
+- ``words``: length in words; ``distinct_2``: unique bigrams / bigrams (low for looping text);
+- ``prompt_similarity``: cosine of all-MiniLM-L6-v2 embeddings of prompt and reply (an echo scores high
+  here: it is a topicality signal, not relevance);
+- against a reference: ``rouge_l`` (ROUGE-L F1, rouge-score, stemming), ``chrf`` (sacrebleu, 0-100) and
+  ``similarity`` (embedding cosine of reply and reference).
+Held-out loss and perplexity are computed per model in ``utils.evaluation``.
+
+    python -m utils.metrics score IN.jsonl OUT.jsonl   # rows {"prompt", "reply"[, "reference"]}
 """
 from __future__ import annotations
 
-import math
+import argparse
+import json
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-RELEVANCE_RANGE = (0.05, 0.55)
-FLUENCY_RANGE = (-6.0, -1.5)
-DISTINCT_RANGE = (0.2, 1.0)
-
-RUBRIC = (
-    "Rate the coherence of the reply on a scale from 1 to 5.\n"
-    "5: fluent, well-formed sentences that make sense together.\n"
-    "3: understandable but awkward, partly repetitive or partly off.\n"
-    "1: gibberish, word salad, or the same phrase repeated over and over.\n\n"
-    "Question: {prompt}\nReply: {reply}\n\nCoherence score (1-5):"
-)
-
-
-def scale(value: float, lo: float, hi: float) -> float:
-    """Map ``value`` linearly from [lo, hi] to [1, 5], clipped."""
-    return float(1 + 4 * min(1.0, max(0.0, (value - lo) / (hi - lo))))
+GRADES = ("relevance", "coherence", "overall")
+CHEAP = ("words", "distinct_2", "prompt_similarity")
+REFERENCE = ("rouge_l", "chrf", "similarity")
 
 
 def word_count(text: str) -> int:
@@ -113,86 +102,126 @@ def minilm_path() -> str:
     return str(folder)
 
 
-# --------------------------------------------------------------------------- judge language model
-
-
-class Judge:
-    """A local causal LM used for the fluency and rubric sub-scores of coherence."""
-
-    def __init__(self, model: str = "smollm2-135m"):
-        from . import chat, models
-
-        loaded = models.load_model(model)
-        self.model, self.tokenizer, self.name = loaded.model.eval(), loaded.tokenizer, model
-        self.fmt = chat.chat_format(loaded.spec, self.tokenizer)
-        self.grade_ids = [self.tokenizer(str(g), add_special_tokens=False)["input_ids"][-1] for g in range(1, 6)]
-
-    def _prompt(self, prompt: str) -> str:
-        from . import chat
-
-        return chat.prompt_text([{"role": "user", "content": prompt}], self.tokenizer, self.fmt)
-
-    def mean_logprob(self, prompt: str, reply: str) -> float:
-        """Mean log-probability (nats/token) of the reply's tokens given the prompt."""
-        import torch
-
-        head = self.tokenizer(self._prompt(prompt), add_special_tokens=self.fmt == "plain")["input_ids"]
-        tail = self.tokenizer(" " + reply if self.fmt == "plain" else reply, add_special_tokens=False)["input_ids"]
-        if not tail:
-            return float("-inf")
-        ids = torch.tensor([(head + tail)[-1024:]])
-        n = min(len(tail), ids.shape[1] - 1)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, -n - 1:-1].float()
-        logp = torch.log_softmax(logits, -1).gather(1, ids[0, -n:, None]).squeeze(1)
-        return float(logp.mean())
-
-    def rubric_grade(self, prompt: str, reply: str) -> float:
-        """Expected grade 1-5 from the judge's next-token probabilities of "1".."5"."""
-        import torch
-
-        text = self._prompt(RUBRIC.format(prompt=prompt[:600], reply=reply[:1200]))
-        ids = torch.tensor([self.tokenizer(text, add_special_tokens=self.fmt == "plain")["input_ids"][-1024:]])
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, -1].float()
-        p = torch.softmax(logits[self.grade_ids], -1)
-        return float((p * torch.arange(1, 6)).sum())
+# --------------------------------------------------------------------------- scoring
 
 
 @dataclass
 class Scorer:
-    embedder: Embedder
-    judge: Judge | None = None
+    """Scores replies: the judge's grades (when a judge is given) and the cheap signals
+    (embedding similarities when an embedder is given)."""
 
-    def relevance(self, prompts: Sequence[str], replies: Sequence[str]) -> list[float]:
-        cos = self.embedder.cosine(prompts, replies)
-        return [1.0 if not r.strip() else scale(float(c), *RELEVANCE_RANGE) for c, r in zip(cos, replies)]
+    embedder: Embedder | None = None
+    judge: object | None = None  # utils.judge.LLMJudge
 
-    def coherence_parts(self, prompt: str, reply: str) -> dict:
-        if not reply.strip():
-            return {"fluency": 1.0, "non_repetition": 1.0, "rubric": 1.0, "coherence": 1.0}
-        parts = {"non_repetition": scale(distinct_n(reply, 2), *DISTINCT_RANGE)}
+    def score(self, prompts: Sequence[str], replies: Sequence[str], references: Sequence[str | None] | None = None,
+              notes: Sequence[str | None] | None = None, progress: Callable | None = None) -> list[dict]:
+        """Every score for each (prompt, reply[, reference][, category note])."""
+        n = len(replies)
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts but {n} replies")
+        references = list(references) if references is not None else [None] * n
+        notes = list(notes) if notes is not None else [None] * n
+        rows = [{"words": word_count(r), "distinct_2": distinct_n(r, 2)} for r in replies]
+        if self.embedder is not None:
+            for row, c, r in zip(rows, self.embedder.cosine(prompts, replies), replies):
+                row["prompt_similarity"] = float(c) if r.strip() else 0.0
+            with_ref = [i for i in range(n) if references[i]]
+            if with_ref:
+                sims = self.embedder.cosine([replies[i] for i in with_ref], [references[i] for i in with_ref])
+                for i, sim in zip(with_ref, sims):
+                    rows[i]["similarity"] = float(sim) if replies[i].strip() else 0.0
+        for i in range(n):
+            if references[i]:
+                rows[i].update(rouge_l=rouge_l(replies[i], references[i]), chrf=chrf(replies[i], references[i]))
         if self.judge is not None:
-            lp = self.judge.mean_logprob(prompt, reply)
-            parts["fluency"] = scale(lp if math.isfinite(lp) else -99, *FLUENCY_RANGE)
-            parts["rubric"] = self.judge.rubric_grade(prompt, reply)
-        parts["coherence"] = float(np.mean(list(parts.values())))
-        return parts
-
-    def score(self, prompts: Sequence[str], replies: Sequence[str], references: Sequence[str] | None = None,
-              progress: Callable | None = None) -> list[dict]:
-        """Every metric for each (prompt, reply[, reference])."""
-        rel = self.relevance(prompts, replies)
-        sim = self.embedder.cosine(replies, references) if references is not None else [None] * len(replies)
-        rows = []
-        items = range(len(replies)) if progress is None else progress(range(len(replies)))
-        for i in items:
-            row = {"words": word_count(replies[i]), "relevance": rel[i], **self.coherence_parts(prompts[i], replies[i])}
-            if references is not None:
-                row.update(rouge_l=rouge_l(replies[i], references[i]), chrf=chrf(replies[i], references[i]),
-                           similarity=float(sim[i]))
-            rows.append(row)
+            items = range(n) if progress is None else progress(range(n))
+            for i in items:
+                rows[i].update(self.judge.grade(prompts[i], replies[i], references[i], notes[i]))
         return rows
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class ScoreInputError(ValueError):
+    pass
+
+
+def read_score_input(path: Path) -> list[dict]:
+    """Rows ``{"prompt": str, "reply": str[, "reference": str][, "note": str]}``, one JSON object a line;
+    anything else stops with file:line and what was expected."""
+    path = Path(path)
+    if not path.exists():
+        raise ScoreInputError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ScoreInputError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); expected one "
+                                      'object per line such as {"prompt": "...", "reply": "..."}') from None
+            if not isinstance(row, dict):
+                raise ScoreInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for key in ("prompt", "reply"):
+                if not isinstance(row.get(key), str):
+                    raise ScoreInputError(f"{where}: field {key!r} is {'missing' if key not in row else type(row[key]).__name__}"
+                                          "; expected a string")
+            if not row["prompt"].strip():
+                raise ScoreInputError(f"{where}: field 'prompt' is empty; expected the user's message")
+            for key in ("reference", "note"):
+                if row.get(key) is not None and not isinstance(row[key], str):
+                    raise ScoreInputError(f"{where}: field {key!r} is {type(row[key]).__name__}; expected a string or null")
+            rows.append(row)
+    if not rows:
+        raise ScoreInputError(f"{path}: no rows; expected JSON lines with 'prompt' and 'reply'")
+    return rows
+
+
+def score_file(src: Path, dst: Path, scorer: Scorer) -> list[dict]:
+    """Score every row of ``src`` and write it back, with the scores added, to ``dst`` (atomically)."""
+    from tqdm.auto import tqdm
+
+    from .io import write_text_atomically
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ScoreInputError(f"{dst}: the output would overwrite the input; choose another file")
+    rows = read_score_input(src)
+    scores = scorer.score([r["prompt"] for r in rows], [r["reply"] for r in rows], [r.get("reference") for r in rows],
+                          [r.get("note") for r in rows], progress=lambda it: tqdm(it, desc="judging"))
+    out = [{**r, **s} for r, s in zip(rows, scores)]
+    write_text_atomically(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import judge as J
+
+    ap = argparse.ArgumentParser(prog="python -m utils.metrics", description="Score replies with the judge.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("score", help='IN.jsonl rows {"prompt", "reply"[, "reference"]} -> OUT.jsonl with scores')
+    sc.add_argument("input")
+    sc.add_argument("output")
+    sc.add_argument("--judge", default=J.DEFAULT_JUDGE, help="judge model (preset, folder or hub id)")
+    sc.add_argument("--dtype", default="auto", help="judge compute dtype: auto, fp32, bf16, int8")
+    sc.add_argument("--no-embeddings", action="store_true", help="skip the embedding similarities")
+    args = ap.parse_args(argv)
+    try:
+        read_score_input(Path(args.input))  # bad input stops before the judge is loaded
+        judge = J.LLMJudge(args.judge, dtype=args.dtype)
+        scorer = Scorer(None if args.no_embeddings else Embedder(), judge)
+        rows = score_file(Path(args.input), Path(args.output), scorer)
+    except (ScoreInputError, J.JudgeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    t = judge.timing_summary()["grade"]
+    print(f"scored {len(rows)} rows into {args.output} ({judge.info['model']}, {judge.info['dtype']}, "
+          f"{t['seconds_per_pass']} s per reply)")
+    return 0
 
 
 # --------------------------------------------------------------------------- statistics
@@ -211,6 +240,13 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
             "n": int(x.size)}
 
 
+def paired_difference(a: Sequence[float | None], b: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of the paired differences a - b (pairs where both exist), with a bootstrap interval and n."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples differ in length: {len(a)} vs {len(b)}")
+    return bootstrap_ci([x - y for x, y in zip(a, b) if x is not None and y is not None], n_boot=n_boot, seed=seed)
+
+
 def win_rate(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0, tol: float = 1e-9) -> dict:
     """Paired win rate of A over B (ties count half), with a bootstrap interval over pairs."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -220,3 +256,7 @@ def win_rate(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: i
     ci = bootstrap_ci(outcome, n_boot=n_boot, seed=seed)
     return {"win_rate": ci["mean"], "low": ci["low"], "high": ci["high"], "n": ci["n"],
             "wins": int((outcome == 1).sum()), "ties": int((outcome == 0.5).sum()), "losses": int((outcome == 0).sum())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

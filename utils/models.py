@@ -96,7 +96,14 @@ def _package_dir(package: str) -> Path:
 
 
 def gguf_path(spec: dict) -> Path:
-    if "package" in spec:
+    if "split" in spec:
+        from . import split_gguf
+
+        try:
+            path = split_gguf.assemble(spec["split"] | {"file": spec["file"]}, cache_dir() / "gguf")
+        except split_gguf.SplitGGUFError as err:
+            raise ModelError(f"{spec['name']}: {err}") from None
+    elif "package" in spec:
         path = _package_dir(spec["package"]) / spec["file"]
     else:
         import importlib
@@ -114,6 +121,9 @@ def _convert_gguf(spec: dict) -> tuple[Path, str]:
 
     src = gguf_path(spec)
     digest = file_sha256(src)
+    if "split" in spec and digest != spec["split"]["sha256"]:
+        raise ModelError(f"{src} changed after it was verified (sha256 {digest}); delete it and load "
+                         f"{spec['name']} again to rebuild it from its packages")
     target = cache_dir() / f"{spec['name']}-{digest[:16]}"
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target, digest

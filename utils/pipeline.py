@@ -35,7 +35,8 @@ META_SECTIONS = ("models", "train_per_model", "models_dir")
 QUICK = {
     "train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 4, "max_train_examples": 32,
               "max_eval_examples": 8, "resume": False},
-    "evaluate": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8},
+    "evaluate": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8, "suite": "test",
+                 "validity": False},
     "benchmark": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"]},
 }
 

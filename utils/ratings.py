@@ -2,7 +2,7 @@
 
 What is stored, per vote: UTC time, the prompt, both outputs, the generation settings, the
 true identities of both sides, the vote (A / B / tie / both_bad) and optional 1-5 coherence and
-relevance ratings of each side, plus the automatic scores of each side when they were computed.
+relevance ratings of each side, plus the judge's grades of each side (``utils.judge``) when a judge was loaded.
 Nothing about the person voting (no name, address or session id) is stored.
 """
 from __future__ import annotations
@@ -134,8 +134,25 @@ def bradley_terry(votes: list[dict], iterations: int = 200, prior: float = 0.5) 
     return {n: float(400 * math.log10(p[idx[n]]) + 1000) for n in names}
 
 
+def spearman_interval(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap 95% interval of Spearman's rho over (x, y) pairs."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    rhos = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, xs.size, xs.size)
+        if np.ptp(xs[idx]) > 0 and np.ptp(ys[idx]) > 0:
+            rhos.append(spearmanr(xs[idx], ys[idx])[0])
+    if len(rhos) < n_boot // 2:
+        return None
+    return float(np.quantile(rhos, 0.025)), float(np.quantile(rhos, 0.975))
+
+
 def agreement(votes: list[dict]) -> dict[str, dict]:
-    """Spearman correlation between automatic and human 1-5 scores, with n."""
+    """Spearman correlation between the judge's and the human 1-5 ratings of the same replies,
+    with a 95% bootstrap interval and n (rated sides)."""
     from scipy.stats import spearmanr
 
     out = {}
@@ -149,7 +166,21 @@ def agreement(votes: list[dict]) -> dict[str, dict]:
                     auto.append(a)
         if len(human) >= 3 and len(set(human)) > 1 and len(set(auto)) > 1:
             rho, pval = spearmanr(human, auto)
-            out[metric] = {"spearman": float(rho), "p_value": float(pval), "n": len(human)}
+            ci = spearman_interval(human, auto)
+            out[metric] = {"spearman": float(rho), "p_value": float(pval), "n": len(human),
+                           "low": ci[0] if ci else None, "high": ci[1] if ci else None}
         else:
-            out[metric] = {"spearman": None, "p_value": None, "n": len(human)}
+            out[metric] = {"spearman": None, "p_value": None, "n": len(human), "low": None, "high": None}
     return out
+
+
+def agreement_text(agree: dict[str, dict]) -> str:
+    """One line: 'coherence: 0.61 [0.32, 0.80] (n=24); relevance: ...'."""
+    parts = []
+    for metric, a in agree.items():
+        if a["spearman"] is None:
+            parts.append(f"{metric}: not enough rated replies (n={a['n']})")
+        else:
+            ci = f" [{a['low']:.2f}, {a['high']:.2f}]" if a.get("low") is not None else ""
+            parts.append(f"{metric}: {a['spearman']:.2f}{ci} (n={a['n']})")
+    return "; ".join(parts)

@@ -15,6 +15,10 @@ from . import metrics as M
 from .io import write_json_atomically, write_text_atomically
 
 
+RESPONSE_KEYS = ("overall", "relevance", "coherence", "distinct_2", "prompt_similarity", "rouge_l", "chrf", "similarity",
+                 "new_tokens", "judge_seconds")
+
+
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -67,16 +71,21 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
 
     if evaluation:
         response = {}
-        for name, s in evaluation["summary"].items():
-            response[name] = {"avg_len_words": s["words"], "coherence": s["coherence"], "relevance": s["relevance"],
-                              "rouge_l": s["rouge_l"], "chrf": s["chrf"], "similarity": s["similarity"],
-                              "fluency": s["fluency"], "non_repetition": s["non_repetition"], "rubric": s["rubric"],
-                              "new_tokens": s["new_tokens"], "latency_amortized_s": s["latency_s"]}
+        for name, st in evaluation["summary"].items():
+            response[name] = {"avg_len_words": st["words"], **{k: st.get(k) for k in RESPONSE_KEYS},
+                              "latency_amortized_s": st["latency_s"]}
         out["response"] = response
+        out["by_category"] = evaluation.get("by_category")
+        out["categories"] = evaluation.get("categories")
         out["heldout"] = {n: v["heldout"] for n, v in evaluation["variants"].items()}
-        out["win_rates"] = evaluation["win_rates"]
+        out["verdicts"] = evaluation.get("verdicts", [])
+        out["pairwise"] = evaluation.get("pairwise", {})
+        out["grade_differences"] = evaluation.get("grade_differences", {})
         out["evaluation_parameters"] = evaluation["config"]
         out["judge_model"] = evaluation["judge_model"]
+        out["judge"] = evaluation.get("judge")
+        out["judge_is_compared"] = evaluation.get("judge_is_compared", [])
+        out["validity"] = evaluation.get("validity")
 
     out["human_ratings"] = human_agreement(ratings_db)
 
@@ -139,9 +148,18 @@ th{background:#f3f3f3}.ci{color:#777;font-size:12px}img{max-width:100%}figure{ma
 def render_html(m: dict, run_dir: Path) -> str:
     run_dir = Path(run_dir)
     figs = run_dir / "figures"
-    parts = [f"<h1>LoRA comparison report · run {html.escape(m['run_id'])}</h1>",
-             "<p class=note>Research output, not a substitute for professional advice. Numbers below were measured in "
-             "this run on the machine described at the end.</p>"]
+    parts = [f"<h1>LoRA comparison report · run {html.escape(m['run_id'])}</h1>"]
+    if m.get("verdicts"):
+        parts += ["<h2>Verdicts</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in m["verdicts"]) + "</ul>",
+                  "<p>Pairwise: the judge compares the two replies to the same prompt in both orders; a win counts "
+                  "only when both orders agree (otherwise a tie). Grades: mean paired difference (first minus second), "
+                  "95% bootstrap interval. \"Cannot tell apart\": the interval contains 0 (or 0.5 for win rates).</p>"]
+    if m.get("judge_is_compared"):
+        parts.append(f"<p class=note><b>Warning: the judge {html.escape(str(m['judge_model']))} is also one of the "
+                     f"compared models ({html.escape(', '.join(m['judge_is_compared']))}); its grades of its own replies "
+                     "are biased.</b></p>")
+    parts.append("<p class=note>Research output, not a substitute for professional advice. Numbers below were measured "
+                 "in this run on the machine described at the end.</p>")
 
     if "latency" in m:
         rows = [[html.escape(k), _fmt(v["avg_s"]), _fmt(v["median_s"]), _fmt(v["p95_s"]),
@@ -175,28 +193,7 @@ def render_html(m: dict, run_dir: Path) -> str:
         parts.append(_img(figs / "latency.png", "Latency per model and variant"))
 
     if "response" in m:
-        rows = [[html.escape(n), _interval(r["avg_len_words"], 1), _interval(r["coherence"]), _interval(r["relevance"]),
-                 r["coherence"]["n"]] for n, r in m["response"].items()]
-        parts += ["<h2>Response characteristics</h2>",
-                  _table(["model", "Avg Len (words)", "Coherence /5", "Relevance /5", "n"], rows),
-                  "<h3>Against the reference answer</h3>",
-                  _table(["model", "ROUGE-L", "chrF", "embedding similarity", "held-out loss", "perplexity"],
-                         [[html.escape(n), _interval(r["rouge_l"], 3), _interval(r["chrf"], 1), _interval(r["similarity"], 3),
-                           _fmt(m["heldout"][n]["loss"]), _fmt(m["heldout"][n]["perplexity"], 1)]
-                          for n, r in m["response"].items()]),
-                  "<h3>Coherence, part by part</h3>",
-                  _table(["model", "fluency", "non-repetition", "rubric (judge)"],
-                         [[html.escape(n), _interval(r["fluency"]), _interval(r["non_repetition"]), _interval(r["rubric"])]
-                          for n, r in m["response"].items()]),
-                  _img(figs / "quality.png", "Quality with 95% intervals")]
-        if m.get("win_rates"):
-            rows = []
-            for pair, by_metric in m["win_rates"].items():
-                for metric, w in by_metric.items():
-                    rows.append([html.escape(pair), metric, f"{w['win_rate']:.2f} <span class=ci>[{w['low']:.2f}, {w['high']:.2f}]</span>",
-                                 f"{w['wins']}/{w['ties']}/{w['losses']}", w["n"]])
-            parts += ["<h3>Paired win rates</h3><p>Share of prompts where the first model scores higher (ties count half), "
-                      "95% bootstrap interval.</p>", _table(["pair", "metric", "win rate", "wins/ties/losses", "n"], rows)]
+        parts += _quality_html(m, figs)
 
     if m.get("trainable_params"):
         rows = [[html.escape(k), _fmt(v["trainable"]), _fmt(v["total"]), f"{v['percent']:.3f}%",
@@ -211,17 +208,24 @@ def render_html(m: dict, run_dir: Path) -> str:
 
     samples = run_dir / "samples.jsonl"
     if samples.exists():
-        rows = [json.loads(line) for line in samples.read_text().splitlines()[:8]]
-        names = [k for k in rows[0] if k not in ("id", "prompt", "reference", "crisis_flag")] if rows else []
-        parts += ["<h2>Sample outputs</h2>", _table(["prompt", "reference"] + names,
-                  [[html.escape(r["prompt"]), html.escape(r["reference"])] + [html.escape(r[n]) for n in names] for r in rows])]
+        every = [json.loads(line) for line in samples.read_text().splitlines()]
+        rows = []
+        for cat in dict.fromkeys(r.get("category") for r in every):  # two per category
+            rows += [r for r in every if r.get("category") == cat][:2]
+        names = [k for k in rows[0] if k not in ("id", "category", "prompt", "reference", "crisis_flag")] if rows else []
+        parts += ["<h2>Sample outputs</h2>", _table(["category", "prompt", "reference"] + names,
+                  [[html.escape(str(r.get("category") or "")), html.escape(r["prompt"]), html.escape(r["reference"] or "–")]
+                   + [html.escape(r[n]) for n in names] for r in rows])]
 
     if m.get("human_ratings"):
         h = m["human_ratings"]
-        rows = [[k, "–" if a["spearman"] is None else f"{a['spearman']:.2f}", a["n"]] for k, a in h["agreement"].items()]
-        parts += [f"<h2>Agreement with human ratings</h2><p>{h['votes']} blind-arena votes in the dashboard's "
-                  "rating store; Spearman correlation between the automatic 1-5 scores and the human ones.</p>",
-                  _table(["score", "Spearman", "n"], rows)]
+        rows = [[k, "–" if a["spearman"] is None else f"{a['spearman']:.2f}",
+                 "–" if a.get("low") is None else f"[{a['low']:.2f}, {a['high']:.2f}]", a["n"]]
+                for k, a in h["agreement"].items()]
+        parts += [f"<h2>Human calibration</h2><p>{h['votes']} blind-arena votes in the dashboard's rating store; "
+                  "Spearman correlation between the judge's 1-5 grades and the human 1-5 ratings of the same replies, "
+                  "with a 95% bootstrap interval and n (rated replies).</p>",
+                  _table(["score", "Spearman", "95% interval", "n"], rows)]
 
     cards = sorted((run_dir / "cards").glob("*.md")) if (run_dir / "cards").exists() else []
     if cards:
@@ -232,6 +236,62 @@ def render_html(m: dict, run_dir: Path) -> str:
         parts.append("<h2>Machine and versions</h2>" + _table(["", ""], [[k, html.escape(str(v))] for k, v in
                                                                          {**m["machine"], **m.get("versions", {})}.items()]))
     return f"<!doctype html><html><head><meta charset=utf-8><title>LoRA comparison {html.escape(m['run_id'])}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def _quality_html(m: dict, figs: Path) -> list[str]:
+    judge = m.get("judge") or {}
+    parts = ["<h2>Response quality</h2>"]
+    if judge:
+        t = judge.get("timing", {}).get("grade", {})
+        parts.append(f"<p>Judge: <b>{html.escape(str(judge.get('model')))}</b> ({html.escape(str(judge.get('dtype')))} on "
+                     f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), {_fmt(t.get('seconds_per_pass'))} s of judge time per "
+                     f"reply over {t.get('passes')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>")
+    rows = [[html.escape(n), _interval(r["overall"]), _interval(r["relevance"]), _interval(r["coherence"]),
+             _interval(r["avg_len_words"], 1), r["avg_len_words"]["n"]] for n, r in m["response"].items()]
+    parts += [_table(["model", "Overall /5", "Relevance /5", "Coherence /5", "Avg Len (words)", "n"], rows),
+              _img(figs / "quality.png", "Quality with 95% intervals"),
+              "<h3>Cheap signals (not part of the grades)</h3>",
+              _table(["model", "distinct-2", "prompt similarity", "ROUGE-L", "chrF", "reference similarity",
+                      "held-out loss", "perplexity"],
+                     [[html.escape(n), _interval(r["distinct_2"]), _interval(r["prompt_similarity"]), _interval(r["rouge_l"], 3),
+                       _interval(r["chrf"], 1), _interval(r["similarity"], 3),
+                       _fmt((m["heldout"].get(n) or {}).get("loss")), _fmt((m["heldout"].get(n) or {}).get("perplexity"), 1)]
+                      for n, r in m["response"].items()])]
+    if m.get("by_category"):
+        cats = list(next(iter(m["by_category"].values())))
+        rows = [[html.escape(n)] + [_interval(by[c]["overall"]) + f" <span class=ci>n={by[c]['overall']['n']}</span>"
+                                    for c in cats] for n, by in m["by_category"].items()]
+        parts += ["<h3>Overall grade by category</h3>", _table(["model"] + cats, rows),
+                  _img(figs / "categories.png", "Overall grade by category")]
+    if m.get("pairwise"):
+        rows = [[html.escape(k), f"{w['win_rate']:.2f} <span class=ci>[{w['low']:.2f}, {w['high']:.2f}]</span>",
+                 f"{w['wins']}/{w['ties']}/{w['losses']}", w["n"]] for k, w in m["pairwise"].items() if w["n"]]
+        parts += ["<h3>Pairwise judgements (both orders)</h3><p>Win rate of the first model, ties count half.</p>",
+                  _table(["comparison", "win rate", "wins/ties/losses", "n"], rows)]
+    if m.get("grade_differences"):
+        rows = [[html.escape(k)] + [_interval(d[g]) for g in ("overall", "relevance", "coherence", "words")]
+                for k, d in m["grade_differences"].items()]
+        parts += ["<h3>Paired grade differences (first minus second)</h3>",
+                  _table(["comparison", "overall", "relevance", "coherence", "words"], rows)]
+    v = m.get("validity")
+    if v:
+        sh = v["shares"]
+        rows = [[g, f"{100 * sh[g]['share']:.0f}%", sh[g]["n"], "yes" if sh[g]["share"] >= v["target"] else "no"]
+                for g in ("relevance", "coherence", "overall")]
+        gw = sh["good_vs_wrong"]
+        rows.append(["overall: good vs fluent-but-wrong", f"{100 * gw['share']:.0f}%", gw["n"],
+                     "yes" if gw["share"] >= v["target"] else "no"])
+        tiers = v["tier_means"]
+        parts += ["<h2>Score validity</h2>",
+                  f"<p>The validity ladder ({v['prompts']} prompts, {v['replies']} replies of known rank: "
+                  "good, terse, evasive, fluent-but-wrong, on-topic non-answer, echoed prompt, another question's "
+                  "answer, shuffled, looped, empty) scored by the same judge. Share of known-order pairs ranked "
+                  f"strictly right; target {100 * v['target']:.0f}%.</p>",
+                  _table(["score", "ranked right", "pairs", "meets target"], rows),
+                  _table(["tier", "overall", "relevance", "coherence"],
+                         [[t, _fmt(s.get("overall"), 2), _fmt(s.get("relevance"), 2), _fmt(s.get("coherence"), 2)]
+                          for t, s in tiers.items()])]
+    return parts
 
 
 def build_report(run_dir: Path, ratings_db: Path | None = None) -> Path:

@@ -101,7 +101,7 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
 
 # --------------------------------------------------------------------------- evaluation and benchmark figures
 
-QUALITY = ("coherence", "relevance", "similarity", "rouge_l")
+QUALITY = ("overall", "relevance", "coherence", "words")
 
 
 def plot_quality(evaluation: Mapping, path: Path | None = None):
@@ -115,9 +115,34 @@ def plot_quality(evaluation: Mapping, path: Path | None = None):
         err = [[(s["mean"] or 0) - (s["low"] or 0) for s in stats], [(s["high"] or 0) - (s["mean"] or 0) for s in stats]]
         ax.barh(names, means, xerr=err, color=sns.color_palette("deep", len(names)), capsize=3)
         ax.set_title(f"{metric} (n={stats[0]['n']})")
-        if metric in ("coherence", "relevance"):
+        if metric in ("overall", "coherence", "relevance"):
             ax.set_xlim(1, 5)
-    fig.suptitle("Response quality, mean with 95% bootstrap interval")
+    fig.suptitle("Response quality (judge grades 1-5, length in words), mean with 95% bootstrap interval")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_categories(evaluation: Mapping, metric: str = "overall", path: Path | None = None):
+    """One metric per category and model variant, mean with its 95% bootstrap interval."""
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    rows = [{"model": name, "category": cat, "mean": s[metric]["mean"], "low": s[metric]["low"], "high": s[metric]["high"]}
+            for name, cats in evaluation["by_category"].items() for cat, s in cats.items() if s[metric]["mean"] is not None]
+    df = pd.DataFrame(rows)
+    cats, names = list(dict.fromkeys(df["category"])), list(dict.fromkeys(df["model"]))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cats) * len(names) + 1.5))
+    height = 0.8 / len(names)
+    for j, name in enumerate(names):
+        sub = df[df["model"] == name].set_index("category").reindex(cats)
+        ys = [i + j * height for i in range(len(cats))]
+        ax.barh(ys, sub["mean"], height=height, label=name,
+                xerr=[sub["mean"] - sub["low"], sub["high"] - sub["mean"]], capsize=2)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cats))], cats)
+    ax.set_xlim(1, 5)
+    ax.set_xlabel(f"{metric} (judge, 1-5)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{metric} by category, mean with 95% bootstrap interval")
     fig.tight_layout()
     return _save(fig, path)
 

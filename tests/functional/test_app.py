@@ -34,6 +34,7 @@ def app(world, monkeypatch, tmp_path):
         monkeypatch.setenv("LORA_COMPARE_REPORTS_DIR", str(reports_dir or tmp_path / "reports"))
         monkeypatch.setenv("LORA_COMPARE_RATINGS_DB", str(tmp_path / "ratings.sqlite"))
         monkeypatch.setenv("LORA_COMPARE_BASES", str(world["base"]))
+        monkeypatch.setenv("LORA_COMPARE_JUDGE", str(world["base"]))  # the tiny model stands in for the judge
         st.cache_resource.clear()
         at = AppTest.from_file(APP, default_timeout=120)
         at.run()
@@ -96,6 +97,12 @@ def test_arena_vote_is_stored_and_leaderboard_shown(app, world, tmp_path):
 
     votes = RatingStore(tmp_path / "ratings.sqlite").votes()
     assert len(votes) == 1 and votes[0]["vote"] == "tie" and votes[0]["auto_relevance_a"] is not None
+    # the stored grades are the judge's, through the same code as the evaluation
+    from utils.judge import LLMJudge
+
+    grades = LLMJudge(str(world["base"])).grade(votes[0]["prompt"], votes[0]["output_a"])
+    assert votes[0]["auto_relevance_a"] == pytest.approx(grades["relevance"], abs=1e-4)
+    assert votes[0]["auto_coherence_a"] == pytest.approx(grades["coherence"], abs=1e-4)
     assert any("Leaderboard (1 votes)" in h.value for h in at.subheader)
 
 

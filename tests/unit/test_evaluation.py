@@ -9,6 +9,18 @@ from utils import chat, evaluation, generation, models, report, training
 from utils.training import TrainConfig
 
 
+SUITE_SAMPLE = [
+    {"id": "d1", "category": "emotional_support", "prompt": "say cat", "history": [{"role": "user", "content": "say cat"}],
+     "reference": None, "note": "be warm"},
+    {"id": "d2", "category": "emotional_support", "prompt": "say dog", "history": [{"role": "user", "content": "say dog"}],
+     "reference": None, "note": "be warm"},
+    {"id": "d3", "category": "factual", "prompt": "say sun", "history": [{"role": "user", "content": "say sun"}],
+     "reference": "sun", "note": "be right"},
+    {"id": "d4", "category": "factual", "prompt": "say moon", "history": [{"role": "user", "content": "say moon"}],
+     "reference": "moon", "note": "be right"},
+]
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -19,7 +31,8 @@ def setup(tmp_path_factory):
         training.train(TrainConfig(model=str(path), data_dir=str(data), output_dir=str(root / "models" / f"{name}-lora"),
                                    load_in_8bit=False, max_steps=2, eval_steps=2, save_steps=2, batch_size=4),
                        log=lambda *a: None)
-    return {"root": root, "data": data, "llama": llama, "gpt2": gpt2}
+    judge = save_tiny_model(root / "judge", "llama", seed=1)
+    return {"root": root, "data": data, "llama": llama, "gpt2": gpt2, "judge": judge}
 
 
 def test_heldout_loss_matches_the_models_own_loss(setup):
@@ -44,19 +57,29 @@ def test_batched_generation_equals_one_by_one(setup):
     assert all(g.batch_size == 3 for g in batched)
 
 
-def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path):
+def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "load_domain_suite", lambda: SUITE_SAMPLE)  # tiny models: a small suite
     cfg = evaluation.EvalConfig(models=[str(setup["llama"]), str(setup["gpt2"])], data_dir=str(setup["data"]),
-                                num_examples=5, max_new_tokens=5, batch_size=4, judge_model=str(setup["llama"]),
+                                suite="both", num_examples=5, max_new_tokens=5, batch_size=4,
+                                judge_model=str(setup["judge"]), judge_dtype="fp32", validity=False,
                                 loss_examples=4, report_dir=str(tmp_path), models_dir=str(setup["root"] / "models"))
     res = evaluation.evaluate(cfg, log=lambda *a: None)
     assert list(res["summary"]) == ["llama (base)", "llama (LoRA)", "gpt2 (base)", "gpt2 (LoRA)"]
+    n = 5 + len(SUITE_SAMPLE)
     for stats in res["summary"].values():
-        assert stats["coherence"]["n"] == 5 and 1 <= stats["coherence"]["mean"] <= 5
-        assert stats["relevance"]["low"] <= stats["relevance"]["mean"] <= stats["relevance"]["high"]
-    assert set(res["win_rates"]) == {"llama (LoRA) vs llama (base)", "gpt2 (LoRA) vs gpt2 (base)",
-                                     "llama (LoRA) vs gpt2 (LoRA)"}
+        for grade in ("overall", "relevance", "coherence"):
+            assert stats[grade]["n"] == n and 1 <= stats[grade]["mean"] <= 5
+            assert stats[grade]["low"] <= stats[grade]["mean"] <= stats[grade]["high"]
+    assert res["categories"] == {"emotional_support": 2, "factual": 2, "test split": 5}
+    pairs = {"llama (LoRA) vs llama (base)", "gpt2 (LoRA) vs gpt2 (base)", "llama (LoRA) vs gpt2 (LoRA)"}
+    assert set(res["pairwise"]) == pairs and set(res["grade_differences"]) == pairs
+    for w in res["pairwise"].values():
+        assert w["n"] == n and w["wins"] + w["ties"] + w["losses"] == n
+        assert sum(c["n"] for c in w["by_category"].values()) == n
+    assert len(res["verdicts"]) == 3 and all(v.split(":")[0] in pairs for v in res["verdicts"])
+    assert res["judge"]["dtype"] == "fp32" and res["judge"]["timing"]["pair"]["passes"] == 3 * n * 2
     assert res["variants"]["llama (LoRA)"]["trainable"]["trainable_params"] > 0
-    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == n
 
     # the report reads what the notebooks wrote
     (tmp_path / "runs").mkdir()
@@ -67,11 +90,58 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     for name in res["summary"]:
         row = m["response"][name]
-        for field in ("avg_len_words", "coherence", "relevance"):
+        for field in ("avg_len_words", "overall", "coherence", "relevance"):
             assert {"mean", "low", "high", "n"} <= set(row[field])
     assert set(m["trainable_params"]) == {"llama", "gpt2"}
+    assert m["verdicts"] == res["verdicts"]
     text = html_path.read_text()
-    assert "Response characteristics" in text and "Trainable parameters" in text and "data:image/png;base64" in text
+    assert text.index("<h2>Verdicts</h2>") < text.index("Response quality") < text.index("Trainable parameters")
+    assert "data:image/png;base64" in text
+
+
+def test_the_judge_is_not_silently_a_compared_model(setup, tmp_path):
+    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=str(setup["llama"]), data_dir=str(setup["data"]))
+    with pytest.raises(evaluation.EvaluationError, match="is also a compared model"):
+        evaluation.evaluate(cfg)
+    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=str(setup["llama"]), allow_judge_as_model=True,
+                                data_dir=str(setup["data"]), suite="test", num_examples=2, max_new_tokens=3,
+                                validity=False, pairwise=False, loss_examples=2, report_dir=str(tmp_path),
+                                models_dir=str(tmp_path / "no-models"), judge_dtype="fp32")
+    res = evaluation.evaluate(cfg, log=lambda *a: None)
+    assert res["judge_is_compared"] == [str(setup["llama"])]
+    assert "Warning: the judge" in report.render_html(report.collect_metrics(tmp_path), tmp_path)
+
+
+def test_domain_suite_covers_the_categories():
+    items = evaluation.load_domain_suite()
+    cats = evaluation.categories(items)
+    assert len(items) >= 60
+    assert {"everyday_advice", "emotional_support", "factual", "crisis_adjacent"} <= set(cats)
+    assert all(it["note"] for it in items)  # every category has its rubric line
+    assert len({it["prompt"] for it in items}) == len(items)
+    assert any("anxious" in it["prompt"] for it in items if it["category"] == "emotional_support")
+
+
+def test_suite_parameter_is_checked(tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="suite='all'; expected one of"):
+        evaluation.eval_items(evaluation.EvalConfig(suite="all"))
+    bad = tmp_path / "suite.yaml"
+    bad.write_text("categories: {a: {rubric: x}}\nprompts:\n- {category: b, prompt: hi}\n")
+    with pytest.raises(evaluation.EvaluationError, match=r"prompts\[0\] has category 'b'; expected one of \['a'\]"):
+        evaluation.load_domain_suite(bad)
+
+
+def test_verdict_sentences_say_where_the_data_cannot_tell():
+    ci = lambda m, lo, hi: {"mean": m, "low": lo, "high": hi, "n": 100}  # noqa: E731
+    pairwise = {"A vs B": {"n": 100, "win_rate": 0.7, "low": 0.62, "high": 0.78}}
+    diffs = {"A vs B": {"overall": ci(0.5, 0.3, 0.7), "relevance": ci(-0.4, -0.6, -0.2), "coherence": ci(0.05, -0.1, 0.2),
+                        "words": ci(3.0, 1.0, 5.0)}}
+    text = evaluation.verdict_sentences([("A", "B")], pairwise, diffs)[0]
+    assert text.startswith("A vs B: the judge prefers A (A wins 0.70 [0.62, 0.78] of 100")
+    assert "A grades higher on overall +0.50" in text and "A grades lower on relevance -0.40" in text
+    assert "cannot tell them apart on coherence" in text
+    pairwise["A vs B"].update(win_rate=0.52, low=0.44, high=0.60)
+    assert "pairwise verdicts cannot tell them apart" in evaluation.verdict_sentences([("A", "B")], pairwise, diffs)[0]
 
 
 def test_missing_data_names_the_notebook(tmp_path):

@@ -1,16 +1,11 @@
 """Metric functions against hand-computed values, and the statistics."""
 
 import numpy as np
+import json
+
 import pytest
 
 from utils import metrics
-
-
-def test_scale_maps_and_clips():
-    assert metrics.scale(0.05, 0.05, 0.55) == 1
-    assert metrics.scale(0.30, 0.05, 0.55) == 3
-    assert metrics.scale(0.55, 0.05, 0.55) == 5
-    assert metrics.scale(-1, 0.05, 0.55) == 1 and metrics.scale(2, 0.05, 0.55) == 5
 
 
 def test_rouge_l_by_hand():
@@ -55,3 +50,72 @@ def test_win_rate_counts_ties_half():
     assert w["win_rate"] == pytest.approx(2.5 / 4)
     with pytest.raises(ValueError, match="differ in length"):
         metrics.win_rate([1, 2], [1])
+
+
+def test_paired_difference():
+    d = metrics.paired_difference([3, 4, None, 5], [1, 4, 2, 3])
+    assert d["n"] == 3 and d["mean"] == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.paired_difference([1, 2], [1])
+
+
+# --------------------------------------------------------------------------- the scorer and its command line
+
+
+class FakeJudge:
+    """Grades by reply length, so the test can check where each grade lands."""
+
+    def grade(self, prompt, reply, reference=None, note=None):
+        g = min(5.0, 1.0 + len(reply.split()))
+        return {"relevance": g, "coherence": g, "overall": g, "judge_seconds": 0.0,
+                "seen_reference": reference, "seen_note": note}
+
+
+def test_scorer_keeps_cheap_signals_apart_from_grades():
+    rows = metrics.Scorer(None, FakeJudge()).score(["q1", "q2"], ["one two", "a a a a"], ["one two", None],
+                                                   [None, "be kind"])
+    assert rows[0]["overall"] == 3 and rows[1]["overall"] == 5
+    assert rows[0]["rouge_l"] == 1 and "rouge_l" not in rows[1]  # reference metrics only where a reference exists
+    assert rows[1]["distinct_2"] == pytest.approx(1 / 3)
+    assert rows[0]["seen_reference"] == "one two" and rows[1]["seen_note"] == "be kind"
+    no_judge = metrics.Scorer(None, None).score(["q"], ["r"])
+    assert "overall" not in no_judge[0] and no_judge[0]["words"] == 1
+
+
+def test_score_file_writes_rows_back_with_scores(tmp_path, write_jsonl):
+    src = write_jsonl("in.jsonl", [{"prompt": "hi", "reply": "hello there", "id": 7},
+                                   {"prompt": "q", "reply": "", "reference": "ref"}])
+    out = metrics.score_file(src, tmp_path / "out.jsonl", metrics.Scorer(None, FakeJudge()))
+    back = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert back == out and back[0]["id"] == 7 and back[0]["overall"] == 3 and back[1]["chrf"] == 0
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a", "reply": "b"}', '{"prompt": "a", "reply": '], r"in.jsonl:2: not valid JSON"),
+    (['{"prompt": "a"}'], r"in.jsonl:1: field 'reply' is missing; expected a string"),
+    (['{"prompt": "a", "reply": 3}'], r"in.jsonl:1: field 'reply' is int; expected a string"),
+    (['[1, 2]'], r"in.jsonl:1: expected a JSON object, got list"),
+    (['{"prompt": " ", "reply": "b"}'], r"in.jsonl:1: field 'prompt' is empty"),
+    (['{"prompt": "a", "reply": "b", "reference": 5}'], r"in.jsonl:1: field 'reference' is int"),
+    ([''], r"in.jsonl: no rows"),
+])
+def test_bad_input_names_file_and_line(write_jsonl, lines, message):
+    with pytest.raises(metrics.ScoreInputError, match=message):
+        metrics.read_score_input(write_jsonl("in.jsonl", lines))
+
+
+def test_command_line_stops_on_bad_input_before_loading_the_judge(write_jsonl, tmp_path, capsys, monkeypatch):
+    from utils import judge
+
+    monkeypatch.setattr(judge, "LLMJudge", lambda *a, **k: pytest.fail("the judge was loaded"))
+    src = write_jsonl("in.jsonl", ['{"prompt": "a"}'])
+    assert metrics.main(["score", str(src), str(tmp_path / "out.jsonl")]) == 2
+    assert "in.jsonl:1: field 'reply' is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_output_may_not_overwrite_the_input(write_jsonl):
+    src = write_jsonl("in.jsonl", [{"prompt": "a", "reply": "b"}])
+    with pytest.raises(metrics.ScoreInputError, match="would overwrite the input"):
+        metrics.score_file(src, src, metrics.Scorer(None, FakeJudge()))
+    assert json.loads(src.read_text()) == {"prompt": "a", "reply": "b"}

@@ -1,0 +1,171 @@
+"""Score validity: does a score rank replies of known quality in the known order?
+
+``data/eval/validity_ladder.yaml`` holds prompts with hand-written replies (good, terse, evasive,
+wrong, topical); ``ladder()`` derives the other tiers (echo, off_topic, shuffled, looped, empty).
+``ORDERS`` lists, per score, the pairs of tiers whose order is known (the first must score
+higher). A pair counts as right only if the better reply scores strictly higher: a tie means
+the score cannot tell them apart.
+
+    python -m utils.validity                       # the judge on the ladder, shares to stdout
+    python -m utils.validity --out reports/validity.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from .paths import DATA_DIR
+
+LADDER = DATA_DIR / "eval" / "validity_ladder.yaml"
+WRITTEN = ("good", "terse", "evasive", "wrong", "topical")
+DERIVED = ("echo", "off_topic", "shuffled", "looped", "empty")
+TIERS = WRITTEN + DERIVED
+
+ORDERS: dict[str, list[tuple[str, str]]] = {
+    # does it answer what was asked
+    "relevance": [("good", t) for t in ("evasive", "echo", "off_topic", "topical", "empty")]
+    + [("terse", t) for t in ("evasive", "echo", "off_topic", "topical", "empty")],
+    # is it well-formed text, whatever it says
+    "coherence": [(t, d) for t in ("good", "terse", "evasive", "wrong") for d in ("shuffled", "looped", "empty")],
+    # is it a good answer
+    "overall": [("good", t) for t in TIERS if t != "good"]
+    + [("terse", t) for t in ("evasive", "wrong", "echo", "off_topic", "shuffled", "looped", "empty")],
+}
+HARD_PAIR = ("good", "wrong")  # correctness: fluent, on topic, and wrong or harmful
+TARGET = 0.9
+
+
+class LadderError(ValueError):
+    pass
+
+
+def shuffled(text: str, seed: int) -> str:
+    words = text.split()
+    rng = random.Random(seed)
+    for _ in range(10):  # a permutation that differs from the original
+        rng.shuffle(words)
+        if words != text.split():
+            break
+    return " ".join(words)
+
+
+def looped(text: str, head: int = 5) -> str:
+    words = text.split()
+    return " ".join((words[:head] * (len(words) // head + 1))[:max(len(words), 2 * head)])
+
+
+def ladder(path: Path = LADDER) -> list[dict]:
+    """One row per (prompt, tier): ``{"id", "prompt", "tier", "reply"}``."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise LadderError(f"{path}: cannot read the ladder ({err})") from err
+    prompts = doc.get("prompts") if isinstance(doc, dict) else None
+    if not prompts:
+        raise LadderError(f"{path}: expected a mapping with a non-empty 'prompts' list")
+    for i, p in enumerate(prompts):
+        missing = [k for k in ("id", "prompt", *WRITTEN) if not isinstance(p.get(k), str) or not p[k].strip()]
+        if missing:
+            raise LadderError(f"{path}: prompts[{i}] ({p.get('id', '?')}) lacks {missing}; every prompt needs "
+                              f"id, prompt and the replies {list(WRITTEN)}")
+    rows = []
+    for i, p in enumerate(prompts):
+        other = prompts[(i + len(prompts) // 2) % len(prompts)]  # a far-away prompt's good answer
+        replies = {**{t: p[t] for t in WRITTEN}, "echo": p["prompt"], "off_topic": other["good"],
+                   "shuffled": shuffled(p["good"], seed=i), "looped": looped(p["good"]), "empty": ""}
+        rows += [{"id": p["id"], "prompt": p["prompt"], "tier": t, "reply": replies[t]} for t in TIERS]
+    return rows
+
+
+def pair_shares(rows: Sequence[dict], scores: Sequence[dict]) -> dict:
+    """Share of known-order pairs ranked right, per score, per tier pair, and for the hard pair."""
+    by = {}
+    for row, s in zip(rows, scores):
+        by.setdefault(row["id"], {})[row["tier"]] = s
+    out = {}
+    for score, pairs in ORDERS.items():
+        per_pair = {}
+        for hi, lo in pairs:
+            right = [by[i][hi][score] > by[i][lo][score] for i in by if hi in by[i] and lo in by[i]
+                     and by[i][hi].get(score) is not None and by[i][lo].get(score) is not None]
+            if right:
+                per_pair[f"{hi} > {lo}"] = {"share": sum(right) / len(right), "n": len(right)}
+        total = [(v["share"] * v["n"], v["n"]) for v in per_pair.values()]
+        n = sum(t[1] for t in total)
+        out[score] = {"share": sum(t[0] for t in total) / n if n else None, "n": n, "pairs": per_pair}
+    hard = out["overall"]["pairs"].get(" > ".join(HARD_PAIR))
+    out["good_vs_wrong"] = hard
+    return out
+
+
+def tier_means(rows: Sequence[dict], scores: Sequence[dict], keys: Sequence[str]) -> dict:
+    import numpy as np
+
+    out = {}
+    for tier in TIERS:
+        vals = [s for r, s in zip(rows, scores) if r["tier"] == tier]
+        out[tier] = {k: float(np.mean([v[k] for v in vals if v.get(k) is not None])) for k in keys
+                     if any(v.get(k) is not None for v in vals)}
+    return out
+
+
+def run(score_fn: Callable[[list[dict]], list[dict]], path: Path = LADDER) -> dict:
+    """Score every ladder reply with ``score_fn(rows) -> [{score: value}]`` and measure validity."""
+    rows = ladder(path)
+    scores = score_fn(rows)
+    shares = pair_shares(rows, scores)
+    keys = sorted({k for s in scores for k, v in s.items() if isinstance(v, (int, float))})
+    return {"ladder": str(path), "prompts": len({r["id"] for r in rows}), "replies": len(rows), "target": TARGET,
+            "shares": shares, "tier_means": tier_means(rows, scores, keys),
+            "rows": [{**r, **{k: s[k] for k in keys if k in s}} for r, s in zip(rows, scores)]}
+
+
+def judge_scorer(judge) -> Callable[[list[dict]], list[dict]]:
+    from tqdm.auto import tqdm
+
+    def score(rows):
+        return [judge.grade(r["prompt"], r["reply"]) for r in tqdm(rows, desc="validity ladder")]
+
+    return score
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from . import judge as J
+
+    ap = argparse.ArgumentParser(prog="python -m utils.validity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--judge", default=J.DEFAULT_JUDGE)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--ladder", default=str(LADDER))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    try:
+        judge = J.LLMJudge(args.judge, dtype=args.dtype)
+        result = run(judge_scorer(judge), Path(args.ladder))
+    except (LadderError, J.JudgeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result["judge"] = {**judge.info, "timing": judge.timing_summary()}
+    for score in ("relevance", "coherence", "overall"):
+        s = result["shares"][score]
+        print(f"{score:10s} {s['share']:.1%} of {s['n']} known-order pairs ranked right")
+        for pair, v in s["pairs"].items():
+            print(f"    {pair:22s} {v['share']:.0%} (n={v['n']})")
+    gw = result["shares"]["good_vs_wrong"]
+    print(f"good > fluent-but-wrong (overall): {gw['share']:.1%} (n={gw['n']})")
+    print(f"judge: {judge.info['model']} {judge.info['dtype']}, {judge.timing_summary()['grade']}")
+    if args.out:
+        from .io import write_json_atomically
+
+        write_json_atomically(Path(args.out), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
