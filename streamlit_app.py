@@ -172,8 +172,8 @@ def compare_page():
             st.write(reference)
         if st.session_state.get("grade") or reference is not None:
             texts = [outputs["A"], outputs["B"]]
-            graded = grade_pair(prompt, texts, reference) or metrics.Scorer(embedder()).score([prompt] * 2, texts,
-                                                                                              [reference] * 2 if reference else None)
+            graded = (grade_pair(prompt, texts, reference) if st.session_state.get("grade") else None) or \
+                metrics.Scorer(embedder()).score([prompt] * 2, texts, [reference] * 2 if reference else None)
             table = {"model": [side["A"].label, side["B"].label]}
             for key, label in (("overall", "overall /5"), ("relevance", "relevance /5"), ("coherence", "coherence /5"),
                                ("words", "words"), ("rouge_l", "ROUGE-L"), ("similarity", "similarity to reference")):

@@ -178,22 +178,19 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def validity_cached(judge, cache_root: Path | None = None) -> dict:
-    """The validity ladder scored by ``judge``, cached per judge weights, dtype, ladder and prompts."""
-    from tqdm.auto import tqdm
-
+def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True) -> dict:
+    """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
+    compared in both orders), cached per judge fingerprint (weights, dtype, prompts) and ladder."""
     from . import validity
 
-    key_src = json.dumps([judge.info.get("gguf_sha256") or judge.info.get("weights"), judge.dtype,
-                          validity.LADDER.read_text(encoding="utf-8"), J.SYSTEM, J.INSTRUCTIONS, J.QUESTION], sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    cache = (cache_root or models.cache_dir()) / "validity" / f"{key}.json"
+    ladder_hash = hashlib.sha256(validity.LADDER.read_bytes()).hexdigest()[:16]
+    cache = (cache_root or models.cache_dir()) / "validity" / f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    result = validity.run(lambda rows: [judge.grade(r["prompt"], r["reply"]) for r in tqdm(rows, desc="validity ladder")])
+    result = validity.run(validity.judge_scorer(judge), pair_fn=validity.judge_pairs(judge) if pairwise else None)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["judge"] = {k: judge.info.get(k) for k in ("model", "dtype", "cpu")}
+    result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu")}, "timing": judge.timing_summary()}
     write_json_atomically(cache, result)
     return result
 
@@ -292,7 +289,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "scores_explained": metrics.__doc__,
         "judge_model": cfg.judge_model,
         "judge": ({**judge.info, "timing": judge.timing_summary(),
-                   "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_pass"]} if judge else None),
+                   "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_call"]} if judge else None),
         "judge_is_compared": judged_self,
         "validity": {k: v for k, v in validity_result.items() if k != "rows"} if validity_result else None,
     }

@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     t = judge.timing_summary()["grade"]
     print(f"scored {len(rows)} rows into {args.output} ({judge.info['model']}, {judge.info['dtype']}, "
-          f"{t['seconds_per_pass']} s per reply)")
+          f"{t['seconds_per_call']} s per reply)")
     return 0
 
 

@@ -244,8 +244,8 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
     if judge:
         t = judge.get("timing", {}).get("grade", {})
         parts.append(f"<p>Judge: <b>{html.escape(str(judge.get('model')))}</b> ({html.escape(str(judge.get('dtype')))} on "
-                     f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), {_fmt(t.get('seconds_per_pass'))} s of judge time per "
-                     f"reply over {t.get('passes')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>")
+                     f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), {_fmt(t.get('seconds_per_call'))} s of judge time per "
+                     f"reply over {t.get('calls')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>")
     rows = [[html.escape(n), _interval(r["overall"]), _interval(r["relevance"]), _interval(r["coherence"]),
              _interval(r["avg_len_words"], 1), r["avg_len_words"]["n"]] for n, r in m["response"].items()]
     parts += [_table(["model", "Overall /5", "Relevance /5", "Coherence /5", "Avg Len (words)", "n"], rows),
@@ -281,6 +281,10 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
         gw = sh["good_vs_wrong"]
         rows.append(["overall: good vs fluent-but-wrong", f"{100 * gw['share']:.0f}%", gw["n"],
                      "yes" if gw["share"] >= v["target"] else "no"])
+        if v.get("pairwise"):
+            p = v["pairwise"]
+            rows.append(["pairwise: good vs fluent-but-wrong (both orders agree)", f"{100 * p['share']:.0f}%", p["n"],
+                         "yes" if p["share"] >= v["target"] else "no"])
         tiers = v["tier_means"]
         parts += ["<h2>Score validity</h2>",
                   f"<p>The validity ladder ({v['prompts']} prompts, {v['replies']} replies of known rank: "

@@ -116,15 +116,28 @@ def tier_means(rows: Sequence[dict], scores: Sequence[dict], keys: Sequence[str]
     return out
 
 
-def run(score_fn: Callable[[list[dict]], list[dict]], path: Path = LADDER) -> dict:
-    """Score every ladder reply with ``score_fn(rows) -> [{score: value}]`` and measure validity."""
+def run(score_fn: Callable[[list[dict]], list[dict]], path: Path = LADDER,
+        pair_fn: Callable[[list[tuple[dict, dict]]], list[dict]] | None = None) -> dict:
+    """Score every ladder reply with ``score_fn(rows) -> [{score: value}]`` and measure validity;
+    with ``pair_fn(pairs) -> [{"verdict": "A" | "B" | "tie"}]`` also the pairwise verdicts on the
+    hard pair (good shown as A against fluent-but-wrong)."""
     rows = ladder(path)
     scores = score_fn(rows)
     shares = pair_shares(rows, scores)
     keys = sorted({k for s in scores for k, v in s.items() if isinstance(v, (int, float))})
-    return {"ladder": str(path), "prompts": len({r["id"] for r in rows}), "replies": len(rows), "target": TARGET,
-            "shares": shares, "tier_means": tier_means(rows, scores, keys),
-            "rows": [{**r, **{k: s[k] for k in keys if k in s}} for r, s in zip(rows, scores)]}
+    result = {"ladder": str(path), "prompts": len({r["id"] for r in rows}), "replies": len(rows), "target": TARGET,
+              "shares": shares, "tier_means": tier_means(rows, scores, keys),
+              "rows": [{**r, **{k: s[k] for k in keys if k in s}} for r, s in zip(rows, scores)]}
+    if pair_fn is not None:
+        by = {(r["id"], r["tier"]): r for r in rows}
+        pairs = [(by[(i, HARD_PAIR[0])], by[(i, HARD_PAIR[1])]) for i in dict.fromkeys(r["id"] for r in rows)]
+        verdicts = pair_fn(pairs)
+        n = len(verdicts)
+        result["pairwise"] = {"pair": " > ".join(HARD_PAIR), "n": n,
+                              "share": sum(v["verdict"] == "A" for v in verdicts) / n,
+                              "ties": sum(v["verdict"] == "tie" for v in verdicts),
+                              "share_preferred": sum(v["p_a"] > 0.5 for v in verdicts) / n}
+    return result
 
 
 def judge_scorer(judge) -> Callable[[list[dict]], list[dict]]:
@@ -136,6 +149,15 @@ def judge_scorer(judge) -> Callable[[list[dict]], list[dict]]:
     return score
 
 
+def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+    from tqdm.auto import tqdm
+
+    def compare(pairs):
+        return [judge.compare(a["prompt"], a["reply"], b["reply"]) for a, b in tqdm(pairs, desc="validity pairs")]
+
+    return compare
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import judge as J
 
@@ -144,14 +166,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--ladder", default=str(LADDER))
     ap.add_argument("--out")
+    ap.add_argument("--pairwise", action="store_true", help="also compare good vs fluent-but-wrong pairwise")
     args = ap.parse_args(argv)
     try:
         judge = J.LLMJudge(args.judge, dtype=args.dtype)
-        result = run(judge_scorer(judge), Path(args.ladder))
+        if Path(args.ladder).resolve() == LADDER.resolve():  # the evaluation's cache: computed once per judge
+            from .evaluation import validity_cached
+
+            result = validity_cached(judge, pairwise=args.pairwise)
+        else:
+            result = run(judge_scorer(judge), Path(args.ladder), judge_pairs(judge) if args.pairwise else None)
     except (LadderError, J.JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result["judge"] = {**judge.info, "timing": judge.timing_summary()}
+    result.setdefault("judge", {**judge.info, "timing": judge.timing_summary()})
     for score in ("relevance", "coherence", "overall"):
         s = result["shares"][score]
         print(f"{score:10s} {s['share']:.1%} of {s['n']} known-order pairs ranked right")
@@ -159,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"    {pair:22s} {v['share']:.0%} (n={v['n']})")
     gw = result["shares"]["good_vs_wrong"]
     print(f"good > fluent-but-wrong (overall): {gw['share']:.1%} (n={gw['n']})")
-    print(f"judge: {judge.info['model']} {judge.info['dtype']}, {judge.timing_summary()['grade']}")
+    if "pairwise" in result:
+        p = result["pairwise"]
+        print(f"good > fluent-but-wrong (pairwise, both orders agree): {p['share']:.1%} (n={p['n']}, ties {p['ties']})")
+    print(f"judge: {judge.info['model']} {judge.info['dtype']}, {result['judge']['timing']['grade']}")
     if args.out:
         from .io import write_json_atomically
 

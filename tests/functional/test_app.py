@@ -67,8 +67,15 @@ def test_validation_prompt_shows_reference_and_scores(app):
     at.button(key="generate").click().run()
     assert not at.exception, at.exception
     assert any(h.value == "Reference answer" for h in at.subheader)
+    # without the judge: the reference metrics only
+    assert list(at.dataframe[0].value.columns) == ["model", "words", "ROUGE-L", "similarity to reference"]
+    at.toggle(key="grade").set_value(True).run()
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
     table = at.dataframe[0].value
-    assert list(table.columns) == ["model", "ROUGE-L", "similarity", "relevance /5"] and len(table) == 2
+    assert list(table.columns) == ["model", "overall /5", "relevance /5", "coherence /5", "words", "ROUGE-L",
+                                   "similarity to reference"] and len(table) == 2
+    assert table["overall /5"].between(1, 5).all()
 
 
 def test_no_adapters_and_no_data(app, tmp_path):

@@ -18,7 +18,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     run = (reports / "latest").resolve()
     for name in ("01_data_prep.ipynb", "02_train_lora-smollm2-135m.ipynb", "03_evaluate.ipynb", "04_benchmark.ipynb",
                  "metrics.json", "report.html", "evaluation.json", "latency.json", "samples.jsonl",
-                 "figures/quality.png", "figures/latency.png", "figures/parameters.png",
+                 "figures/quality.png", "figures/categories.png", "figures/latency.png", "figures/parameters.png",
                  "figures/loss_curves-smollm2-135m.png", "cards/0_data_card.md", "cards/1_model_card-smollm2-135m.md"):
         assert (run / name).exists(), name
     assert (tmp_path / "models" / "quick" / "smollm2-135m-lora" / "final" / "adapter_model.safetensors").exists()
@@ -31,13 +31,18 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert m["latency"]["gpt2 (random weights) · fp32 base"]["label"] == "random weights: speed and size only"
     # table 2: response characteristics (Avg Len, Coherence, Relevance) with intervals, base and LoRA
     for name in ("smollm2-135m (base)", "smollm2-135m (LoRA)"):
-        for field in ("avg_len_words", "coherence", "relevance"):
+        for field in ("avg_len_words", "overall", "coherence", "relevance"):
             stats = m["response"][name][field]
             assert stats["n"] == 4 and stats["low"] <= stats["mean"] <= stats["high"]
     assert m["trainable_params"]["smollm2-135m"]["trainable"] == 460_800
     assert m["versions"]["transformers"] and m["evaluation_parameters"]["num_examples"] == 4
+    # the verdict of the one comparison, from the real judge
+    assert m["judge"]["model"] == "qwen2.5-coder-1.5b" and m["judge"]["seconds_per_reply"] > 0
+    assert len(m["verdicts"]) == 1 and m["verdicts"][0].startswith("smollm2-135m (LoRA) vs smollm2-135m (base): ")
+    assert m["pairwise"]["smollm2-135m (LoRA) vs smollm2-135m (base)"]["n"] == 4
     html = (run / "report.html").read_text()
-    assert "Latency" in html and "Response characteristics" in html and "Sample outputs" in html
+    assert html.index("Verdicts") < html.index("Latency")
+    assert "Response quality" in html and "Sample outputs" in html
 
     # a second start reuses every finished step
     assert pipeline.main(["--quick", "--config", str(cfg), "--reports-dir", str(reports)]) == 0

@@ -77,7 +77,7 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, m
         assert w["n"] == n and w["wins"] + w["ties"] + w["losses"] == n
         assert sum(c["n"] for c in w["by_category"].values()) == n
     assert len(res["verdicts"]) == 3 and all(v.split(":")[0] in pairs for v in res["verdicts"])
-    assert res["judge"]["dtype"] == "fp32" and res["judge"]["timing"]["pair"]["passes"] == 3 * n * 2
+    assert res["judge"]["dtype"] == "fp32" and res["judge"]["timing"]["pair"]["calls"] == 3 * n * 2
     assert res["variants"]["llama (LoRA)"]["trainable"]["trainable_params"] > 0
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == n
 

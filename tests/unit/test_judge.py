@@ -1,5 +1,5 @@
-"""The judge's machinery on a tiny random Llama (byte tokenizer, plain format): the shared-prefix
-cache gives the same probabilities as one full forward pass, grades are expectations over 1..5,
+"""The judge's machinery on a tiny random Llama (byte tokenizer, plain format): the cached prefix
+and chained answer lines give the same grades as full passes, grades are expectations over 1..5,
 and pairwise verdicts cancel position."""
 import pytest
 import torch
@@ -14,35 +14,54 @@ def tiny_judge(tmp_path_factory):
     return J.LLMJudge(str(path), dtype="fp32")
 
 
-def full_pass_probs(judge, prefix, body, question, option_ids):
-    """Reference: the same text in one forward pass, no cache."""
-    ids = prefix["ids"] + judge._encode(body) + judge._encode(question + prefix["tail"])
-    with torch.inference_mode():
-        logits = judge.model(input_ids=torch.tensor([ids])).logits[0, -1]
-    return torch.softmax(logits[list(option_ids)].float(), -1)
+def full_pass_grades(judge, prompt, reply):
+    """Reference: the whole conversation re-encoded and run from scratch for every line, no cache."""
+    ids = judge._grade_prefix["ids"] + judge._encode(J.reply_block(prompt, reply) + judge._grade_prefix["tail"]
+                                                     + f"{J.CRITERIA[0].capitalize()}: ")
+    out = {}
+    for k, c in enumerate(J.CRITERIA):
+        with torch.inference_mode():
+            logits = judge.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        probs = torch.softmax(logits[judge.grade_ids].float(), -1)
+        out[c] = float((probs * torch.arange(1, 6)).sum())
+        if k + 1 < len(J.CRITERIA):
+            ids = ids + judge._encode(f"{int(probs.argmax()) + 1}\n{J.CRITERIA[k + 1].capitalize()}: ")
+    return out
 
 
-def test_cached_prefix_and_batched_questions_equal_one_full_pass(tiny_judge):
-    body = J.reply_block("how are you?", "fine thanks, and you?", reference="good", note="be kind")
-    questions = [J.QUESTION[c] for c in J.CRITERIA]
-    probs, _ = tiny_judge._score_options(tiny_judge._grade_prefix, body, questions, tiny_judge.grade_ids, "grade")
-    for row, q in zip(probs, questions):
-        ref = full_pass_probs(tiny_judge, tiny_judge._grade_prefix, body, q, tiny_judge.grade_ids)
-        torch.testing.assert_close(row, ref, atol=1e-5, rtol=1e-4)
-    # the cached prefix is not changed by use: a second call gives the same answer
-    again, _ = tiny_judge._score_options(tiny_judge._grade_prefix, body, questions, tiny_judge.grade_ids, "grade")
-    torch.testing.assert_close(probs, again)
+def test_cached_prefix_and_chained_lines_equal_full_passes(tiny_judge):
+    got = tiny_judge.grade("how are you?", "fine thanks, and you?")
+    ref = full_pass_grades(tiny_judge, "how are you?", "fine thanks, and you?")
+    for c in J.CRITERIA:
+        assert got[c] == pytest.approx(ref[c], abs=1e-4)
+    # the cached prefix is not changed by use: the same reply grades the same the second time
+    again = tiny_judge.grade("how are you?", "fine thanks, and you?")
+    assert all(again[c] == pytest.approx(got[c], abs=1e-6) for c in J.CRITERIA)
 
 
 def test_grade_is_the_expectation_over_the_five_grades(tiny_judge):
-    g = tiny_judge.grade("say cat", "cat cat cat")
+    g = tiny_judge.grade("say cat", "cat cat cat", reference="cat", note="be brief")
     for c in J.CRITERIA:
         probs = g[f"{c}_probs"]
         assert sum(probs) == pytest.approx(1, abs=1e-3)
         assert g[c] == pytest.approx(sum((i + 1) * p for i, p in enumerate(probs)), abs=1e-3)
         assert 1 <= g[c] <= 5
     assert g["judge_seconds"] > 0
-    assert tiny_judge.timing_summary()["grade"]["passes"] >= 1
+    assert tiny_judge.timing_summary()["grade"]["calls"] >= 1
+
+
+def test_reference_and_note_reach_the_judge():
+    block = J.reply_block("q?", "a.", reference="the ref", note="be kind")
+    assert block.index("q?") < block.index("the ref") < block.index("be kind") < block.index("Answer: a.")
+    assert "Reference" not in J.reply_block("q?", "a.")
+
+
+def test_examples_are_on_prompts_outside_the_ladder_and_the_suite():
+    from utils import evaluation, validity
+
+    seen = {r["prompt"] for r in validity.ladder()} | {it["prompt"] for it in evaluation.load_domain_suite()}
+    assert not seen & {q for q, *_ in J.EXAMPLES}
+    assert all(1 <= g <= 5 for _, _, *grades in J.EXAMPLES for g in grades)
 
 
 def test_empty_reply_gets_one_without_asking(tiny_judge):
@@ -50,11 +69,6 @@ def test_empty_reply_gets_one_without_asking(tiny_judge):
     g = tiny_judge.grade("say cat", "   ")
     assert all(g[c] == 1.0 for c in J.CRITERIA)
     assert tiny_judge.timing["grade"].passes == before
-
-
-def test_unknown_criterion_is_refused(tiny_judge):
-    with pytest.raises(J.JudgeError, match="unknown criteria"):
-        tiny_judge.grade("q", "r", criteria=["helpfulness"])
 
 
 def test_pairwise_cancels_position(tiny_judge):
@@ -74,22 +88,28 @@ def test_verdict_needs_both_orders_to_agree(tiny_judge, monkeypatch):
     assert out["verdict"] == "tie" and out["p_a"] == pytest.approx(0.6)
 
 
-def test_int8_judge_stays_close_to_fp32(tmp_path):
+def test_bf16_judge_stays_close_to_fp32(tmp_path):
     path = save_tiny_model(tmp_path / "llama", "llama")
     fp32 = J.LLMJudge(str(path), dtype="fp32").grade("say cat", "cat cat")
-    int8 = J.LLMJudge(str(path), dtype="int8")
-    assert int8.dtype == "int8" and int8.info["dtype"] == "int8"
-    got = int8.grade("say cat", "cat cat")
+    bf16 = J.LLMJudge(str(path), dtype="bf16")
+    assert bf16.dtype == "bf16" and bf16.info["dtype"] == "bf16"
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    got = bf16.grade("say cat", "cat cat")
     for c in J.CRITERIA:
         assert got[c] == pytest.approx(fp32[c], abs=0.25)
 
 
+def test_fingerprint_changes_with_what_the_answers_depend_on(tiny_judge, monkeypatch):
+    before = tiny_judge.fingerprint()
+    monkeypatch.setattr(J, "SYSTEM", J.SYSTEM + " Be strict.")
+    assert tiny_judge.fingerprint() != before
+
+
 def test_dtype_choice_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert hardware.pick_dtype("auto", "inference") == "int8"
-    assert hardware.pick_dtype("auto", "training") == "fp32"
+    assert hardware.pick_dtype("auto", "judge") == "fp32"
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "avx512_bf16"}))
     assert hardware.pick_dtype("auto", "inference") == "bf16"
     assert hardware.pick_dtype("fp32") == "fp32"
-    with pytest.raises(ValueError, match="dtype='fp16'; expected one of"):
-        hardware.pick_dtype("fp16")
+    with pytest.raises(ValueError, match="dtype='fp16' for judge; expected one of"):
+        hardware.pick_dtype("fp16", "judge")

@@ -1,6 +1,7 @@
 """The SQLite rating store and the leaderboard maths against hand-computed values."""
 import sqlite3
 
+import numpy as np
 import pytest
 
 from utils import ratings
@@ -70,7 +71,20 @@ def test_agreement_spearman():
              for h, a in [(1, 1.2), (2, 2.5), (3, 2.9), (4, 4.4), (5, 4.1)]]
     agree = ratings.agreement(votes)
     assert agree["coherence"]["n"] == 5 and agree["coherence"]["spearman"] == pytest.approx(0.9)
-    assert agree["relevance"] == {"spearman": None, "p_value": None, "n": 0}
+    assert agree["coherence"]["low"] <= 0.9 <= agree["coherence"]["high"] <= 1
+    assert agree["relevance"] == {"spearman": None, "p_value": None, "n": 0, "low": None, "high": None}
+    assert ratings.agreement_text(agree) == (f"coherence: 0.90 [{agree['coherence']['low']:.2f}, "
+                                             f"{agree['coherence']['high']:.2f}] (n=5); relevance: not enough rated "
+                                             "replies (n=0)")
+
+
+def test_spearman_interval_narrows_with_n():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    y = x + rng.normal(size=400)
+    small, large = ratings.spearman_interval(x[:20], y[:20]), ratings.spearman_interval(x, y)
+    assert large[1] - large[0] < small[1] - small[0]
+    assert large[0] < 0.69 < large[1]  # rho of x and x + noise with equal variances: 6/pi * asin(1/(2*sqrt(2)))
 
 
 def test_report_includes_agreement_once_ratings_exist(tmp_path):

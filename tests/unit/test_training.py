@@ -188,12 +188,12 @@ def test_tinyllama_architecture_has_the_published_size():
 
 
 def test_unknown_model_lists_presets():
-    with pytest.raises(models.ModelError, match=r"unknown model 'gpt-5'; presets: \['gemma3-270m', 'gpt2', 'smollm2-135m', 'tinyllama'\]"):
+    with pytest.raises(models.ModelError, match=r"unknown model 'gpt-5'; presets: \['gemma3-270m', 'gpt2', 'qwen2.5-coder-1.5b', 'smollm2-135m', 'tinyllama'\]"):
         models.resolve("gpt-5")
 
 
 def test_unreachable_hub_model_names_offline_presets():
-    with pytest.raises(models.ModelError, match=r"cannot load 'openai-community/gpt2'.*Offline presets: \['gemma3-270m', 'smollm2-135m'\]"):
+    with pytest.raises(models.ModelError, match=r"cannot load 'openai-community/gpt2'.*Offline presets: \['gemma3-270m', 'qwen2.5-coder-1.5b', 'smollm2-135m'\]"):
         models.load_model("gpt2")
 
 
