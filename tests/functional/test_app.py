@@ -123,12 +123,15 @@ def test_reports_page_lists_runs(app, tmp_path):
     (run / "metrics.json").write_text(json.dumps({
         "latency": {"m · fp32 base": {"avg_s": 1.0, "median_s": 0.9, "ci_low": 0.8, "ci_high": 1.2, "n": 6,
                                       "roofline_fraction": 0.5}},
-        "response": {"m (LoRA)": {"avg_len_words": ci, "coherence": ci, "relevance": ci}},
+        "response": {"m (LoRA)": {"avg_len_words": ci, "overall": ci, "coherence": ci, "relevance": ci}},
+        "verdicts": ["m (LoRA) vs m (base): the judge prefers m (LoRA)."],
         "trainable_params": {"m": {"trainable": 10, "total": 1000, "percent": 1.0}}}))
     at = app(reports_dir=tmp_path / "reports")
     at.sidebar.radio(key="page").set_value("Reports").run()
     assert not at.exception, at.exception
-    assert [h.value for h in at.subheader] == ["Latency", "Response characteristics", "Trainable parameters"]
+    assert [h.value for h in at.subheader] == ["Latency", "Response quality", "Trainable parameters"]
+    assert "the judge prefers m (LoRA)" in " ".join(m.value for m in at.markdown)
+    assert at.dataframe[1].value["Overall /5"][0] == "3.00 [2.50, 3.50]"
 
 
 def test_concurrent_sessions_match_sequential_outputs(world):
