@@ -6,7 +6,8 @@ import pytest
 
 from utils import evaluation, judge as J, metrics, validity
 
-pytestmark = pytest.mark.slow
+# scoring the whole ladder takes about 20 minutes on 2 AVX2 cores (fp32): more than the default per-test limit
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 @pytest.fixture(scope="module")
