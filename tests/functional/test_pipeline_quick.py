@@ -6,7 +6,8 @@ import pytest
 
 from utils import pipeline
 
-pytestmark = pytest.mark.slow
+# the whole pipeline with the 1.5B judge: more than the default per-test limit when the machine is busy
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_quick_pipeline_end_to_end(tmp_path):
