@@ -105,7 +105,7 @@ def pair_block(prompt: str, first: str, second: str, note: str | None = None) ->
 
 @dataclass
 class Timing:
-    passes: int = 0
+    calls: int = 0
     seconds: float = 0.0
     tokens: int = 0
 
@@ -229,7 +229,7 @@ class LLMJudge:
     def _account(self, kind: str, start: float, tokens: int) -> float:
         seconds = time.perf_counter() - start
         timing = self.timing[kind]
-        timing.passes += 1
+        timing.calls += 1
         timing.seconds += seconds
         timing.tokens += tokens
         return seconds
@@ -238,9 +238,9 @@ class LLMJudge:
         """Judge time per graded reply and per pairwise order, and tokens fed per call."""
         out = {}
         for kind, t in self.timing.items():
-            out[kind] = {"calls": t.passes, "seconds": round(t.seconds, 2),
-                         "seconds_per_call": round(t.seconds / t.passes, 3) if t.passes else None,
-                         "tokens_per_call": round(t.tokens / t.passes, 1) if t.passes else None}
+            out[kind] = {"calls": t.calls, "seconds": round(t.seconds, 2),
+                         "seconds_per_call": round(t.seconds / t.calls, 3) if t.calls else None,
+                         "tokens_per_call": round(t.tokens / t.calls, 1) if t.calls else None}
         return out
 
     def fingerprint(self) -> str:

@@ -65,10 +65,10 @@ def test_examples_are_on_prompts_outside_the_ladder_and_the_suite():
 
 
 def test_empty_reply_gets_one_without_asking(tiny_judge):
-    before = tiny_judge.timing["grade"].passes
+    before = tiny_judge.timing["grade"].calls
     g = tiny_judge.grade("say cat", "   ")
     assert all(g[c] == 1.0 for c in J.CRITERIA)
-    assert tiny_judge.timing["grade"].passes == before
+    assert tiny_judge.timing["grade"].calls == before
 
 
 def test_pairwise_cancels_position(tiny_judge):
