@@ -318,12 +318,9 @@ def pairwise_summary(verdicts: Sequence[dict], seed: int) -> dict:
     """Win rate of A (ties half) with a bootstrap interval, wins/ties/losses, and the mean preference."""
     if not verdicts:
         return {"n": 0, "win_rate": None, "low": None, "high": None, "wins": 0, "ties": 0, "losses": 0}
-    outcome = [1.0 if v["verdict"] == "A" else 0.0 if v["verdict"] == "B" else 0.5 for v in verdicts]
-    ci = metrics.bootstrap_ci(outcome, seed=seed)
-    pref = metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)
-    return {"n": ci["n"], "win_rate": ci["mean"], "low": ci["low"], "high": ci["high"],
-            "wins": sum(o == 1.0 for o in outcome), "ties": sum(o == 0.5 for o in outcome),
-            "losses": sum(o == 0.0 for o in outcome), "mean_preference": pref}
+    a = [1.0 if v["verdict"] == "A" else 0.0 if v["verdict"] == "B" else 0.5 for v in verdicts]
+    return {**metrics.win_rate(a, [1.0 - x for x in a], seed=seed),
+            "mean_preference": metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)}
 
 
 def _signed(d: dict) -> str:

@@ -12,7 +12,6 @@ the score cannot tell them apart.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
