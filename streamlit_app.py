@@ -42,7 +42,7 @@ def embedder() -> metrics.Embedder:
 
 @st.cache_resource(show_spinner=False)
 def judge() -> J.LLMJudge | None:
-    """The same judge as the evaluation (loaded on first use: ~2 GB of memory once loaded)."""
+    """The same judge as the evaluation, loaded on first use (Qwen2.5-Coder-1.5B: about 7 GB in fp32, 3.5 GB in bf16)."""
     return None if JUDGE.lower() == "none" else J.LLMJudge(JUDGE)
 
 
