@@ -1,20 +1,29 @@
 """LLM-as-judge: rubric grades and pairwise verdicts from a local instruct model (default:
 Qwen2.5-Coder-1.5B-Instruct, preset ``qwen2.5-coder-1.5b``).
 
-Grades (G-Eval style, no sampling). The judge's instructions define the three criteria and show
-ten graded examples (``EXAMPLES``: our own, on prompts that are in neither the validity ladder
-nor the domain suite) as earlier turns of the conversation; that prefix is computed once and its
-key/value cache reused for every reply. Then come the user's message, an optional reference
-answer and category note, and the reply; the judge's answer is read line by line in the format
-the examples taught it ("Relevance: n", "Overall: n", "Coherence: n"): each grade is the
-expected value of 1..5 under the judge's next-token probabilities of the digits "1".."5"
-(renormalised over those five), and the most likely digit is written before the next line is
-read, as if the judge had written it. One pass over the reply plus two passes of a few tokens.
+Grades (G-Eval style, no sampling), two passes per reply:
+
+1. Coherence, on the reply alone. The judge sees only the text (no question) after instructions
+   and eight graded texts of our own, and grades whether it is well-formed, whatever it says.
+   Shown the question too, the judge read a reply's words for their topic and called word salad
+   made of on-topic words coherent (4.7 of 5 on the ladder's shuffled tier, whatever the rubric
+   or examples said); without the question it grades the form.
+2. Relevance and overall, with the question. The instructions define the criteria and ten graded
+   examples (``EXAMPLES``) form earlier turns of the conversation; the user's message, an optional
+   reference answer and category note, and the reply follow. The judge's answer is read line by
+   line in the format the examples taught it: "Coherence: n" is written with the coherence pass's
+   most likely grade (so the judge grades relevance and overall knowing the text is broken), then
+   "Relevance: n" and "Overall: n" are read, the most likely digit written before the next line.
+
+Each grade is the expected value of 1..5 under the judge's next-token probabilities of the
+digits "1".."5" (renormalised over those five). Both passes start from a constant prefix whose
+key/value cache is computed once and reused for every reply.
 
 Why this design: on the validity ladder it was the best of the variants we measured (one rubric
-per pass, rubric after the reply, task-first quoted framing, yes/no questions); the judge asked
-in free form calls word salad "well-written" and "Sydney is the capital of Australia" correct,
-so examples of what a 1 looks like matter more than rubric wording.
+per pass, rubric after the reply, task-first quoted framing, yes/no questions, other line orders,
+more examples of scrambled text in the shared rubric); the judge asked in free form calls word
+salad "well-written" and "Sydney is the capital of Australia" correct, so examples of what a 1
+looks like matter more than rubric wording.
 
 Pairwise verdicts (as MT-bench does): the judge sees both replies and says which is better
 ("A" or "B"), in both orders. ``p_a`` is the mean over the two orders of the probability that
@@ -35,7 +44,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
-CRITERIA = ("relevance", "overall", "coherence")  # the order the judge answers in
+CRITERIA = ("coherence", "relevance", "overall")  # the order of the answer lines
 
 SYSTEM = """You grade an AI assistant's answers from 1 to 5 on three criteria.
 Relevance: does it answer what was asked? Dodging, repeating the question, or talking about the topic or something else without answering gets 1.
@@ -44,6 +53,7 @@ Coherence: is it clear, well-formed text, whatever it says? Scrambled words, bro
 
 # (question, answer, relevance, overall, coherence): written for this judge, on topics that are
 # in neither data/eval/validity_ladder.yaml nor data/eval/domain_suite.yaml.
+GRADED = ("relevance", "overall", "coherence")  # the order of the grades in EXAMPLES
 EXAMPLES = [
     ("How do I make rice less sticky?",
      "Rinse the rice in cold water until the water runs clear, to wash off the loose starch. Use the right amount "
@@ -67,6 +77,29 @@ EXAMPLES = [
     ("I'm nervous about my first day at a new job.",
      "That's completely normal, and it shows you care. Plan your route and outfit the night before, arrive a little "
      "early, and don't be afraid to ask questions: nobody expects you to know everything on day one.", 5, 5, 5),
+]
+
+COHERENCE_SYSTEM = ("You check whether a text is well-formed English, whatever it says: true or false, good advice "
+                    "or bad, short or long. 5: clear, grammatical sentences (a short phrase that makes sense is "
+                    "fine). 3: understandable but clumsy or broken in places. 1: scrambled word order, broken "
+                    "sentences, or the same words looping.")
+_FLIES = ("Take away what attracts them: throw out overripe fruit, empty the bin and rinse bottles and jars before "
+          "recycling. Then set a trap: a small glass of cider vinegar with a drop of washing-up liquid, covered "
+          "with cling film poked with a few holes. Most of the flies are gone within a few days.")
+# (text, coherence): our own texts; the 1s are our texts with their words shuffled or looped.
+COHERENCE_EXAMPLES = [
+    (_FLIES, 5),
+    ("drop with attracts Then washing-up before vinegar trap: overripe the of rinse out bin poked days. within small "
+     "of away recycling. throw what a few gone of the cider Most set holes. empty glass with a a and bottles covered "
+     "jars flies Take are them: few with a film a fruit, liquid, cling and", 1),
+    ("Oatmeal with fruit.", 5),
+    ("Keep it between about 20% Keep it between about 20% Keep it between about 20% Keep it between about", 1),
+    ("Toothbrushes work better the older they get, because worn bristles are softer on your gums, so there is no "
+     "need to replace one for several years.", 5),
+    ("and pillow, 20% it An under charging if charge phone the between occasional in fine. use the and of it 80% "
+     "Keep charging or full car leaving your optimised one. avoid most time, about a setting it hot", 1),
+    ("That's a really interesting question, and there are many different ways to look at it.", 5),
+    ("you the rice cold rinse water in until clear", 1),
 ]
 
 PAIR_SYSTEM = ("You compare two replies written by AI assistants to the same user message and decide which is the "
@@ -130,6 +163,7 @@ class LLMJudge:
         self.grade_ids = [self._single_token(str(g)) for g in range(1, 6)]
         self.letter_ids = [self._single_token(c) for c in "AB"]
         self._grade_prefix = self._prefix(self.grade_messages())
+        self._coherence_prefix = self._prefix(self.coherence_messages())
         self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
         self.timing = {"grade": Timing(), "pair": Timing()}
 
@@ -171,8 +205,17 @@ class LLMJudge:
     def grade_messages() -> list[dict]:
         msgs = [{"role": "system", "content": SYSTEM}]
         for q, a, *grades in EXAMPLES:
+            by = dict(zip(GRADED, grades))
             msgs += [{"role": "user", "content": reply_block(q, a)},
-                     {"role": "assistant", "content": "\n".join(f"{c.capitalize()}: {g}" for c, g in zip(CRITERIA, grades))}]
+                     {"role": "assistant", "content": "\n".join(f"{c.capitalize()}: {by[c]}" for c in CRITERIA)}]
+        return msgs
+
+    @staticmethod
+    def coherence_messages() -> list[dict]:
+        msgs = [{"role": "system", "content": COHERENCE_SYSTEM}]
+        for text, g in COHERENCE_EXAMPLES:
+            msgs += [{"role": "user", "content": f"Text: {_clip(text, MAX_REPLY_CHARS)}"},
+                     {"role": "assistant", "content": f"Grade: {g}"}]
         return msgs
 
     # ------------------------------------------------------------------ the forward passes
@@ -193,17 +236,26 @@ class LLMJudge:
             return {**{c: 1.0 for c in CRITERIA}, "judge_seconds": 0.0,
                     **{f"{c}_probs": [1.0, 0.0, 0.0, 0.0, 0.0] for c in CRITERIA}}
         start = time.perf_counter()
-        prefix = self._grade_prefix
-        cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(reply_block(prompt, reply, reference, note) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
         out, tokens = {}, 0
-        for k, criterion in enumerate(CRITERIA):
+
+        def read(criterion: str, feed: list[int], cache) -> int:
+            nonlocal tokens
             tokens += len(feed)
             probs = self._step(feed, cache, self.grade_ids)
             out[criterion] = float((probs * torch.arange(1, 6)).sum())
             out[f"{criterion}_probs"] = [round(float(p), 4) for p in probs]
-            if k + 1 < len(CRITERIA):  # the judge "writes" its most likely grade, then the next line starts
-                feed = self._encode(f"{int(probs.argmax()) + 1}\n{CRITERIA[k + 1].capitalize()}: ")
+            return int(probs.argmax()) + 1  # the grade the judge "writes" before the next line
+
+        prefix = self._coherence_prefix
+        written = read("coherence", self._encode(f"Text: {_clip(reply, MAX_REPLY_CHARS)}" + prefix["tail"] + "Grade: "),
+                       copy.deepcopy(prefix["cache"]))
+        prefix = self._grade_prefix
+        cache = copy.deepcopy(prefix["cache"])
+        feed = self._encode(reply_block(prompt, reply, reference, note) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
+        for criterion in CRITERIA[1:]:
+            feed += self._encode(f"{written}\n{criterion.capitalize()}: ")
+            written = read(criterion, feed, cache)
+            feed = []
         out["judge_seconds"] = self._account("grade", start, tokens)
         return out
 
@@ -249,7 +301,8 @@ class LLMJudge:
         import json
 
         src = json.dumps([self.info.get("gguf_sha256") or self.info.get("weights"), self.dtype, SYSTEM, EXAMPLES,
-                          CRITERIA, PAIR_SYSTEM, PAIR_QUESTION, self.fmt], sort_keys=True)
+                          CRITERIA, COHERENCE_SYSTEM, COHERENCE_EXAMPLES, PAIR_SYSTEM, PAIR_QUESTION, self.fmt],
+                         sort_keys=True)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 

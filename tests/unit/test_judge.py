@@ -15,17 +15,21 @@ def tiny_judge(tmp_path_factory):
 
 
 def full_pass_grades(judge, prompt, reply):
-    """Reference: the whole conversation re-encoded and run from scratch for every line, no cache."""
-    ids = judge._grade_prefix["ids"] + judge._encode(J.reply_block(prompt, reply) + judge._grade_prefix["tail"]
-                                                     + f"{J.CRITERIA[0].capitalize()}: ")
-    out = {}
-    for k, c in enumerate(J.CRITERIA):
+    """Reference: each conversation re-encoded and run from scratch for every line, no cache."""
+    def read(ids):
         with torch.inference_mode():
             logits = judge.model(input_ids=torch.tensor([ids])).logits[0, -1]
         probs = torch.softmax(logits[judge.grade_ids].float(), -1)
-        out[c] = float((probs * torch.arange(1, 6)).sum())
-        if k + 1 < len(J.CRITERIA):
-            ids = ids + judge._encode(f"{int(probs.argmax()) + 1}\n{J.CRITERIA[k + 1].capitalize()}: ")
+        return float((probs * torch.arange(1, 6)).sum()), int(probs.argmax()) + 1
+
+    coh = judge._coherence_prefix
+    out = {}
+    out["coherence"], written = read(coh["ids"] + judge._encode(f"Text: {reply}" + coh["tail"] + "Grade: "))
+    ids = judge._grade_prefix["ids"] + judge._encode(J.reply_block(prompt, reply) + judge._grade_prefix["tail"]
+                                                     + "Coherence: ")
+    for c in ("relevance", "overall"):
+        ids = ids + judge._encode(f"{written}\n{c.capitalize()}: ")
+        out[c], written = read(ids)
     return out
 
 
@@ -34,6 +38,7 @@ def test_cached_prefix_and_chained_lines_equal_full_passes(tiny_judge):
     ref = full_pass_grades(tiny_judge, "how are you?", "fine thanks, and you?")
     for c in J.CRITERIA:
         assert got[c] == pytest.approx(ref[c], abs=1e-4)
+    assert set(ref) == set(J.CRITERIA)
     # the cached prefix is not changed by use: the same reply grades the same the second time
     again = tiny_judge.grade("how are you?", "fine thanks, and you?")
     assert all(again[c] == pytest.approx(got[c], abs=1e-6) for c in J.CRITERIA)
@@ -62,6 +67,10 @@ def test_examples_are_on_prompts_outside_the_ladder_and_the_suite():
     seen = {r["prompt"] for r in validity.ladder()} | {it["prompt"] for it in evaluation.load_domain_suite()}
     assert not seen & {q for q, *_ in J.EXAMPLES}
     assert all(1 <= g <= 5 for _, _, *grades in J.EXAMPLES for g in grades)
+    # the coherence pass's examples: none is a ladder or suite reply (nor those replies' words rearranged)
+    words = {tuple(sorted(r["reply"].split())) for r in validity.ladder() if r["reply"]}
+    assert not words & {tuple(sorted(t.split())) for t, _ in J.COHERENCE_EXAMPLES}
+    assert {g for _, g in J.COHERENCE_EXAMPLES} == {1, 5}
 
 
 def test_empty_reply_gets_one_without_asking(tiny_judge):
@@ -113,3 +122,10 @@ def test_dtype_choice_follows_the_cpu(monkeypatch):
     assert hardware.pick_dtype("fp32") == "fp32"
     with pytest.raises(ValueError, match="dtype='fp16' for judge; expected one of"):
         hardware.pick_dtype("fp16", "judge")
+
+
+def test_coherence_is_graded_on_the_reply_alone(tiny_judge):
+    a = tiny_judge.grade("say cat", "cat cat cat")
+    b = tiny_judge.grade("tell me about the weather in a long sentence", "cat cat cat", reference="sunny")
+    assert a["coherence"] == b["coherence"] and a["coherence_probs"] == b["coherence_probs"]
+    assert (a["relevance"], a["overall"]) != (b["relevance"], b["overall"])  # the question reaches the other two
