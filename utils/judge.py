@@ -80,9 +80,9 @@ EXAMPLES = [
 ]
 
 COHERENCE_SYSTEM = ("You check whether a text is well-formed English, whatever it says: true or false, good advice "
-                    "or bad, short or long. 5: clear, grammatical sentences (a short phrase that makes sense is "
-                    "fine). 3: understandable but clumsy or broken in places. 1: scrambled word order, broken "
-                    "sentences, or the same words looping.")
+                    "or bad, short or long. 5: clear text, in full sentences or as a short phrase that reads "
+                    "naturally as an answer. 3: understandable but clumsy or broken in places. 1: scrambled word "
+                    "order, broken sentences, or the same words looping.")
 _FLIES = ("Take away what attracts them: throw out overripe fruit, empty the bin and rinse bottles and jars before "
           "recycling. Then set a trap: a small glass of cider vinegar with a drop of washing-up liquid, covered "
           "with cling film poked with a few holes. Most of the flies are gone within a few days.")
@@ -100,6 +100,9 @@ COHERENCE_EXAMPLES = [
      "Keep charging or full car leaving your optimised one. avoid most time, about a setting it hot", 1),
     ("That's a really interesting question, and there are many different ways to look at it.", 5),
     ("you the rice cold rinse water in until clear", 1),
+    ("Probably a loose connection in the plug.", 5),
+    ("About forty minutes at 180 degrees.", 5),
+    ("Salt, pepper and a squeeze of lemon.", 5),
 ]
 
 PAIR_SYSTEM = ("You compare two replies written by AI assistants to the same user message and decide which is the "
