@@ -20,6 +20,7 @@ import streamlit as st
 
 from utils import judge as J
 from utils import metrics, ratings, safety, serving
+from utils.benchmark import share_text
 from utils.data import read_jsonl
 from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
 
@@ -261,7 +262,7 @@ def reports_page():
         st.subheader("Latency")
         st.dataframe(pd.DataFrame([{"model · variant": k, "Avg (s)": round(v["avg_s"], 3), "Median (s)": round(v["median_s"], 3),
                                     "95% CI": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]", "n": v["n"],
-                                    "of roofline": f"{100 * v['roofline_fraction']:.0f}%"}
+                                    "of roofline": share_text(v.get("roofline_fraction"))}
                                    for k, v in m["latency"].items()]), hide_index=True)
     if "response" in m:
         st.subheader("Response quality")

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import yaml
 
-from . import chat, generation, judge as J, metrics, models, safety
+from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
 from .paths import DATA_DIR, MODELS_DIR, from_root
@@ -47,6 +47,7 @@ class EvalConfig:
     num_examples: int = 40  # prompts sampled from the test split
     max_new_tokens: int = 64
     batch_size: int = 8
+    dtype: str = "auto"  # the compared models' generation dtype: bf16 where the CPU has it natively, else fp32
     seed: int = 42
     report_dir: str | None = None
     judge_model: str | None = J.DEFAULT_JUDGE
@@ -131,10 +132,14 @@ def variants(model: str, models_dir: Path) -> list[dict]:
     return out
 
 
-def _load(variant: dict):
-    if variant["kind"] == "base":
-        return models.load_model(variant["model"])
-    return models.load_finetuned(variant["adapter"], merge=True)
+def _load(variant: dict, dtype: str = "fp32"):
+    import torch
+
+    loaded = (models.load_model(variant["model"]) if variant["kind"] == "base"
+              else models.load_finetuned(variant["adapter"], merge=True))
+    if dtype == "bf16":
+        loaded.model.to(torch.bfloat16)
+    return loaded
 
 
 def eval_items(cfg: EvalConfig) -> list[dict]:
@@ -202,6 +207,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if not cfg.models:
         raise EvaluationError("models is empty; expected at least one preset, folder or hub id")
     judged_self = check_judge(cfg)
+    try:
+        dtype = hardware.pick_dtype(cfg.dtype, "generation", allowed=("auto", "fp32", "bf16"))
+    except ValueError as err:
+        raise EvaluationError(str(err)) from err
     items = eval_items(cfg)
     data_dir = from_root(cfg.data_dir)
     loss_path = data_dir / "validation.jsonl"
@@ -218,14 +227,14 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     replies: dict[str, list[generation.Generated]] = {}
     info: dict[str, dict] = {}
     for variant in tqdm(all_variants, desc="models"):
-        loaded = _load(variant)
+        loaded = _load(variant, dtype)
         fmt = chat.chat_format(loaded.spec, loaded.tokenizer)
         start = time.perf_counter()
         replies[variant["name"]] = generation.generate_batch(
             loaded.model, loaded.tokenizer, histories, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         gen_seconds = time.perf_counter() - start
         held = heldout_loss(loaded.model, loaded.tokenizer, fmt, loss_rows, batch_size=cfg.batch_size) if loss_rows else None
-        info[variant["name"]] = {**variant, "chat_format": fmt, "generation_seconds": round(gen_seconds, 2),
+        info[variant["name"]] = {**variant, "chat_format": fmt, "dtype": dtype, "generation_seconds": round(gen_seconds, 2),
                                  "total_params": loaded.info["total_params"], "heldout": held,
                                  "random_init": loaded.info.get("random_init", False)}
         if variant["kind"] == "lora":
@@ -287,6 +296,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "grade_differences": grade_differences,
         "verdicts": verdict_sentences(pairs, pairwise, grade_differences),
         "scores_explained": metrics.__doc__,
+        "dtype": dtype,
+        "dtype_probe": hardware.dtype_probe(),
         "judge_model": cfg.judge_model,
         "judge": ({**judge.info, "timing": judge.timing_summary(),
                    "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_call"]} if judge else None),

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
+from .benchmark import share_text
 from .io import write_json_atomically, write_text_atomically
 
 
@@ -86,13 +87,16 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         out["judge"] = evaluation.get("judge")
         out["judge_is_compared"] = evaluation.get("judge_is_compared", [])
         out["validity"] = evaluation.get("validity")
+        out["dtype"] = evaluation.get("dtype")
+        out["dtype_probe"] = evaluation.get("dtype_probe")
 
     out["human_ratings"] = human_agreement(ratings_db)
 
     out["trainable_params"] = {m: {"trainable": r["trainable_params"], "total": r["total_params"],
                                    "percent": r["trainable_percent"], "load_in_8bit": r["load_in_8bit"],
                                    "random_init": r["random_init"], "train_tokens_per_s": r["train_tokens_per_s"],
-                                   "best_eval_loss": r["best_eval_loss"], "global_step": r["global_step"]}
+                                   "best_eval_loss": r["best_eval_loss"], "global_step": r["global_step"],
+                                   "dtype": r.get("dtype", "fp32")}
                                for m, r in runs.items()}
     versions = next(iter(runs.values()), {}).get("versions")
     if versions is None:
@@ -164,7 +168,7 @@ def render_html(m: dict, run_dir: Path) -> str:
     if "latency" in m:
         rows = [[html.escape(k), _fmt(v["avg_s"]), _fmt(v["median_s"]), _fmt(v["p95_s"]),
                  f"<span class=ci>[{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]</span>", v["n"], _fmt(v["ttft_s"]),
-                 _fmt(v["decode_tokens_per_s"], 1), f"{100 * v['roofline_fraction']:.0f}%"]
+                 _fmt(v["decode_tokens_per_s"], 1), share_text(v['roofline_fraction'])]
                 for k, v in m["latency"].items()]
         parts += ["<h2>Latency</h2>",
                   f"<p>Greedy generation of exactly {m['benchmark_method']['new_tokens']} new tokens at batch 1 "
@@ -178,7 +182,7 @@ def render_html(m: dict, run_dir: Path) -> str:
                          f"TinyLlama-1.1B is <b>{ratio:.1f}x</b> slower than GPT-2 124M per response "
                          "(the original write-up reported ~1.7x on its hardware).</p>")
         if m.get("benchmark_checks"):
-            rows = [[html.escape(k), f"{100 * c['merged_roofline_fraction']:.0f}%",
+            rows = [[html.escape(k), share_text(c['merged_roofline_fraction']),
                      f"{100 * (c['merged_vs_base_latency'] - 1):+.1f}%", f"{100 * c['unmerged_overhead']:+.1f}%",
                      "yes" if c["target_merged_at_least_half_of_bound"] else "no",
                      "yes" if c["target_merged_within_5pct_of_base"] else "no"]
@@ -187,7 +191,7 @@ def render_html(m: dict, run_dir: Path) -> str:
                                                   "unmerged LoRA overhead", "merged >= 50% of bound", "merged within 5% of base"], rows)]
         if m.get("latency_batched"):
             rows = [[f"{r['model']} · {r['variant']}", r["batch"], _fmt(r["latency_mean_s"]),
-                     _fmt(r["decode_tokens_per_s"], 1), f"{100 * r['roofline_fraction']:.0f}%"] for r in m["latency_batched"]]
+                     _fmt(r["decode_tokens_per_s"], 1), share_text(r['roofline_fraction'])] for r in m["latency_batched"]]
             parts += ["<h3>Batched generation</h3>", _table(["model · variant", "batch", "Avg (s)", "decode tok/s (all rows)",
                                                              "of roofline (per step)"], rows)]
         parts.append(_img(figs / "latency.png", "Latency per model and variant"))
@@ -246,6 +250,11 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
         parts.append(f"<p>Judge: <b>{html.escape(str(judge.get('model')))}</b> ({html.escape(str(judge.get('dtype')))} on "
                      f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), {_fmt(t.get('seconds_per_call'))} s of judge time per "
                      f"reply over {t.get('calls')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>")
+    if m.get("dtype_probe"):
+        probe = m["dtype_probe"]
+        rates = ", ".join(f"{k} {v}" for k, v in probe.get("matmul_gflops", {}).items())
+        parts.append(f"<p>Replies generated in <b>{html.escape(str(m.get('dtype')))}</b> (native bf16 on this CPU: "
+                     f"{probe.get('native_bf16')}; matmul probe, GFLOP/s: {html.escape(rates)}).</p>")
     rows = [[html.escape(n), _interval(r["overall"]), _interval(r["relevance"]), _interval(r["coherence"]),
              _interval(r["avg_len_words"], 1), r["avg_len_words"]["n"]] for n, r in m["response"].items()]
     parts += [_table(["model", "Overall /5", "Relevance /5", "Coherence /5", "Avg Len (words)", "n"], rows),

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import chat, models
+from . import chat, hardware, models
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import from_root
 
@@ -26,6 +26,9 @@ RUN_SCHEMA = 1
 
 class TrainingError(ValueError):
     pass
+
+
+TRAIN_DTYPES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -54,6 +57,8 @@ class TrainConfig:
     early_stopping_patience: int = 3
     padding: str = "dynamic"  # "dynamic" (length-grouped batches) or "max_length" (the tutorial recipe)
     gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~30% slower
+    dtype: str = "auto"  # compute dtype: "bf16" autocast (fp32 LoRA weights and optimizer state), "fp32", or "auto":
+    # bf16 where the CPU multiplies bf16 natively (AMX / AVX-512-BF16), fp32 elsewhere (see utils.hardware)
     max_train_examples: int | None = None  # cut the data for smoke runs
     max_eval_examples: int | None = None
     logging_steps: int = 5
@@ -78,6 +83,7 @@ class TrainConfig:
              "(the best adapter is chosen among evaluated checkpoints)")
         need(self.learning_rate is None or self.learning_rate > 0, f"learning_rate={self.learning_rate!r}; expected > 0")
         need(self.padding in ("dynamic", "max_length"), f"padding={self.padding!r}; expected 'dynamic' or 'max_length'")
+        need(self.dtype in TRAIN_DTYPES, f"dtype={self.dtype!r}; expected one of {list(TRAIN_DTYPES)}")
 
 
 # --------------------------------------------------------------------------- data
@@ -439,7 +445,11 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         f"parameters ({params['trainable_percent']:.3f}%)")
 
     use_cpu = not torch.cuda.is_available()
+    dtype = hardware.pick_dtype(cfg.dtype, "training", allowed=TRAIN_DTYPES)
+    log(f"compute dtype: {dtype} ({'bf16 autocast, fp32 LoRA weights and optimizer state' if dtype == 'bf16' else 'fp32'}"
+        f"; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
     args = TrainingArguments(
+        bf16=dtype == "bf16",  # autocast: matmuls in bf16, the trained weights and Adam's state stay fp32
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -532,6 +542,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "peak_rss_before_model_mb": round(rss_before, 1),
         "device": "cpu" if use_cpu else "cuda",
+        "dtype": dtype,
+        "dtype_probe": hardware.dtype_probe(),
         "world_size": args.world_size,  # training processes; token counts above are summed over them
         "checkpointing_active": bool(getattr(loaded.model, "is_activation_checkpointing",
                                              getattr(loaded.model, "is_gradient_checkpointing", False))),

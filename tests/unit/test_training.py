@@ -212,6 +212,7 @@ def test_missing_processed_data_names_the_notebook(tiny, tmp_path):
     ({"lora_dropout": 1.0}, r"lora_dropout=1.0; expected 0 <= dropout < 1"),
     ({"save_steps": 3, "eval_steps": 2}, r"save_steps=3 must be a multiple of eval_steps=2"),
     ({"max_seq_len": 4}, r"max_seq_len=4; expected >= 8"),
+    ({"dtype": "fp16"}, r"dtype='fp16'; expected one of \['auto', 'fp32', 'bf16'\]"),
 ])
 def test_impossible_settings_refused_before_work(tiny, tmp_path, kw, message):
     with pytest.raises(TrainingError, match=message):
@@ -366,3 +367,30 @@ def test_8bit_model_lets_go_of_the_fp32_weights_file(tiny, tmp_path, monkeypatch
     assert loaded.info["load_in_8bit"]
     mapped = str(folder / "model.safetensors") in Path("/proc/self/maps").read_text()
     assert mapped is not detach
+
+
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["fp32-base", "8bit-base"])
+def test_bf16_autocast_trains_fp32_lora_weights_to_the_same_loss(tiny, tmp_path, eight_bit):
+    fp32 = training.train(_cfg(tiny, "llama", tmp_path / "fp32", max_steps=8, eval_steps=4, save_steps=4, dtype="fp32",
+                               load_in_8bit=eight_bit), log=lambda *a: None)
+    bf16 = training.train(_cfg(tiny, "llama", tmp_path / "bf16", max_steps=8, eval_steps=4, save_steps=4, dtype="bf16",
+                               load_in_8bit=eight_bit), log=lambda *a: None)
+    assert (fp32.run["dtype"], bf16.run["dtype"]) == ("fp32", "bf16")
+    assert set(bf16.run["dtype_probe"]["matmul_gflops"]) == {"fp32", "bf16"}
+    weights = _adapter(bf16.output_dir)
+    assert {v.dtype for v in weights.values()} == {torch.float32}  # the trained weights stay fp32
+    assert max(v.abs().max().item() for k, v in weights.items() if "lora_B" in k) > 1e-3  # it did train
+    # the same run in bf16 arithmetic: validation losses step by step within bf16's rounding
+    a = [p["loss"] for p in fp32.run["loss_history"]["validation"]]
+    b = [p["loss"] for p in bf16.run["loss_history"]["validation"]]
+    assert len(a) == len(b) == 3 and a[-1] < a[0]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+
+
+def test_auto_dtype_follows_the_cpu(tiny, tmp_path, monkeypatch):
+    from utils import hardware
+
+    monkeypatch.setattr(hardware, "fast_bf16", lambda: False)
+    res = training.train(_cfg(tiny, "llama", tmp_path / "auto", max_steps=2, eval_steps=2, save_steps=2),
+                         log=lambda *a: None)
+    assert res.run["config"]["dtype"] == "auto" and res.run["dtype"] == "fp32"

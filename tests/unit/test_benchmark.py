@@ -1,0 +1,61 @@
+"""The benchmark's bounds: each dtype's matmul rate, bandwidth as the best of probes spread over
+the run, and no share of a bound above 1 ever reported."""
+import json
+import subprocess
+
+import pytest
+
+from utils import benchmark
+
+
+def test_share_of_a_bound_above_one_is_never_reported():
+    assert benchmark.share_of_bound(5.0, 10.0) == 0.5
+    assert benchmark.share_of_bound(10.0, 10.0) == 1.0
+    assert benchmark.share_of_bound(10.5, 10.0) is None
+    assert benchmark.share_text(0.456) == "46%"
+    assert benchmark.share_text(None) == "n/a (bound mis-measured)"
+
+
+def test_bound_is_the_best_of_its_probes():
+    readings = iter([4e9, 16e9, 12e9])
+    bound = benchmark.Bound(lambda: next(readings), "GB/s")
+    for _ in range(3):
+        bound.sample()
+    assert bound.best == 16e9
+    assert bound.summary() == {"best": 16.0, "samples": [4.0, 16.0, 12.0], "unit": "GB/s"}
+
+
+def test_matmul_rates_cover_fp32_and_bf16():
+    rates = benchmark.matmul_rates()
+    assert set(rates) == {"fp32", "bf16"} and all(r > 1e6 for r in rates.values())
+
+
+def _variant(name, steps_per_s, weight_bytes):
+    return {"variant": name, "model": "m", "batch": 1, "weight_bytes": weight_bytes, "decode_steps_per_s": steps_per_s,
+            "decode_tokens_per_s": steps_per_s, "latency_mean_s": 1.0, "latency_median_s": 1.0}
+
+
+def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
+    # the first probe runs while something else holds the memory bus (4 GB/s), later ones read 16
+    readings = iter([4e9] + [16e9] * 20)
+    monkeypatch.setattr(benchmark, "memory_bandwidth", lambda: next(readings))
+    monkeypatch.setattr(benchmark, "matvec_bandwidth", lambda: 10e9)
+    monkeypatch.setattr(benchmark, "matmul_rates", lambda: {"fp32": 100e9, "bf16": 600e9})
+    result = {"model": "m", "random_init": False, "peak_rss_mb": 1.0,
+              "variants": [_variant("fp32 base", 20.0, 400e6),   # bound 40 steps/s: half of it
+                           _variant("fp32 LoRA merged", 50.0, 400e6)]}  # faster than any bound: mis-measured
+
+    def fake_run(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(result) + "\n", stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    report = benchmark.latency_benchmark(["smollm2-135m"], random_models=[], models_dir=tmp_path,
+                                         out_path=tmp_path / "latency.json")
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert report["machine"]["memory_bandwidth_gbs"] == 16.0
+    assert report["machine"]["memory_bandwidth_samples_gbs"][0] == 4.0 and len(report["machine"]["memory_bandwidth_samples_gbs"]) >= 3
+    assert report["machine"]["matmul_gflops_by_dtype"] == {"fp32": 100.0, "bf16": 600.0}
+    assert rows["fp32 base"]["roofline_fraction"] == pytest.approx(0.5)
+    assert rows["fp32 LoRA merged"]["roofline_fraction"] is None
+    written = json.loads((tmp_path / "latency.json").read_text())
+    assert all(r["roofline_fraction"] is None or r["roofline_fraction"] <= 1 for r in written["rows"])
