@@ -332,6 +332,9 @@ def _latency_model(args: argparse.Namespace) -> None:
         return get_peft_model(base, lora_config(TrainConfig(), targets, uses_conv1d(base, targets))), "untrained adapter (timing only)"
 
     loaded = models.load_model(args.model, random_init=args.random_init)
+    if args.dtype == "bf16":
+        loaded.model.to(torch.bfloat16)
+    prec = args.dtype  # the full-precision variants' dtype, part of their names
     tok = loaded.tokenizer
     if args.random_init:  # random weights: fixed-length token prompts, no meaningful text
         ids = [list(range(10 + 7 * i, 10 + 7 * i + 24)) for i in range(len(LATENCY_PROMPTS))]
@@ -340,13 +343,15 @@ def _latency_model(args: argparse.Namespace) -> None:
         ids = [prompt_ids(tok, [{"role": "user", "content": p}], fmt) for p in LATENCY_PROMPTS]
     label = {"label": loaded.info.get("label")} if args.random_init else {}
     base = loaded.model.eval()
-    record("fp32 base", base, tok, ids, **label)
+    record(f"{prec} base", base, tok, ids, **label)
     if not args.random_init:
         peft_model, how = adapter_on(base, tok)
-        record("fp32 LoRA unmerged", peft_model, tok, ids, adapter=how)
+        if prec == "bf16":
+            peft_model.to(torch.bfloat16)
+        record(f"{prec} LoRA unmerged", peft_model, tok, ids, adapter=how)
         merged = peft_model.merge_and_unload()
-        record("fp32 LoRA merged", merged, tok, ids, adapter=how)
-        record("fp32 LoRA merged, batch 8", merged, tok, ids[:1], batch=8, adapter=how)
+        record(f"{prec} LoRA merged", merged, tok, ids, adapter=how)
+        record(f"{prec} LoRA merged, batch 8", merged, tok, ids[:1], batch=8, adapter=how)
         del peft_model, merged, base, loaded
         gc.collect()
         q = models.load_model(args.model, load_in_8bit=True)
@@ -361,15 +366,20 @@ def _latency_model(args: argparse.Namespace) -> None:
 
 
 def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2", "tinyllama"), new_tokens: int = 32,
-                      repeats: int = 2, models_dir: Path | None = None, out_path: Path | None = None) -> dict:
+                      repeats: int = 2, models_dir: Path | None = None, out_path: Path | None = None,
+                      dtype: str = "auto") -> dict:
     """Latency, time to first token, decode rate, memory and roofline fraction for each model's
-    variants, and the original pair as architecture-exact random-weight stand-ins."""
+    variants, and the original pair as architecture-exact random-weight stand-ins. ``dtype`` is
+    the full-precision variants' dtype (``auto``: bf16 where the CPU has it natively, else fp32)."""
+    from .hardware import pick_dtype
+
     from tqdm.auto import tqdm
 
     from . import models as model_registry
     from .paths import MODELS_DIR
 
     models_dir = Path(models_dir or MODELS_DIR)
+    dtype = pick_dtype(dtype, "the latency benchmark", allowed=("auto", "fp32", "bf16"))
     bandwidth, matvec = Bound(memory_bandwidth, "GB/s"), Bound(matvec_bandwidth, "GB/s")
     bandwidth.sample(), matvec.sample()
     rates = matmul_rates()
@@ -378,7 +388,7 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     for model, random_init in tqdm(jobs, desc="latency benchmark"):
         bandwidth.sample()  # probes spread over the run: the bound is the best of them
         cmd = [sys.executable, "-m", "utils.benchmark", "_latency-model", "--model", model,
-               "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+               "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--dtype", dtype]
         adapter = models_dir / f"{model_registry.resolve(model)['name']}-lora"
         if random_init:
             cmd.append("--random-init")
@@ -406,7 +416,7 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
 
     checks = {}
     for model in models_list:
-        base, merged, unmerged = find(model, "fp32 base"), find(model, "fp32 LoRA merged"), find(model, "fp32 LoRA unmerged")
+        base, merged, unmerged = (find(model, f"{dtype} {v}") for v in ("base", "LoRA merged", "LoRA unmerged"))
         if base and merged and unmerged:
             # medians: one slow outlier (a page fault, the other core busy) should not decide a 5% check
             ratio = merged["latency_median_s"] / base["latency_median_s"]
@@ -418,7 +428,7 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
                                                          else merged["roofline_fraction"] >= 0.5),
                 "target_merged_within_5pct_of_base": abs(ratio - 1) <= 0.05,
             }
-    original = [r for r in rows if r["random_init"] and r["variant"] == "fp32 base"]
+    original = [r for r in rows if r["random_init"] and r["variant"] == f"{dtype} base"]
     ratio = None
     by = {r["model"]: r for r in original}
     if "gpt2" in by and "tinyllama" in by:
@@ -426,7 +436,7 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     report = {
         "schema": 1, "benchmark": "latency",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": {"new_tokens": new_tokens, "min_new_tokens": new_tokens, "decoding": "greedy", "repeats": repeats,
+        "method": {"dtype": dtype, "new_tokens": new_tokens, "min_new_tokens": new_tokens, "decoding": "greedy", "repeats": repeats,
                    "prompts": LATENCY_PROMPTS, "warmup": 1,
                    "decode_rate": "(new_tokens - 1) / (mean latency - mean time to first token)",
                    "roofline": "decode steps/s <= memory bandwidth / bytes of weights read per step; the bandwidth "
@@ -466,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--new-tokens", type=int, default=32)
         p.add_argument("--repeats", type=int, default=2)
+        p.add_argument("--dtype", default="auto" if name == "latency" else "fp32", choices=["auto", "fp32", "bf16"])
         if name == "latency":
             p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
             p.add_argument("--random-models", nargs="*", default=["gpt2", "tinyllama"])
@@ -479,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "latency":
         out = BENCH_DIR / "latency-latest.json"
-        report = latency_benchmark(args.models, args.random_models, args.new_tokens, args.repeats, out_path=out)
+        report = latency_benchmark(args.models, args.random_models, args.new_tokens, args.repeats, out_path=out,
+                                   dtype=args.dtype)
         print(json.dumps({"checks": report["checks"], "ratio": report["original_pair_ratio_tinyllama_over_gpt2"]}, indent=2))
         return 0
     if args.command == "_train-variant":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from utils import pipeline
+from utils import hardware, pipeline
 
 # the whole pipeline with the 1.5B judge: more than the default per-test limit when the machine is busy
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -26,10 +26,13 @@ def test_quick_pipeline_end_to_end(tmp_path):
 
     m = json.loads((run / "metrics.json").read_text())
     # table 1: latency (Avg s, Median s) for the base and fine-tuned model, and the original pair stand-in
-    for variant in ("fp32 base", "fp32 LoRA merged"):
+    prec = m["benchmark_method"]["dtype"]  # fp32, or bf16 where the CPU has it natively (dtype: auto)
+    assert prec == hardware.pick_dtype("auto")
+    for variant in (f"{prec} base", f"{prec} LoRA merged"):
         row = m["latency"][f"smollm2-135m · {variant}"]
         assert row["avg_s"] > 0 and row["median_s"] > 0 and row["n"] >= 3 and row["ci_low"] <= row["avg_s"] <= row["ci_high"]
-    assert m["latency"]["gpt2 (random weights) · fp32 base"]["label"] == "random weights: speed and size only"
+        assert row["roofline_fraction"] is None or 0 < row["roofline_fraction"] <= 1
+    assert m["latency"][f"gpt2 (random weights) · {prec} base"]["label"] == "random weights: speed and size only"
     # table 2: response characteristics (Avg Len, Coherence, Relevance) with intervals, base and LoRA
     for name in ("smollm2-135m (base)", "smollm2-135m (LoRA)"):
         for field in ("avg_len_words", "overall", "coherence", "relevance"):

@@ -31,7 +31,7 @@ def test_matmul_rates_cover_fp32_and_bf16():
 
 
 def _variant(name, steps_per_s, weight_bytes):
-    return {"variant": name, "model": "m", "batch": 1, "weight_bytes": weight_bytes, "decode_steps_per_s": steps_per_s,
+    return {"variant": name, "model": "smollm2-135m", "batch": 1, "weight_bytes": weight_bytes, "decode_steps_per_s": steps_per_s,
             "decode_tokens_per_s": steps_per_s, "latency_mean_s": 1.0, "latency_median_s": 1.0}
 
 
@@ -41,8 +41,9 @@ def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "memory_bandwidth", lambda: next(readings))
     monkeypatch.setattr(benchmark, "matvec_bandwidth", lambda: 10e9)
     monkeypatch.setattr(benchmark, "matmul_rates", lambda: {"fp32": 100e9, "bf16": 600e9})
-    result = {"model": "m", "random_init": False, "peak_rss_mb": 1.0,
+    result = {"model": "smollm2-135m", "random_init": False, "peak_rss_mb": 1.0,
               "variants": [_variant("fp32 base", 20.0, 400e6),   # bound 40 steps/s: half of it
+                           _variant("fp32 LoRA unmerged", 18.0, 401e6),
                            _variant("fp32 LoRA merged", 50.0, 400e6)]}  # faster than any bound: mis-measured
 
     def fake_run(cmd, **kw):
@@ -50,12 +51,15 @@ def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
 
     monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
     report = benchmark.latency_benchmark(["smollm2-135m"], random_models=[], models_dir=tmp_path,
-                                         out_path=tmp_path / "latency.json")
+                                         out_path=tmp_path / "latency.json", dtype="fp32")
     rows = {r["variant"]: r for r in report["rows"]}
     assert report["machine"]["memory_bandwidth_gbs"] == 16.0
     assert report["machine"]["memory_bandwidth_samples_gbs"][0] == 4.0 and len(report["machine"]["memory_bandwidth_samples_gbs"]) >= 3
     assert report["machine"]["matmul_gflops_by_dtype"] == {"fp32": 100.0, "bf16": 600.0}
     assert rows["fp32 base"]["roofline_fraction"] == pytest.approx(0.5)
     assert rows["fp32 LoRA merged"]["roofline_fraction"] is None
+    check = report["checks"]["smollm2-135m"]
+    assert check["merged_roofline_fraction"] is None and check["target_merged_at_least_half_of_bound"] is None
+    assert report["method"]["dtype"] == "fp32"
     written = json.loads((tmp_path / "latency.json").read_text())
     assert all(r["roofline_fraction"] is None or r["roofline_fraction"] <= 1 for r in written["rows"])

@@ -112,6 +112,19 @@ def test_the_judge_is_not_silently_a_compared_model(setup, tmp_path):
     assert "Warning: the judge" in report.render_html(report.collect_metrics(tmp_path), tmp_path)
 
 
+def test_generation_dtype_is_chosen_recorded_and_reported(setup, tmp_path):
+    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=None, data_dir=str(setup["data"]), suite="test",
+                                num_examples=2, max_new_tokens=3, validity=False, pairwise=False, loss_examples=2,
+                                report_dir=str(tmp_path), models_dir=str(tmp_path / "no-models"), dtype="bf16")
+    res = evaluation.evaluate(cfg, log=lambda *a: None)
+    assert res["dtype"] == "bf16" and res["variants"]["llama (base)"]["dtype"] == "bf16"
+    assert set(res["dtype_probe"]["matmul_gflops"]) == {"fp32", "bf16"}
+    assert res["variants"]["llama (base)"]["heldout"]["loss"] > 0
+    assert "Replies generated in <b>bf16</b>" in report.render_html(report.collect_metrics(tmp_path), tmp_path)
+    with pytest.raises(evaluation.EvaluationError, match=r"dtype='int8' for generation; expected one of"):
+        evaluation.evaluate(evaluation.EvalConfig(models=[str(setup["llama"])], dtype="int8"))
+
+
 def test_domain_suite_covers_the_categories():
     items = evaluation.load_domain_suite()
     cats = evaluation.categories(items)
