@@ -6,7 +6,7 @@ import pytest
 
 from utils import evaluation, judge as J, metrics, validity
 
-# scoring the whole ladder takes about 20 minutes on 2 AVX2 cores (fp32): more than the default per-test limit
+# scoring the whole ladder takes about 22 minutes on 2 AVX2 cores (fp32): more than the default per-test limit
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
@@ -26,30 +26,36 @@ def ladder_result(judge, tmp_path_factory):
     return result
 
 
-def test_relevance_and_pairwise_correctness_meet_the_target(ladder_result):
+def test_relevance_coherence_and_pairwise_correctness_meet_the_target(ladder_result):
     shares = ladder_result["shares"]
-    assert shares["relevance"]["n"] >= 20 * len(validity.ORDERS["relevance"])
-    assert shares["relevance"]["share"] >= validity.TARGET, shares["relevance"]["pairs"]
-    # the echoed prompt, the old scorer's favourite, now sits at the bottom on relevance
+    for score in ("relevance", "coherence"):
+        assert shares[score]["n"] >= 20 * len(validity.ORDERS[score])
+        assert shares[score]["share"] >= validity.TARGET, (score, shares[score]["pairs"])
     tiers = ladder_result["tier_means"]
+    # the echoed prompt, the old scorer's favourite, now sits at the bottom on relevance
     assert tiers["echo"]["relevance"] < tiers["good"]["relevance"] - 1.5
+    # word salad made of the good answer's own words: coherent no more
+    assert tiers["shuffled"]["coherence"] < tiers["good"]["coherence"] - 1.5
     # good vs fluent-but-wrong, judged pairwise in both orders
     assert ladder_result["pairwise"]["n"] >= 20 and ladder_result["pairwise"]["share"] >= validity.TARGET
 
 
 def test_every_grade_is_far_above_chance(ladder_result):
-    for score in ("coherence", "overall"):
-        assert ladder_result["shares"][score]["share"] >= 0.8, ladder_result["shares"][score]["pairs"]
-    assert ladder_result["shares"]["good_vs_wrong"]["share"] >= 0.75
+    assert ladder_result["shares"]["overall"]["share"] >= 0.85, ladder_result["shares"]["overall"]["pairs"]
+    assert ladder_result["shares"]["good_vs_wrong"]["share"] >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet (measured 86% coherence, 88% overall, 87.5% good vs wrong per "
-                                      "reply): the judge rates scrambled words of a long answer as coherent and a terse "
-                                      "correct answer below a fluent wrong one; see README, 'Is the judge right?'")
-def test_coherence_overall_and_per_reply_correctness_meet_the_target(ladder_result):
-    shares = ladder_result["shares"]
-    for score in ("coherence", "overall", "good_vs_wrong"):
-        assert shares[score]["share"] >= validity.TARGET, (score, shares[score])
+@pytest.mark.xfail(strict=True, reason="not met yet (measured 89.8% of 384 pairs, fp32 on AVX2): a terse correct answer "
+                                      "ranks below a fluent wrong one (25%) and another question's answer (67%); see "
+                                      "README, 'Is the judge right?'")
+def test_overall_meets_the_target(ladder_result):
+    assert ladder_result["shares"]["overall"]["share"] >= validity.TARGET
+
+
+@pytest.mark.xfail(strict=True, reason="not met yet (measured 87.5%, 21 of 24, per reply; pairwise 91.7%): graded alone, "
+                                      "the judge trusts fluent confident claims; see README, 'Is the judge right?'")
+def test_per_reply_correctness_meets_the_target(ladder_result):
+    assert ladder_result["shares"]["good_vs_wrong"]["share"] >= validity.TARGET
 
 
 def test_score_command_on_the_real_judge(judge, tmp_path):
