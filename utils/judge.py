@@ -4,7 +4,7 @@ Qwen2.5-Coder-1.5B-Instruct, preset ``qwen2.5-coder-1.5b``).
 Grades (G-Eval style, no sampling), two passes per reply:
 
 1. Coherence, on the reply alone. The judge sees only the text (no question) after instructions
-   and eight graded texts of our own, and grades whether it is well-formed, whatever it says.
+   and eleven graded texts of our own, and grades whether it is well-formed, whatever it says.
    Shown the question too, the judge read a reply's words for their topic and called word salad
    made of on-topic words coherent (4.7 of 5 on the ladder's shuffled tier, whatever the rubric
    or examples said); without the question it grades the form.
