@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .hardware import COMPUTE_DTYPES
 from .io import write_json_atomically
 from .paths import REPORTS_DIR
 
@@ -32,15 +33,9 @@ BENCH_DIR = REPORTS_DIR / "benchmarks"
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from .hardware import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
@@ -379,7 +374,7 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     from .paths import MODELS_DIR
 
     models_dir = Path(models_dir or MODELS_DIR)
-    dtype = pick_dtype(dtype, "the latency benchmark", allowed=("auto", "fp32", "bf16"))
+    dtype = pick_dtype(dtype, "the latency benchmark", allowed=COMPUTE_DTYPES)
     bandwidth, matvec = Bound(memory_bandwidth, "GB/s"), Bound(matvec_bandwidth, "GB/s")
     bandwidth.sample(), matvec.sample()
     rates = matmul_rates()
@@ -476,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--new-tokens", type=int, default=32)
         p.add_argument("--repeats", type=int, default=2)
-        p.add_argument("--dtype", default="auto" if name == "latency" else "fp32", choices=["auto", "fp32", "bf16"])
+        p.add_argument("--dtype", default="auto" if name == "latency" else "fp32", choices=list(COMPUTE_DTYPES))
         if name == "latency":
             p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
             p.add_argument("--random-models", nargs="*", default=["gpt2", "tinyllama"])

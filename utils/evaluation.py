@@ -208,7 +208,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         raise EvaluationError("models is empty; expected at least one preset, folder or hub id")
     judged_self = check_judge(cfg)
     try:
-        dtype = hardware.pick_dtype(cfg.dtype, "generation", allowed=("auto", "fp32", "bf16"))
+        dtype = hardware.pick_dtype(cfg.dtype, "generation", allowed=hardware.COMPUTE_DTYPES)
     except ValueError as err:
         raise EvaluationError(str(err)) from err
     items = eval_items(cfg)

@@ -10,7 +10,8 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-DTYPES = ("auto", "fp32", "bf16", "int8")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")  # what training, generation and the benchmark accept
+DTYPES = COMPUTE_DTYPES + ("int8",)  # the judge also accepts int8
 
 
 @lru_cache(maxsize=1)

@@ -28,7 +28,7 @@ class TrainingError(ValueError):
     pass
 
 
-TRAIN_DTYPES = ("auto", "fp32", "bf16")
+TRAIN_DTYPES = hardware.COMPUTE_DTYPES
 
 
 @dataclass
