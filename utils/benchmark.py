@@ -479,7 +479,39 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--model", required=True)
             p.add_argument("--random-init", action="store_true")
             p.add_argument("--adapter")
+    p = sub.add_parser("decode", help="decode speed and token agreement, torch vs llama.cpp (utils.decode)")
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--models-dir", default=None, help="where <model>-lora adapters are (default: models/)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="auto", choices=list(COMPUTE_DTYPES), help="torch's dtype")
+    p.add_argument("--train-steps", type=int, default=20, help="for models without a trained adapter")
+    p.add_argument("--out", default=str(BENCH_DIR / "decode-latest.json"))
+    p = sub.add_parser("_decode-rate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--engine", required=True)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--gguf")
+    p.add_argument("--lora")
+    p.add_argument("--adapter-root")
     args = parser.parse_args(argv)
+    if args.command == "_decode-rate":
+        from .decode import decode_rate
+
+        print("RESULT " + json.dumps(decode_rate(args.model, args.engine, args.new_tokens, args.repeats, args.dtype,
+                                                 args.gguf, args.lora, args.adapter_root)), flush=True)
+        return 0
+    if args.command == "decode":
+        from .decode import decode_benchmark
+
+        report = decode_benchmark(args.models, args.models_dir, Path(args.out), args.new_tokens, args.repeats,
+                                  args.dtype, args.train_steps)
+        print(json.dumps({"targets": report["targets"], "rows": [
+            {k: r[k] for k in ("model", "variant", "engine", "form", "decode_tokens_per_s", "roofline_fraction",
+                               "token_agreement")} for r in report["rows"]]}, indent=2))
+        return 0
     if args.command == "_latency-model":
         _latency_model(args)
         return 0
