@@ -41,9 +41,11 @@ lab: $(STAMP)
 app: $(STAMP)
 	$(VENV)/bin/streamlit run streamlit_app.py $(ARGS)
 
-# Training throughput: this repo's recipe vs the tutorial recipe, fp32 vs 8-bit (about 7 minutes)
+# Training throughput (this repo's recipe vs the tutorial recipe, fp32 vs 8-bit; about 7 minutes), then
+# decode on torch vs llama.cpp with token agreement (about 8 minutes); JSON under reports/benchmarks/
 benchmark: $(STAMP)
 	$(PY) -m utils.benchmark train $(ARGS)
+	$(PY) -m utils.benchmark decode
 
 # Strip outputs from the notebooks in git (cell tags such as `parameters` are kept).
 strip: $(STAMP)

@@ -10,6 +10,7 @@ LORA_COMPARE_JUDGE (the judge that grades replies, default the evaluation's; "no
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +20,8 @@ import pandas as pd
 import streamlit as st
 
 from utils import judge as J
-from utils import metrics, ratings, safety, serving
+from utils import engine, metrics, models, ratings, safety, serving
+from utils.export import ExportError
 from utils.benchmark import share_text
 from utils.data import read_jsonl
 from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
@@ -61,6 +63,14 @@ def rating_store() -> ratings.RatingStore:
     return ratings.RatingStore(os.environ.get("LORA_COMPARE_RATINGS_DB", ratings.DEFAULT_DB))
 
 
+def engine_available(name: str) -> bool:
+    try:
+        engine.check_engine(name)
+    except engine.EngineError:
+        return False
+    return True
+
+
 def choices() -> list[serving.Choice]:
     return serving.available_choices(MODELS, BASES)
 
@@ -86,8 +96,12 @@ def show_reply(column, choice: serving.Choice, messages: list[dict], settings: d
     """Stream one side's reply into ``column`` (inside a container keyed ``key``: the browser tests
     find the reply by its CSS class ``st-key-<key>``); return (text, stats)."""
     with column:
-        with st.spinner(f"loading {choice.label} ..."):
-            entry = model_pool().get(choice)
+        with st.spinner(f"loading {choice.label} on {choice.engine} ..."):
+            try:
+                entry = model_pool().get(choice)
+            except (engine.EngineError, ExportError, models.ModelError, serving.ChoiceError) as err:
+                st.error(f"{choice.label} cannot run on {choice.engine}: {err}")
+                return "", None
         box = st.container(key=key).empty()
         stats = serving.StreamStats()
         text = box.write_stream(serving.stream_reply(entry, messages, stats, **settings))
@@ -122,7 +136,12 @@ def compare_page():
     col_a, col_b = st.columns(2)
     pick_a = col_a.selectbox("Model A", labels, index=a_default, key="model_a")
     pick_b = col_b.selectbox("Model B", labels, index=b_default, key="model_b")
-    side = {"A": options[labels.index(pick_a)], "B": options[labels.index(pick_b)]}
+    engines = [e for e in engine.ENGINES if e == "torch" or engine_available(e)]
+    pick_engine = st.radio("Engine", engines, horizontal=True, key="engine",
+                           help="llama.cpp: the shipped GGUF, with the adapter exported to lora.gguf (utils/export.py); "
+                                "GGUF presets only. Both sides use the same engine.")
+    side = {"A": dataclasses.replace(options[labels.index(pick_a)], engine=pick_engine),
+            "B": dataclasses.replace(options[labels.index(pick_b)], engine=pick_engine)}
 
     rows_val = split_rows("validation")
     use_val = st.toggle("Prompt from the held-out data", key="use_val", disabled=not rows_val,

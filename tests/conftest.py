@@ -27,3 +27,18 @@ def write_jsonl(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2's shipped GGUF and its dequantised Hugging Face weights (the project's safetensors cache)."""
+    from safetensors.numpy import load_file
+
+    from utils import models
+
+    spec = models.resolve("smollm2-135m")
+    folder, info = models.weights_folder(spec)
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(path)))
+    return {"spec": spec, "gguf": models.gguf_path(spec), "sha256": info["gguf_sha256"], "hf": weights}

@@ -47,3 +47,30 @@ def write_splits(folder: Path, n_train: int = 24, n_val: int = 6) -> Path:
                     {"role": "assistant", "content": f"{w} {w} {w}"}]}
                 fh.write(json.dumps(rec) + "\n")
     return folder
+
+
+def fake_lora_run(tmp_path, smollm2, rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=0, sha=None, extra=None,
+                  std=0.05):
+    """A SmolLM2 training output folder (run.json + final/) whose LoRA A and B are random and non-zero,
+    so that it changes the outputs. ``smollm2``: {"hf": dequantised weights, "sha256": the GGUF's}."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "smollm2-135m-lora"
+    final = root / "final"
+    final.mkdir(parents=True)
+    tensors = {}
+    for layer in (0, 7):
+        for module in targets:
+            out = smollm2["hf"][f"model.layers.{layer}.self_attn.{module}.weight"].shape[0]
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = rng.normal(0, std, (rank, 576)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = rng.normal(0, std, (out, rank)).astype(np.float32)
+    save_file(tensors, str(final / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+              "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", **(extra or {})}
+    (final / "adapter_config.json").write_text(json.dumps(config))
+    (root / "run.json").write_text(json.dumps({"config": {"model": "smollm2-135m"}, "random_init": False,
+                                               "gguf_sha256": sha or smollm2["sha256"]}))
+    return root, tensors

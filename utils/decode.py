@@ -171,7 +171,7 @@ def decode_rate(model: str, engine_name: str, new_tokens: int, repeats: int, dty
 
 
 def decode_model(model: str, adapter_root: Path | None, bandwidth: float, new_tokens: int = 32, repeats: int = 2,
-                 dtype: str = "auto", train_steps: int = 20) -> dict:
+                 dtype: str = "auto", train_steps: int = 20, n_prompts: int = AGREEMENT_PROMPTS) -> dict:
     """Rows for one model: {torch, llama.cpp} x {base, lora}, plus llama.cpp's merged form."""
     import gc
 
@@ -216,7 +216,7 @@ def decode_model(model: str, adapter_root: Path | None, bandwidth: float, new_to
               flush=True)
 
     # agreement (untimed): llama.cpp's greedy tokens read by torch fp32 on the same weights
-    prompts = agreement_prompts()
+    prompts = agreement_prompts(n_prompts)
     for variant in ("base", "lora"):
         loaded = models.load_model(model) if variant == "base" else models.load_finetuned(adapter_root, merge=True)
         net, tok = loaded.model.eval(), loaded.tokenizer
@@ -240,7 +240,10 @@ def decode_model(model: str, adapter_root: Path | None, bandwidth: float, new_to
 
 
 def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out_path: Path | None = None,
-                     new_tokens: int = 32, repeats: int = 2, dtype: str = "auto", train_steps: int = 20) -> dict:
+                     new_tokens: int = 32, repeats: int = 2, dtype: str = "auto", train_steps: int = 20,
+                     n_prompts: int = AGREEMENT_PROMPTS) -> dict:
+    """Every model's rows (see ``decode_model``), the run's bandwidth bound, and the targets:
+    fine-tuned on llama.cpp at >= 1.0x the shipped base GGUF's decode rate on llama.cpp."""
     from tqdm.auto import tqdm
 
     from . import models
@@ -252,11 +255,16 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
     bandwidth = Bound(memory_bandwidth, "GB/s")
     bandwidth.sample()
     start = time.perf_counter()
-    per_model = []
-    for model in tqdm(models_list, desc="decode benchmark"):
+    per_model, skipped = [], {}
+    for model in list(models_list):
+        spec = models.resolve(model)
+        if spec.get("source") != "gguf":
+            skipped[spec["name"]] = f"source {spec.get('source')!r}: no shipped GGUF for llama.cpp"
+    for model in tqdm([m for m in models_list if models.resolve(m)["name"] not in skipped], desc="decode benchmark"):
         bandwidth.sample()
         adapter = models_dir / f"{models.resolve(model)['name']}-lora"
-        per_model.append(decode_model(model, adapter, bandwidth.best, new_tokens, repeats, dtype, train_steps))
+        per_model.append(decode_model(model, adapter, bandwidth.best, new_tokens, repeats, dtype, train_steps,
+                                      n_prompts))
     bandwidth.sample()
     rows = [r for m in per_model for r in m["rows"]]
     from .benchmark import share_of_bound
@@ -286,7 +294,7 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),
         "method": {"new_tokens": new_tokens, "repeats": repeats, "decoding": "greedy, batch 1, fixed length",
-                   "timing_prompts": 3, "agreement": f"{AGREEMENT_PROMPTS} domain-suite prompts x {AGREEMENT_TOKENS} "
+                   "timing_prompts": 3, "agreement": f"{n_prompts} domain-suite prompts x {AGREEMENT_TOKENS} "
                    f"tokens, teacher-forced; near tie: torch logit margin < {NEAR_TIE}",
                    "llama_cpp_rate": "llama.cpp's own decode timing (prompt excluded), median",
                    "torch_rate": "(new_tokens - 1) / (mean latency - mean time to first token)",
@@ -294,8 +302,23 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
                                "bandwidth probe of the run; a share above 1 is reported as null)"},
         "machine": {**machine(), "memory_bandwidth_gbs": round(bandwidth.best / 1e9, 2),
                     "memory_bandwidth_samples_gbs": bandwidth.summary()["samples"]},
-        "rows": rows, "targets": targets,
+        "rows": rows, "targets": targets, "skipped": skipped,
     }
     if out_path is not None:
         write_json_atomically(out_path, report)
     return report
+
+
+def table(report: dict):
+    """The rows as a DataFrame, for notebooks and the report."""
+    import pandas as pd
+
+    from .benchmark import share_text
+
+    return pd.DataFrame([{
+        "model": r["model"], "variant": r["variant"], "engine": r["engine"], "form": r["form"],
+        "decode tok/s": round(r["decode_tokens_per_s"], 1), "of roofline": share_text(r["roofline_fraction"]),
+        "MB read/token": round(r["bytes_per_token"] / 2**20, 1),
+        "token agreement": "" if r["token_agreement"] is None else f"{100 * r['token_agreement']:.1f}%",
+        "disagreements (near ties)": "" if r["agreement"] is None else
+        f"{r['agreement']['disagreements']} ({r['agreement']['near_ties']})"} for r in report["rows"]])

@@ -38,6 +38,12 @@ def check_engine(engine: str, parameter: str = "engine") -> str:
     return engine
 
 
+def check_engines(engines, parameter: str = "engines") -> list[str]:
+    if isinstance(engines, str) or not engines:
+        raise EngineError(f"{parameter}={engines!r}; expected a non-empty list drawn from {ENGINES}")
+    return [check_engine(e, parameter) for e in engines]
+
+
 def xllamacpp():
     try:
         import xllamacpp as module

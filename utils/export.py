@@ -244,6 +244,19 @@ def _finish(writer, tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+def skip_reason(adapter_root: str | Path) -> str | None:
+    """Why a training output cannot be exported for llama.cpp (None: it can)."""
+    from . import models
+
+    run = models.read_run(adapter_root)
+    spec = models.resolve(run["config"]["model"])
+    if run.get("random_init"):
+        return "trained on random weights (there is no GGUF of them)"
+    if spec.get("source") != "gguf":
+        return f"model {spec['name']!r} has no shipped GGUF (source {spec.get('source')!r}); pass --base-gguf"
+    return None
+
+
 def export(adapter_root: str | Path, out_dir: str | Path | None = None, base_gguf: str | Path | None = None,
            merged_type: str = "Q8_0", merged: bool = True) -> dict:
     """Write ``lora.gguf`` (and ``merged-<type>.gguf``) for a training output folder; return the paths

@@ -37,7 +37,7 @@ QUICK = {
               "max_eval_examples": 8, "resume": False},
     "evaluate": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8, "suite": "test",
                  "validity": False},
-    "benchmark": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"]},
+    "benchmark": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"], "agreement_prompts": 2},
 }
 
 

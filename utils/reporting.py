@@ -167,6 +167,20 @@ def plot_latency(bench: Mapping, path: Path | None = None):
     return _save(fig, path)
 
 
+def plot_decode(report: Mapping, path: Path | None = None):
+    """Decode tokens/s per model, variant and engine (the decode benchmark of ``utils.decode``)."""
+    import pandas as pd
+
+    sns.set_theme(style="whitegrid")
+    df = pd.DataFrame([{"model · variant": f"{r['model']} · {r['variant']}", "engine · form": f"{r['engine']} · {r['form']}",
+                        "decode tokens/s": r["decode_tokens_per_s"]} for r in report["rows"]])
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(df) + 1.5))
+    sns.barplot(df, x="decode tokens/s", y="model · variant", hue="engine · form", ax=ax)
+    ax.set_title(f"Greedy decode, batch 1, {report['method']['new_tokens']} tokens ({report['machine']['cpu']})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_parameters(trainable: Mapping[str, Mapping], path: Path | None = None):
     """Trainable vs total parameters per model, log scale."""
     sns.set_theme(style="whitegrid")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from . import chat, generation, models
+from . import chat, engine, generation, models
 from .paths import MODELS_DIR
 
 
@@ -28,6 +28,7 @@ class Choice:
     label: str
     model: str
     adapter: str | None = None
+    engine: str = "torch"  # or "llama.cpp": the shipped GGUF, the adapter from its exported lora.gguf
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -74,9 +75,10 @@ def check_adapter_path(adapter: str | Path, models_dir: Path = MODELS_DIR) -> Pa
 
 @dataclass
 class Entry:
-    loaded: models.LoadedModel
+    loaded: models.LoadedModel  # on llama.cpp: tokenizer and spec only (model is None)
     fmt: str
     lock: threading.Lock = field(default_factory=threading.Lock)
+    llama: object | None = None  # engine.LlamaCppModel on the llama.cpp engine
 
 
 class ModelPool:
@@ -89,7 +91,7 @@ class ModelPool:
         self._loading: dict[tuple, threading.Lock] = {}
 
     def get(self, choice: Choice) -> Entry:
-        key = (choice.model, choice.adapter)
+        key = (choice.model, choice.adapter, choice.engine)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -101,10 +103,13 @@ class ModelPool:
                     return self._entries[key]
             if choice.adapter:
                 check_adapter_path(choice.adapter, self.models_dir)
-                loaded = models.load_finetuned(choice.adapter, merge=True)
+            if choice.engine == "llama.cpp":
+                entry = _llama_entry(choice)
             else:
-                loaded = models.load_model(choice.model)
-            entry = Entry(loaded, chat.chat_format(loaded.spec, loaded.tokenizer))
+                engine.check_engine(choice.engine)
+                loaded = (models.load_finetuned(choice.adapter, merge=True) if choice.adapter
+                          else models.load_model(choice.model))
+                entry = Entry(loaded, chat.chat_format(loaded.spec, loaded.tokenizer))
             with self._lock:
                 self._entries[key] = entry
                 while len(self._entries) > self.capacity:
@@ -114,6 +119,17 @@ class ModelPool:
     def loaded_keys(self) -> list[tuple]:
         with self._lock:
             return list(self._entries)
+
+
+def _llama_entry(choice: Choice) -> Entry:
+    """The choice on llama.cpp: our tokenizer builds the prompt ids, llama.cpp generates."""
+    engine.check_engine("llama.cpp")
+    spec = models.resolve(choice.model)
+    llama = engine.load_llama_cpp(choice.model, choice.adapter, form="adapter")  # refuses non-GGUF models first
+    tokenizer = models.load_tokenizer(choice.model)
+    loaded = models.LoadedModel(None, tokenizer, spec, {"engine": "llama.cpp", "gguf": str(llama.gguf),
+                                                        "lora": str(llama.lora) if llama.lora else None})
+    return Entry(loaded, chat.chat_format(spec, tokenizer), llama=llama)
 
 
 @dataclass
@@ -136,10 +152,20 @@ def stream_reply(entry: Entry, messages: list[dict], stats: StreamStats, max_new
     """Stream the reply to ``messages`` and fill ``stats`` (latency, time to first token, tokens, words)."""
     start = time.perf_counter()
     text, info = "", {}
-    for piece in generation.stream(entry.loaded.model, entry.loaded.tokenizer, messages, entry.fmt,
+    if entry.llama is not None:
+        tok = entry.loaded.tokenizer
+        full = len(generation.prompt_ids(tok, messages, entry.fmt))
+        ids = generation.prompt_ids(tok, messages, entry.fmt, max_prompt_tokens)
+        info.update(prompt_tokens=len(ids), truncated=full > len(ids))
+        pieces = entry.llama.stream(ids, max_new_tokens, info=info, do_sample=do_sample, temperature=temperature,
+                                    top_p=top_p, seed=seed,
+                                    stop=[generation.PLAIN_STOP] if entry.fmt == "plain" else None)
+    else:
+        pieces = generation.stream(entry.loaded.model, entry.loaded.tokenizer, messages, entry.fmt,
                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                    top_p=top_p, seed=seed, max_prompt_tokens=max_prompt_tokens, lock=entry.lock,
-                                   info=info):
+                                   info=info)
+    for piece in pieces:
         if piece and stats.ttft_s is None:
             stats.ttft_s = time.perf_counter() - start
         text += piece

@@ -159,7 +159,7 @@ def test_pool_is_bounded_and_refuses_outside_paths(world, tmp_path):
     a, b = serving.available_choices(world["models"], (str(world["base"]),))
     pool.get(a)
     pool.get(b)
-    assert pool.loaded_keys() == [(b.model, b.adapter)]
+    assert pool.loaded_keys() == [(b.model, b.adapter, b.engine)]
     outside = serving.Choice("x", str(world["base"]), str(tmp_path))
     with pytest.raises(serving.ChoiceError, match="is outside"):
         pool.get(outside)
