@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import chat, hardware, models
+from . import chat, hardware, int8, models
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import from_root
 
@@ -432,6 +432,11 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     if loaded.info["load_in_8bit"]:
         # casts norms to fp32; checkpointing is switched on (or not) by the Trainer below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # bitsandbytes' CPU training matmul keeps every 8-bit layer's input although the frozen
+        # weight needs no gradient; these layers keep nothing (same numbers, see utils/int8.py)
+        slimmed = int8.slim_frozen_8bit(model)
+    else:
+        slimmed = 0
     if cfg.gradient_checkpointing:
         # Re-entrant checkpointing runs each layer's first forward without autograd, so nothing of it
         # is kept. (The non-re-entrant kind relies on saved-tensor hooks, which bitsandbytes' CPU
@@ -513,6 +518,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "label": loaded.info.get("label"),
         "load_in_8bit": loaded.info["load_in_8bit"],
         "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
+        "slim_8bit_layers": slimmed,
         "chat_format": fmt,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target_modules": targets,
                  "fan_in_fan_out": fan_in_fan_out},
