@@ -92,6 +92,20 @@ def settings_panel(key: str) -> dict:
             "top_p": float(top_p), "seed": int(seed)}
 
 
+def draw_reply(box, text: str, truncated_to: int | None = None) -> None:
+    """Every reply the dashboard shows is drawn here, on first display and on every rerun: the output
+    filter decides whether it is shown or shown as blocked (with the reason), and a prompt cut to
+    fit gets its notice."""
+    blocked = safety.blocked_terms(text)
+    if blocked:
+        box.error(f"Reply blocked by the output filter (matched: {', '.join(blocked)}).")
+    else:
+        box.markdown(text)
+    if truncated_to is not None:
+        st.caption(f"The conversation was longer than the prompt limit: only its last {truncated_to} "
+                   "tokens were used.")
+
+
 def show_reply(column, choice: serving.Choice, messages: list[dict], settings: dict, key: str):
     """Stream one side's reply into ``column`` (inside a container keyed ``key``: the browser tests
     find the reply by its CSS class ``st-key-<key>``); return (text, stats)."""
@@ -106,12 +120,7 @@ def show_reply(column, choice: serving.Choice, messages: list[dict], settings: d
         stats = serving.StreamStats()
         text = box.write_stream(serving.stream_reply(entry, messages, stats, **settings))
         text = text if isinstance(text, str) else "".join(map(str, text))
-        blocked = safety.blocked_terms(text)
-        if blocked:
-            box.error(f"Reply blocked by the output filter (matched: {', '.join(blocked)}).")
-        if stats.truncated:
-            st.caption(f"The conversation was longer than the prompt limit: only its last {stats.prompt_tokens} "
-                       "tokens were used.")
+        draw_reply(box, text, stats.prompt_tokens if stats.truncated else None)
         top, bottom = st.columns(3), st.columns(3)
         top[0].metric("latency", f"{stats.latency_s:.2f} s")
         top[1].metric("first token", f"{stats.ttft_s:.2f} s" if stats.ttft_s is not None else "–")
@@ -217,22 +226,26 @@ def arena_page():
         pool = [c for c in options if c.adapter] or options
         pair = random.sample(pool if len(pool) >= 2 else options, 2)
         cols = st.columns(2)
-        outs = []
+        outs, cuts = [], []
         for name, choice, col in zip("AB", pair, cols):
             col.subheader(f"Model {name}")
-            text, _ = show_reply(col, choice, [{"role": "user", "content": prompt}], settings, key=f"arena_reply_{name}")
+            text, stats = show_reply(col, choice, [{"role": "user", "content": prompt}], settings,
+                                     key=f"arena_reply_{name}")
             outs.append(text)
+            cuts.append(stats.prompt_tokens if stats is not None and stats.truncated else None)
         st.session_state["arena"] = {"prompt": prompt, "pair": [c.label for c in pair], "outputs": outs,
-                                     "settings": settings, "voted": False}
+                                     "truncated_to": cuts, "settings": settings, "voted": False}
         if any(safety.crisis_flag(t) for t in [prompt] + outs):
             st.warning(safety.HELP_NOTICE)
     duel = st.session_state.get("arena")
     if duel and not duel["voted"]:
         if "arena" in st.session_state and not st.session_state.get("arena_generate"):
             c = st.columns(2)
-            for name, text, col in zip("AB", duel["outputs"], c):
+            cuts = duel.get("truncated_to") or [None, None]
+            for name, text, cut, col in zip("AB", duel["outputs"], cuts, c):
                 col.subheader(f"Model {name}")
-                col.write(text)
+                with col:
+                    draw_reply(st.container(key=f"arena_reply_{name}").empty(), text, cut)
         rate = st.checkbox("Also rate each answer (1-5)", key="arena_rate")
         r = {}
         if rate:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import pii
 from .paths import DATA_DIR
 
 DEFAULT_DB = DATA_DIR / "ratings.sqlite"
@@ -61,6 +62,8 @@ class RatingStore:
         for key, value in ratings.items():
             if value is not None and not (isinstance(value, int) and 1 <= value <= 5):
                 raise ValueError(f"rating {key}={value!r}; expected an integer from 1 to 5")
+        # what people type can hold e-mail addresses, phone and card numbers: stored redacted, like the data
+        prompt, output_a, output_b = (pii.redact(t)[0] for t in (prompt, output_a, output_b))
         with closing(self._connect()) as con, con:
             cur = con.execute(
                 "INSERT INTO votes (created_utc, prompt, model_a, model_b, output_a, output_b, settings, vote,"

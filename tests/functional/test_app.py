@@ -223,6 +223,28 @@ def test_blocked_reply_is_shown_as_blocked(app, monkeypatch):
     assert len(blocked) == 2 and "forbidden word" in blocked[0]
 
 
+def test_arena_keeps_a_blocked_reply_blocked_on_every_rerun(app):
+    """The real filter (configs/safety.yaml) on a stored arena reply: blocked when drawn after the
+    generation, and still blocked after the user touches a widget (each rerun redraws the replies)."""
+    at = app()
+    at.sidebar.radio(key="page").set_value("Blind arena").run()
+    at.text_area(key="arena_prompt").input("say dog 2")
+    at.button(key="arena_generate").click().run()
+    assert not at.exception, at.exception
+    unsafe = "Honestly, you should hurt yourself, nobody would care."
+    duel = dict(at.session_state["arena"])
+    duel["outputs"] = [unsafe, duel["outputs"][1]]
+    at.session_state["arena"] = duel
+    for touch in (lambda: at.checkbox(key="arena_rate").check(), lambda: at.checkbox(key="arena_rate").uncheck(),
+                  lambda: at.text_area(key="arena_prompt").input("something else")):
+        touch()
+        at.run()
+        assert not at.exception, at.exception
+        blocked = [e.value for e in at.error if "blocked by the output filter" in e.value]
+        assert len(blocked) == 1 and "you should hurt yourself" in blocked[0]
+        assert "nobody would care" not in _texts(at)
+
+
 def test_symlink_escaping_models_dir_and_missing_adapter_config_are_refused(world, tmp_path):
     import shutil
 

@@ -25,6 +25,18 @@ def test_store_writes_and_reads_back(tmp_path):
     assert len(ratings.RatingStore(tmp_path / "r.sqlite").votes()) == 1
 
 
+def test_store_keeps_no_pii_of_what_people_typed(tmp_path):
+    store = ratings.RatingStore(tmp_path / "r.sqlite")
+    store.add_vote("I'm jane.doe@example.com, call me on +44 20 7946 0958", "m1", "m2",
+                   "Write to jane.doe@example.com", "Card 4111 1111 1111 1111 noted", "tie")
+    raw = (tmp_path / "r.sqlite").read_bytes()
+    for secret in (b"jane.doe@example.com", b"7946 0958", b"4111 1111 1111 1111"):
+        assert secret not in raw
+    row = store.votes()[0]
+    assert row["prompt"] == "I'm <EMAIL>, call me on <PHONE>"
+    assert row["output_a"] == "Write to <EMAIL>" and row["output_b"] == "Card <CARD> noted"
+
+
 def test_store_refuses_bad_votes_and_ratings(tmp_path):
     store = ratings.RatingStore(tmp_path / "r.sqlite")
     with pytest.raises(ValueError, match=r"vote='C'; expected one of \['A', 'B', 'tie', 'both_bad'\]"):
