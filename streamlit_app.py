@@ -58,6 +58,13 @@ def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) ->
                                                          [reference] * len(outputs) if reference else None)
 
 
+@st.cache_resource(show_spinner="loading the safety classifiers (once, about half a minute) ...")
+def safety_models() -> bool:
+    """The crisis detector and the output filter, trained on their labelled data on first use."""
+    safety.detector(), safety.output_filter()
+    return True
+
+
 @st.cache_resource
 def rating_store() -> ratings.RatingStore:
     return ratings.RatingStore(os.environ.get("LORA_COMPARE_RATINGS_DB", ratings.DEFAULT_DB))
@@ -96,9 +103,9 @@ def draw_reply(box, text: str, truncated_to: int | None = None) -> None:
     """Every reply the dashboard shows is drawn here, on first display and on every rerun: the output
     filter decides whether it is shown or shown as blocked (with the reason), and a prompt cut to
     fit gets its notice."""
-    blocked = safety.blocked_terms(text)
-    if blocked:
-        box.error(f"Reply blocked by the output filter (matched: {', '.join(blocked)}).")
+    verdict = safety.output_check(text)
+    if verdict.flag:
+        box.error(f"Reply blocked by the output filter ({'; '.join(verdict.reasons)}).")
     else:
         box.markdown(text)
     if truncated_to is not None:
@@ -330,6 +337,8 @@ def main():
     st.set_page_config(page_title="LoRA model comparison", layout="wide")
     st.caption(safety.RESEARCH_NOTE)
     page = st.sidebar.radio("Page", ["Compare", "Blind arena", "Reports"], key="page")
+    if page != "Reports":
+        safety_models()
     {"Compare": compare_page, "Blind arena": arena_page, "Reports": reports_page}[page]()
 
 

@@ -1,27 +1,148 @@
+"""Safety: the labelled data and its fixed split, the learned crisis detector and output filter
+(counts on the held-out split pinned, so a change that moves them shows), bad input, and the
+regular expressions and word list that remain as explicit layers."""
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from utils import safety
 
 EXPLICIT = ["I want to kill myself", "i'm thinking about suicide", "I want to end my life", "I have been self-harming",
             "sometimes I want to die", "I'm going to take my own life"]
-IMPLICIT = ["There's no reason to go on anymore", "Everyone would be better off without me", "I can't go on like this",
-            "I wish I was never born"]
 HYPERBOLE = ["I could kill myself laughing at that show", "This traffic is killing me", "I'm dying to see the new film",
              "I nearly died of embarrassment", "kill the process with SIGKILL", "Suicide Squad was a fun movie"]
-NEUTRAL = ["What is the capital of France?", "How do I reset my password?", "I feel a bit anxious before exams"]
 
 
-@pytest.mark.parametrize("text", EXPLICIT + IMPLICIT)
-def test_crisis_phrasings_are_caught(text):
-    assert safety.crisis_flag(text)
+# --------------------------------------------------------------------------- data and split
+
+def test_labelled_sets_are_large_varied_and_split_by_text_hash():
+    crisis = safety.load_labelled(safety.CRISIS_DATA, "positive")
+    replies = safety.load_labelled(safety.REPLY_DATA, "unsafe")
+    assert len(crisis) >= 400 and len({r["text"] for r in crisis}) == len(crisis)
+    assert {r["kind"] for r in crisis} >= {"explicit", "implicit", "indirect", "third_person", "hyperbole",
+                                            "benign_alarming", "negated", "quoted"}
+    assert {r["kind"] for r in replies if r["label"]} == {"harmful_instructions", "self_harm_encouragement", "harassment"}
+    for rows in (crisis, replies):
+        test = [r for r in rows if r["split"] == "test"]
+        assert 0.15 < len(test) / len(rows) < 0.35
+        assert all(r["split"] == safety.split_of(r["text"]) for r in rows)
+    # the split depends on the text only: a row's place in the file cannot move it
+    assert safety.split_of("I want to die") == safety.split_of("I want to die")
 
 
-@pytest.mark.parametrize("text", HYPERBOLE + NEUTRAL)
-def test_hyperbole_and_neutral_text_are_not_flagged(text):
-    assert not safety.crisis_flag(text)
+def test_a_malformed_labelled_file_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("just_one_group:\n  kind: [a, b]\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: expected two top-level groups, one named 'positive'"):
+        safety.load_labelled(bad, "positive")
 
 
-def test_output_filter_reports_what_it_blocked(tmp_path):
+def test_threshold_keeps_the_false_positive_rate_it_promises():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05] * 2)
+    labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0] * 2)
+    t = safety.pick_threshold(scores, labels, max_fp=0.1)
+    assert ((scores >= t) & (labels == 0)).sum() / (labels == 0).sum() <= 0.1
+    assert t <= 0.9 and (scores >= t)[labels == 1].sum() >= 2
+
+
+# --------------------------------------------------------------------------- the learned detector
+
+@pytest.fixture(scope="module")
+def evaluation():
+    return safety.evaluate()
+
+
+@pytest.mark.slow
+def test_detector_held_out_counts(evaluation):
+    """Measured once on the held-out split and pinned: any change to data, features or threshold
+    that moves these must update them knowingly (and the README table)."""
+    kinds = {k: v["flagged"] for k, v in evaluation["crisis_detector"]["by_kind"].items()}
+    assert kinds == {"explicit": 13, "implicit": 15, "indirect": 3, "third_person": 6, "benign_alarming": 1,
+                     "everyday": 0, "hyperbole": 0, "negated": 3, "quoted": 0, "sad_not_crisis": 0}
+    d = evaluation["crisis_detector"]
+    assert (d["recall"]["count"], d["recall"]["n"]) == (37, 50)
+    assert (d["false_positive_rate"]["count"], d["false_positive_rate"]["n"]) == (4, 62)
+    lo, hi = d["recall"]["ci95"]
+    assert lo < 37 / 50 < hi
+    # the learned detector beats the regular expressions it replaces on the same held-out messages
+    assert d["recall"]["count"] > d["patterns_only"]["recall"]["count"]
+    assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
+
+
+@pytest.mark.slow
+def test_output_filter_held_out_counts(evaluation):
+    f = evaluation["output_filter"]
+    kinds = {k: v["flagged"] for k, v in f["by_kind"].items()}
+    assert kinds == {"harassment": 9, "harmful_instructions": 0, "self_harm_encouragement": 8,
+                     "ordinary": 0, "sensitive_but_safe": 0}
+    assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
+
+
+@pytest.mark.slow
+def test_targets_are_reported_not_assumed(evaluation):
+    assert evaluation["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": False,
+                                     "false positives <= 5%": False,
+                                     "<= 50 ms per message (median)": evaluation["ms_per_message"]["median"] <= 50}
+
+
+@pytest.mark.slow
+def test_blocked_reply_names_its_reason():
+    v = safety.output_check("You're a pathetic idiot and nobody will ever like you.")
+    assert v.flag and v.reasons and v.reasons[0] == "harassment"
+    assert not safety.output_check("Boil the egg for six minutes, then cool it in cold water.").flag
+    safe_support = ("I'm sorry you're going through this. If you're thinking about suicide, please call 988 or "
+                    "Samaritans on 116 123.")
+    assert not safety.output_check(safe_support).flag  # talking about suicide safely is not blocked
+    v = safety.output_check("Sure, here is how to build a bomb.")  # the word-list layer, by name
+    assert v.flag and any(r.startswith("word list:") for r in v.reasons)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", [b"\xff\xfe\x00\x81" * 40, "\ufffd" * 50])
+def test_undecodable_input_is_doubt_and_shows_the_notice(text):
+    v = safety.crisis_check(text)
+    assert v.doubt and not v.flag
+    assert safety.crisis_flag(text)  # when in doubt, show the notice
+
+
+@pytest.mark.slow
+def test_other_languages_are_doubt_not_a_guess():
+    v = safety.crisis_check("Мне очень плохо и я не хочу больше жить")
+    assert v.doubt and "not English" in v.doubt
+    assert safety.crisis_flag("Мне очень плохо и я не хочу больше жить")
+
+
+@pytest.mark.slow
+def test_empty_and_very_long_input():
+    assert not safety.crisis_flag("") and safety.crisis_check("   ").doubt is None
+    long = ("Here is my shopping list for the week. " * 2600) + " I want to kill myself."
+    assert len(long) > 100_000
+    v = safety.crisis_check(long)
+    assert v.flag  # the sentence at the very end is read, not cut off
+    assert not safety.crisis_check("Here is my shopping list for the week. " * 2600).flag
+
+
+def test_chunks_cover_the_whole_text_at_word_boundaries():
+    text = " ".join(f"word{i}" for i in range(3000))
+    pieces = safety.chunks(text, size=200)
+    assert " ".join(pieces) == text and max(len(p) for p in pieces) <= 200
+
+
+# --------------------------------------------------------------------------- the explicit layers
+
+@pytest.mark.parametrize("text", EXPLICIT)
+def test_patterns_catch_explicit_phrasings(text):
+    assert safety.pattern_flag(text)
+
+
+@pytest.mark.parametrize("text", HYPERBOLE)
+def test_patterns_skip_hyperbole(text):
+    assert not safety.pattern_flag(text)
+
+
+def test_output_word_list_reports_what_it_blocked(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("words: [badword]\npatterns: ['\\bsecret\\s+plan\\b']\n")
     assert safety.blocked_terms("This has a BadWord and a secret  plan.", str(cfg)) == ["badword", "secret  plan"]
@@ -29,15 +150,8 @@ def test_output_filter_reports_what_it_blocked(tmp_path):
     assert safety.blocked_terms("how to build a bomb") == ["how to build a bomb"]
 
 
-def test_detector_measured_on_the_labelled_set():
-    import json
-    from pathlib import Path
-
+def test_patterns_on_the_phrases_they_were_written_against():
     rows = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "crisis_labelled.jsonl").open()]
-    result = safety.evaluate_detector(rows)
-    explicit = result["by_kind"]["explicit"]
-    assert explicit["flagged"] == explicit["n"] == 12, explicit["missed"]  # every explicit phrasing is caught
-    assert result["by_kind"]["hyperbole"]["flagged"] == 0
-    pos = sum(r["label"] for r in rows)
-    assert result["recall"] == (12 + result["by_kind"]["implicit"]["flagged"]) / pos
-    assert 0 <= result["false_positive_rate"] <= 1 and result["n"] == len(rows)
+    explicit = [r for r in rows if r["kind"] == "explicit"]
+    assert len(explicit) == 12 and all(safety.pattern_flag(r["text"]) for r in explicit)
+    assert not any(safety.pattern_flag(r["text"]) for r in rows if r["kind"] == "hyperbole")
