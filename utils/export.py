@@ -84,7 +84,10 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, np.ndarray]]:
     for path in (config_path, weights):
         if not path.exists():
             raise ExportError(f"{path} not found; expected a PEFT LoRA folder (train one with notebooks/02_train_lora.ipynb)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg}); expected PEFT's adapter_config.json") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters export to llama.cpp")
     if config.get("use_dora"):
@@ -93,7 +96,11 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise ExportError(f"{config_path}: modules_to_save {config['modules_to_save']} are full weights, not LoRA pairs")
     if config.get("fan_in_fan_out"):
         raise ExportError(f"{config_path}: fan_in_fan_out (GPT-2 Conv1D) models have no GGUF base here")
-    return config, load_file(str(weights))
+    try:
+        return config, load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ExportError(f"{weights}: cannot be read as safetensors ({err}); re-save the adapter "
+                          f"(notebooks/02_train_lora.ipynb)") from None
 
 
 def lora_pairs(tensors: dict[str, np.ndarray], arch: str, n_blocks: int, n_head: int, n_head_kv: int,

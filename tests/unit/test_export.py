@@ -131,6 +131,16 @@ def test_adapters_llama_cpp_cannot_take_are_refused(tmp_path, extra, message):
         E.read_adapter(tmp_path)
 
 
+def test_corrupt_adapter_files_are_named(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"r": 4,\n oops}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(E.ExportError, match=r"adapter_config.json:2: not valid JSON"):
+        E.read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    with pytest.raises(E.ExportError, match=r"adapter_model.safetensors: cannot be read as safetensors"):
+        E.read_adapter(tmp_path)
+
+
 def test_a_missing_adapter_file_is_named(tmp_path):
     with pytest.raises(E.ExportError, match=r"adapter_config.json not found"):
         E.read_adapter(tmp_path)
