@@ -170,13 +170,13 @@ def decode_rate(model: str, engine_name: str, new_tokens: int, repeats: int, dty
             "bytes_per_token": weight_bytes_read_per_token(net)}
 
 
-def decode_model(model: str, adapter_root: Path | None, bandwidth: float, new_tokens: int = 32, repeats: int = 2,
+def decode_model(model: str, adapter_root: Path | None, new_tokens: int = 32, repeats: int = 2,
                  dtype: str = "auto", train_steps: int = 20, n_prompts: int = AGREEMENT_PROMPTS) -> dict:
-    """Rows for one model: {torch, llama.cpp} x {base, lora}, plus llama.cpp's merged form."""
+    """Rows for one model: {torch, llama.cpp} x {base, lora}, plus llama.cpp's merged form (roofline
+    shares are added by ``decode_benchmark``, against the best bandwidth probe of the whole run)."""
     import gc
 
     from . import chat, engine, export, models
-    from .benchmark import share_of_bound
     from .generation import prompt_ids
     from .hardware import pick_dtype
 
@@ -205,10 +205,8 @@ def decode_model(model: str, adapter_root: Path | None, bandwidth: float, new_to
     for variant, eng, form, files, kw in variants:
         rate = _rate_in_subprocess(model, eng, form, new_tokens, repeats, dtype, **kw)
         nbytes = gguf_bytes_per_token(*files) if files else rate.pop("bytes_per_token")
-        bound = bandwidth / nbytes
         rows.append({"model": spec["name"], "variant": variant, "engine": eng, "form": form,
                      "dtype": dtype if eng == "torch" else "gguf", **rate, "bytes_per_token": nbytes,
-                     "roofline_tokens_per_s": bound, "roofline_fraction": share_of_bound(rate["decode_tokens_per_s"], bound),
                      "token_agreement": None, "agreement": None,
                      **({"files": [str(f) for f in files]} if files else {}),
                      **({"adapter": adapter_note} if variant == "lora" else {})})
@@ -263,13 +261,12 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
     for model in tqdm([m for m in models_list if models.resolve(m)["name"] not in skipped], desc="decode benchmark"):
         bandwidth.sample()
         adapter = models_dir / f"{models.resolve(model)['name']}-lora"
-        per_model.append(decode_model(model, adapter, bandwidth.best, new_tokens, repeats, dtype, train_steps,
-                                      n_prompts))
+        per_model.append(decode_model(model, adapter, new_tokens, repeats, dtype, train_steps, n_prompts))
     bandwidth.sample()
     rows = [r for m in per_model for r in m["rows"]]
     from .benchmark import share_of_bound
 
-    for r in rows:  # re-read every share against the best probe of the whole run
+    for r in rows:  # every share against the best probe of the whole run
         r["roofline_tokens_per_s"] = bandwidth.best / r["bytes_per_token"]
         r["roofline_fraction"] = share_of_bound(r["decode_tokens_per_s"], r["roofline_tokens_per_s"])
 

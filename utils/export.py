@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_file
+
 ROPE_PERMUTED = {"llama"}  # architectures whose GGUF conversion reorders q/k rows
 BASE_SHA_KEY = "lora_compare.base_sha256"
 ADAPTER_KEY = "lora_compare.adapter"
@@ -178,20 +180,20 @@ def write_lora_gguf(pairs: list[LoraPair], config: dict, base: Base, out: Path, 
     import gguf
 
     alpha = config["lora_alpha"] * (math.sqrt(config["r"]) if config.get("use_rslora") else 1.0)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), base.arch)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    writer.add_string(BASE_SHA_KEY, base.sha256)
-    writer.add_string(ADAPTER_KEY, adapter_name)
-    for p in pairs:
-        writer.add_tensor(p.gguf_name + ".weight.lora_a", np.ascontiguousarray(p.a))
-        writer.add_tensor(p.gguf_name + ".weight.lora_b", np.ascontiguousarray(p.b))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    _finish(writer, tmp, out)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), base.arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_string(BASE_SHA_KEY, base.sha256)
+        writer.add_string(ADAPTER_KEY, adapter_name)
+        for p in pairs:
+            writer.add_tensor(p.gguf_name + ".weight.lora_a", np.ascontiguousarray(p.a))
+            writer.add_tensor(p.gguf_name + ".weight.lora_b", np.ascontiguousarray(p.b))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return out
 
 
@@ -213,42 +215,35 @@ def write_merged_gguf(pairs: list[LoraPair], config: dict, base: Base, out: Path
     target = gguf.GGMLQuantizationType[qtype]
     scale = adapter_scale(config)
     by_name = {p.gguf_name + ".weight": p for p in pairs}
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), base.arch)
-    for field in base.reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    writer.add_string(BASE_SHA_KEY, base.sha256)
-    writer.add_string(ADAPTER_KEY, adapter_name)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), base.arch)
+        for field in base.reader.fields.values():
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            value_type = field.types[0]
+            sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+        writer.add_string(BASE_SHA_KEY, base.sha256)
+        writer.add_string(ADAPTER_KEY, adapter_name)
 
-    blobs = {}
-    for t in base.reader.tensors:
-        if t.name in by_name:
-            merged = merged_weight(t, by_name[t.name], scale)
-            data = merged.astype(np.float16) if qtype == "F16" else merged if qtype == "F32" else \
-                gguf.quants.quantize(merged, target)
-            blobs[t.name] = (data, target)
-        else:
-            blobs[t.name] = (t.data, t.tensor_type)
-    for name, (data, kind) in blobs.items():  # quantised data: byte shape, converted by the writer
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for data, _ in tqdm(blobs.values(), desc=f"writing {out.name}", unit="tensor"):
-        writer.write_tensor_data(data)
-    _finish(writer, tmp, out)
+        blobs = {}
+        for t in base.reader.tensors:
+            if t.name in by_name:
+                merged = merged_weight(t, by_name[t.name], scale)
+                data = merged.astype(np.float16) if qtype == "F16" else merged if qtype == "F32" else \
+                    gguf.quants.quantize(merged, target)
+                blobs[t.name] = (data, target)
+            else:
+                blobs[t.name] = (t.data, t.tensor_type)
+        for name, (data, kind) in blobs.items():  # quantised data: byte shape, converted by the writer
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for data, _ in tqdm(blobs.values(), desc=f"writing {out.name}", unit="tensor"):
+            writer.write_tensor_data(data)
+        writer.close()
     return out
-
-
-def _finish(writer, tmp: Path, out: Path) -> None:
-    import os
-
-    writer.close()
-    os.replace(tmp, out)
 
 
 def skip_reason(adapter_root: str | Path) -> str | None:

@@ -346,12 +346,13 @@ def output_check(text, config: str | None = None) -> Verdict:
 def _kind_table(flags: list[bool], rows: list[dict]) -> dict:
     from .ratings import wilson_interval
 
+    label_of = {r["kind"]: r["label"] for r in rows}
     out = {}
-    for kind in sorted({r["kind"] for r in rows}, key=lambda k: (-rows[[r["kind"] for r in rows].index(k)]["label"], k)):
+    for kind in sorted(label_of, key=lambda k: (-label_of[k], k)):  # positive kinds first
         idx = [i for i, r in enumerate(rows) if r["kind"] == kind]
         hit = sum(flags[i] for i in idx)
         lo, hi = wilson_interval(hit, len(idx))
-        label = rows[idx[0]]["label"]
+        label = label_of[kind]
         out[kind] = {"label": label, "n": len(idx), "flagged": hit, "share": hit / len(idx),
                      "ci95": [round(lo, 3), round(hi, 3)],
                      "errors": [rows[i]["text"] for i in idx if flags[i] != bool(label)]}
