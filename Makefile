@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline test test-fast lab app benchmark strip clean
+.PHONY: venv pipeline lint test test-fast lab app benchmark strip clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,15 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 pipeline: $(STAMP)
 	$(PY) -m utils.pipeline $(ARGS)
 
-test: $(STAMP)
+# Lint (ruff, settings in pyproject.toml) and the notebooks' generated parameters cells.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m utils.params --check
+
+test: lint
 	$(PY) -m pytest $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lab: $(STAMP)

@@ -20,7 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from utils import judge as J
-from utils import engine, metrics, models, ratings, safety, serving
+from utils import chat, engine, metrics, models, ratings, safety, serving
 from utils.export import ExportError
 from utils.benchmark import share_text
 from utils.data import read_jsonl
@@ -45,7 +45,7 @@ def embedder() -> metrics.Embedder:
 
 @st.cache_resource(show_spinner=False)
 def judge() -> J.LLMJudge | None:
-    """The same judge as the evaluation, loaded on first use (Qwen2.5-Coder-1.5B: about 7 GB in fp32, 3.5 GB in bf16)."""
+    """The same judge as the evaluation, loaded on first use (Qwen2.5-Coder-1.5B: ~7 GB in fp32, 3.5 GB in bf16)."""
     return None if JUDGE.lower() == "none" else J.LLMJudge(JUDGE)
 
 
@@ -153,9 +153,14 @@ def compare_page():
     pick_a = col_a.selectbox("Model A", labels, index=a_default, key="model_a")
     pick_b = col_b.selectbox("Model B", labels, index=b_default, key="model_b")
     engines = [e for e in engine.ENGINES if e == "torch" or engine_available(e)]
-    pick_engine = st.radio("Engine", engines, horizontal=True, key="engine",
-                           help="llama.cpp: the shipped GGUF, with the adapter exported to lora.gguf (utils/export.py); "
-                                "GGUF presets only. Both sides use the same engine.")
+    pick_engine = st.radio(
+        "Engine",
+        engines,
+        horizontal=True,
+        key="engine",
+        help="llama.cpp: the shipped GGUF, with the adapter exported to lora.gguf (utils/export.py); "
+        "GGUF presets only. Both sides use the same engine.",
+    )
     side = {"A": dataclasses.replace(options[labels.index(pick_a)], engine=pick_engine),
             "B": dataclasses.replace(options[labels.index(pick_b)], engine=pick_engine)}
 
@@ -173,9 +178,7 @@ def compare_page():
             st.session_state["val_index"] = random.randrange(len(rows))
         index = c2.number_input("index", 0, len(rows) - 1, st.session_state.get("val_index", 0), key="val_index")
         row = rows[int(index)]
-        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-        history, reference = row["messages"][:last], row["messages"][last]["content"]
-        prompt = history[-1]["content"]
+        history, prompt, reference = chat.split_prompt(row)
         st.text_area("Prompt", prompt, disabled=True, key="val_prompt_view")
     else:
         prompt = st.text_area("Prompt", key="prompt", placeholder="Ask both models something ...")
@@ -263,7 +266,11 @@ def arena_page():
         for label, vote, col in zip(["A is better", "B is better", "Tie", "Both bad"], ratings.VOTES, buttons):
             if col.button(label, key=f"vote_{vote}"):
                 graded = grade_pair(duel["prompt"], duel["outputs"])
-                auto = {f"{m}_{s}": g[m] for s, g in zip("ab", graded) for m in ("coherence", "relevance")} if graded else {}
+                auto = (
+                    {f"{m}_{s}": g[m] for s, g in zip("ab", graded) for m in ("coherence", "relevance")}
+                    if graded
+                    else {}
+                )
                 rating_store().add_vote(duel["prompt"], duel["pair"][0], duel["pair"][1], duel["outputs"][0],
                                         duel["outputs"][1], vote, duel["settings"], r, auto)
                 duel["voted"] = True
@@ -278,11 +285,25 @@ def leaderboard():
         st.caption("No votes yet.")
         return
     wr, bt = ratings.win_rates(votes), ratings.bradley_terry(votes)
-    st.dataframe(pd.DataFrame([{"model": m, "games": s["games"], "win rate": round(s["win_rate"], 3),
-                                "95% CI": f"[{s['low']:.2f}, {s['high']:.2f}]", "Bradley-Terry (Elo scale)": round(bt.get(m, 1000))}
-                               for m, s in sorted(wr.items(), key=lambda kv: -bt.get(kv[0], 0))]), hide_index=True)
-    st.caption("Human calibration, the judge's grades vs your 1-5 ratings of the same replies (Spearman, 95% interval): "
-               + ratings.agreement_text(ratings.agreement(votes)))
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "model": m,
+                    "games": s["games"],
+                    "win rate": round(s["win_rate"], 3),
+                    "95% CI": metrics.interval_text(s, keys=(None, "low", "high")),
+                    "Bradley-Terry (Elo scale)": round(bt.get(m, 1000)),
+                }
+                for m, s in sorted(wr.items(), key=lambda kv: -bt.get(kv[0], 0))
+            ]
+        ),
+        hide_index=True,
+    )
+    st.caption(
+        "Human calibration, the judge's grades vs your 1-5 ratings of the same replies (Spearman, 95% interval): "
+        + ratings.agreement_text(ratings.agreement(votes))
+    )
 
 
 def reports_page():
@@ -299,24 +320,45 @@ def reports_page():
     m = json.loads((run / "metrics.json").read_text())
     if "latency" in m:
         st.subheader("Latency")
-        st.dataframe(pd.DataFrame([{"model · variant": k, "Avg (s)": round(v["avg_s"], 3), "Median (s)": round(v["median_s"], 3),
-                                    "95% CI": f"[{v['ci_low']:.3f}, {v['ci_high']:.3f}]", "n": v["n"],
-                                    "of roofline": share_text(v.get("roofline_fraction"))}
-                                   for k, v in m["latency"].items()]), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "model · variant": k,
+                        "Avg (s)": round(v["avg_s"], 3),
+                        "Median (s)": round(v["median_s"], 3),
+                        "95% CI": metrics.interval_text(v, 3, keys=(None, "ci_low", "ci_high")),
+                        "n": v["n"],
+                        "of roofline": share_text(v.get("roofline_fraction")),
+                    }
+                    for k, v in m["latency"].items()
+                ]
+            ),
+            hide_index=True,
+        )
     if "response" in m:
         st.subheader("Response quality")
 
-        def ci(s, d=2):
-            if not s or s.get("mean") is None:
-                return "–"
-            return f"{s['mean']:.{d}f} [{s['low']:.{d}f}, {s['high']:.{d}f}]"
+        ci = metrics.interval_text
 
         for sentence in m.get("verdicts", []):
             st.markdown(f"- {sentence}")
-        st.dataframe(pd.DataFrame([{"model": k, "Overall /5": ci(v.get("overall")), "Relevance /5": ci(v.get("relevance")),
-                                    "Coherence /5": ci(v.get("coherence")), "Avg Len (words)": ci(v["avg_len_words"], 1),
-                                    "n": v["avg_len_words"]["n"]}
-                                   for k, v in m["response"].items()]), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "model": k,
+                        "Overall /5": ci(v.get("overall")),
+                        "Relevance /5": ci(v.get("relevance")),
+                        "Coherence /5": ci(v.get("coherence")),
+                        "Avg Len (words)": ci(v["avg_len_words"], 1),
+                        "n": v["avg_len_words"]["n"],
+                    }
+                    for k, v in m["response"].items()
+                ]
+            ),
+            hide_index=True,
+        )
     if m.get("trainable_params"):
         st.subheader("Trainable parameters")
         st.dataframe(pd.DataFrame([{"model": k, "trainable": v["trainable"], "total": v["total"], "%": v["percent"]}

@@ -21,13 +21,29 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hardware import COMPUTE_DTYPES
 from .io import write_json_atomically
-from .paths import REPORTS_DIR
+from .paths import MODELS, PROCESSED, REPORTS_DIR
 
 BENCH_DIR = REPORTS_DIR / "benchmarks"
+
+
+@dataclass
+class BenchConfig:
+    """Parameters of ``notebooks/04_benchmark.ipynb`` (its parameters cell is generated from this class)."""
+
+    models: list = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])  # with adapters where trained
+    random_models: list = field(default_factory=lambda: ["gpt2", "tinyllama"])  # the original pair, random weights
+    new_tokens: int = 32  # tokens generated per measurement (fixed)
+    repeats: int = 2  # repetitions per prompt (3 prompts)
+    dtype: str = "auto"  # full-precision variants: "bf16", "fp32", or "auto" (bf16 where the CPU has it natively)
+    engines: list = field(default_factory=lambda: ["torch", "llama.cpp"])  # "llama.cpp": also decode there
+    agreement_prompts: int = 20  # domain-suite prompts x 32 tokens compared between the engines
+    report_dir: str | None = None  # where latency.json and figures go (the pipeline sets it)
+    models_dir: str = MODELS  # where trained adapters are (<models_dir>/<name>-lora/final)
 
 
 def machine() -> dict:
@@ -160,7 +176,7 @@ def _train_variant(args: argparse.Namespace) -> None:
 
 
 def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: int = 8, max_seq_len: int = 256,
-                    data_dir: str = "data/processed", variants=None, out_dir: Path = BENCH_DIR,
+                    data_dir: str = PROCESSED, variants=None, out_dir: Path = BENCH_DIR,
                     random_init: bool = False) -> dict:
     """Training throughput and memory of each variant, each in a fresh process. ``random_init``
     trains an architecture-exact random-weight stand-in (speed and memory only)."""
@@ -192,8 +208,11 @@ def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: in
         "speedup_vs_tutorial_fp32": ratio("repo-fp32", "tutorial-fp32", "tokens_per_s"),
         "speedup_vs_tutorial_8bit": ratio("repo-8bit", "tutorial-8bit", "tokens_per_s"),
         "speedup_bf16_vs_fp32": ratio("repo-bf16", "repo-fp32", "tokens_per_s"),
-        "eval_loss_bf16_minus_fp32": (round(results["repo-bf16"]["best_eval_loss"] - results["repo-fp32"]["best_eval_loss"], 4)
-                                      if "repo-bf16" in results and "repo-fp32" in results else None),
+        "eval_loss_bf16_minus_fp32": (
+            round(results["repo-bf16"]["best_eval_loss"] - results["repo-fp32"]["best_eval_loss"], 4)
+            if "repo-bf16" in results and "repo-fp32" in results
+            else None
+        ),
         "compute_fraction_repo_fp32": results.get("repo-fp32", {}).get("compute_fraction"),
         "compute_fraction_repo_8bit": results.get("repo-8bit", {}).get("compute_fraction"),
         "model_memory_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "model_memory_mb"),
@@ -205,7 +224,9 @@ def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: in
         "peak_private_rss_ratio_8bit_vs_fp32_ckpt": ratio("repo-8bit-ckpt", "repo-fp32-ckpt", "peak_private_rss_mb"),
         "checkpointing_memory_ratio_fp32": ratio("repo-fp32-ckpt", "repo-fp32", "peak_train_rss_mb"),
         "checkpointing_speed_ratio_fp32": ratio("repo-fp32-ckpt", "repo-fp32", "tokens_per_s"),
-        "peak_rss_ratio_8bit_vs_fp32": ratio("repo-8bit", "repo-fp32", "peak_rss_mb"),  # whole process, loading included
+        "peak_rss_ratio_8bit_vs_fp32": ratio(
+            "repo-8bit", "repo-fp32", "peak_rss_mb"
+        ),  # whole process, loading included
     }
     def at_least(x, bound):
         return None if x is None else x >= bound  # None: a variant it needs was not run
@@ -217,12 +238,15 @@ def train_benchmark(model: str = "smollm2-135m", steps: int = 12, batch_size: in
         "speedup_vs_tutorial >= 2": at_least(summary["speedup_vs_tutorial_fp32"], 2),
         "compute_fraction >= 0.5": at_least(summary["compute_fraction_repo_fp32"], 0.5),
         "8bit peak training memory <= 0.6x": at_most(summary["train_rss_ratio_8bit_vs_fp32"], 0.6),
-        "8bit peak training memory <= 0.6x (gradient checkpointing)": at_most(summary["train_rss_ratio_8bit_vs_fp32_ckpt"], 0.6),
+        "8bit peak training memory <= 0.6x (gradient checkpointing)": at_most(
+            summary["train_rss_ratio_8bit_vs_fp32_ckpt"], 0.6
+        ),
         "8bit model memory <= 0.6x": at_most(summary["model_memory_ratio_8bit_vs_fp32"], 0.6),
         # where the CPU has native bf16 (None where the bf16 variant was not run)
         "bf16 >= 2x fp32 tokens/s": at_least(summary["speedup_bf16_vs_fp32"], 2),
-        "bf16 held-out loss within 0.02 of fp32": (None if summary["eval_loss_bf16_minus_fp32"] is None
-                                                   else abs(summary["eval_loss_bf16_minus_fp32"]) <= 0.02),
+        "bf16 held-out loss within 0.02 of fp32": (
+            None if summary["eval_loss_bf16_minus_fp32"] is None else abs(summary["eval_loss_bf16_minus_fp32"]) <= 0.02
+        ),
     }
     report = {
         "schema": 1, "benchmark": "train_throughput",
@@ -302,6 +326,7 @@ def _latency_model(args: argparse.Namespace) -> None:
 
     from . import chat, models
     from .generation import prompt_ids
+    from .paths import final_adapter
 
     torch.manual_seed(0)
     rows = []
@@ -321,10 +346,12 @@ def _latency_model(args: argparse.Namespace) -> None:
         from .training import TrainConfig, lora_config, resolve_targets, uses_conv1d
 
         if args.adapter:
-            return PeftModel.from_pretrained(base, str(Path(args.adapter) / "final")), "trained adapter"
+            return PeftModel.from_pretrained(base, str(final_adapter(args.adapter))), "trained adapter"
         spec = models.resolve(args.model)
         targets = resolve_targets(TrainConfig(), spec, base)
-        return get_peft_model(base, lora_config(TrainConfig(), targets, uses_conv1d(base, targets))), "untrained adapter (timing only)"
+        return get_peft_model(
+            base, lora_config(TrainConfig(), targets, uses_conv1d(base, targets))
+        ), "untrained adapter (timing only)"
 
     loaded = models.load_model(args.model, random_init=args.random_init)
     if args.dtype == "bf16":
@@ -360,6 +387,19 @@ def _latency_model(args: argparse.Namespace) -> None:
                                   "variants": rows}), flush=True)
 
 
+def latency_table(bench: dict):
+    """The latency benchmark's rows as a DataFrame (notebook 04)."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "model": r["model"] + (" (random weights)" if r["random_init"] else ""), "variant": r["variant"],
+        "batch": r["batch"], "avg s": round(r["latency_mean_s"], 3), "median s": round(r["latency_median_s"], 3),
+        "p95 s": round(r["latency_p95_s"], 3), "TTFT s": round(r["ttft_mean_s"], 3),
+        "decode tok/s": round(r["decode_tokens_per_s"], 1), "of roofline": share_text(r["roofline_fraction"]),
+        "footprint MB": r["memory_footprint_mb"], "process peak RSS MB": r["process_peak_rss_mb"]}
+        for r in bench["rows"]])
+
+
 def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2", "tinyllama"), new_tokens: int = 32,
                       repeats: int = 2, models_dir: Path | None = None, out_path: Path | None = None,
                       dtype: str = "auto") -> dict:
@@ -371,9 +411,9 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     from tqdm.auto import tqdm
 
     from . import models as model_registry
-    from .paths import MODELS_DIR
+    from .paths import MODELS, adapter_root, from_root, has_adapter
 
-    models_dir = Path(models_dir or MODELS_DIR)
+    models_dir = from_root(models_dir or MODELS)
     dtype = pick_dtype(dtype, "the latency benchmark", allowed=COMPUTE_DTYPES)
     bandwidth, matvec = Bound(memory_bandwidth, "GB/s"), Bound(matvec_bandwidth, "GB/s")
     bandwidth.sample(), matvec.sample()
@@ -384,10 +424,10 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
         bandwidth.sample()  # probes spread over the run: the bound is the best of them
         cmd = [sys.executable, "-m", "utils.benchmark", "_latency-model", "--model", model,
                "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--dtype", dtype]
-        adapter = models_dir / f"{model_registry.resolve(model)['name']}-lora"
+        adapter = adapter_root(model_registry.resolve(model)["name"], models_dir)
         if random_init:
             cmd.append("--random-init")
-        elif (adapter / "final" / "adapter_config.json").exists():
+        elif has_adapter(adapter):
             cmd += ["--adapter", str(adapter)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -429,21 +469,34 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     if "gpt2" in by and "tinyllama" in by:
         ratio = by["tinyllama"]["latency_mean_s"] / by["gpt2"]["latency_mean_s"]
     report = {
-        "schema": 1, "benchmark": "latency",
+        "schema": 1,
+        "benchmark": "latency",
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": {"dtype": dtype, "new_tokens": new_tokens, "min_new_tokens": new_tokens, "decoding": "greedy", "repeats": repeats,
-                   "prompts": LATENCY_PROMPTS, "warmup": 1,
-                   "decode_rate": "(new_tokens - 1) / (mean latency - mean time to first token)",
-                   "roofline": "decode steps/s <= memory bandwidth / bytes of weights read per step; the bandwidth "
-                               "is the best of probes before, between and after the models; a share above 1 "
-                               "means the bound was mis-measured and is reported as null",
-                   "checks": "medians of batch-1 latency"},
-        "machine": {**machine(), "memory_bandwidth_gbs": round(bandwidth.best / 1e9, 2),
-                    "memory_bandwidth_samples_gbs": bandwidth.summary()["samples"],
-                    "matvec_bandwidth_gbs": round(matvec.best / 1e9, 2),
-                    "matmul_gflops": round(max(rates.values()) / 1e9, 1),
-                    "matmul_gflops_by_dtype": {k: round(v / 1e9, 1) for k, v in rates.items()}},
-        "rows": rows, "checks": checks, "original_pair_ratio_tinyllama_over_gpt2": ratio,
+        "method": {
+            "dtype": dtype,
+            "new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "decoding": "greedy",
+            "repeats": repeats,
+            "prompts": LATENCY_PROMPTS,
+            "warmup": 1,
+            "decode_rate": "(new_tokens - 1) / (mean latency - mean time to first token)",
+            "roofline": "decode steps/s <= memory bandwidth / bytes of weights read per step; the bandwidth "
+            "is the best of probes before, between and after the models; a share above 1 "
+            "means the bound was mis-measured and is reported as null",
+            "checks": "medians of batch-1 latency",
+        },
+        "machine": {
+            **machine(),
+            "memory_bandwidth_gbs": round(bandwidth.best / 1e9, 2),
+            "memory_bandwidth_samples_gbs": bandwidth.summary()["samples"],
+            "matvec_bandwidth_gbs": round(matvec.best / 1e9, 2),
+            "matmul_gflops": round(max(rates.values()) / 1e9, 1),
+            "matmul_gflops_by_dtype": {k: round(v / 1e9, 1) for k, v in rates.items()},
+        },
+        "rows": rows,
+        "checks": checks,
+        "original_pair_ratio_tinyllama_over_gpt2": ratio,
     }
     if out_path is not None:
         write_json_atomically(out_path, report)
@@ -460,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=12)
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--max-seq-len", type=int, default=256)
-        p.add_argument("--data-dir", default="data/processed")
+        p.add_argument("--data-dir", default=PROCESSED)
         p.add_argument("--random-init", action="store_true", help="random-weight stand-in (speed and memory only)")
         if name == "_train-variant":
             p.add_argument("--variant", choices=sorted(TRAIN_VARIANTS), required=True)
@@ -519,7 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         out = BENCH_DIR / "latency-latest.json"
         report = latency_benchmark(args.models, args.random_models, args.new_tokens, args.repeats, out_path=out,
                                    dtype=args.dtype)
-        print(json.dumps({"checks": report["checks"], "ratio": report["original_pair_ratio_tinyllama_over_gpt2"]}, indent=2))
+        print(
+            json.dumps(
+                {"checks": report["checks"], "ratio": report["original_pair_ratio_tinyllama_over_gpt2"]}, indent=2
+            )
+        )
         return 0
     if args.command == "_train-variant":
         _train_variant(args)

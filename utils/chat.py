@@ -14,6 +14,7 @@ which ``assistant_spans`` checks rather than assumes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 IGNORE_INDEX = -100
 _PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -84,6 +85,30 @@ def encode(messages: list[dict], tokenizer, fmt: str, max_seq_len: int) -> Encod
     if all(lab == IGNORE_INDEX for lab in labels):
         return None
     return Encoded(ids, labels, first)
+
+
+def encode_rows(rows: Sequence[dict], tokenizer, fmt: str, max_seq_len: int) -> tuple[list[dict], int]:
+    """Encoded examples (input_ids, attention_mask, labels, length) of data rows, and how many
+    did not fit (not a single reply token within ``max_seq_len``)."""
+    out, dropped = [], 0
+    for row in rows:
+        enc = encode(row["messages"], tokenizer, fmt, max_seq_len)
+        if enc is None:
+            dropped += 1
+            continue
+        out.append({"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
+                    "labels": enc.labels, "length": len(enc.input_ids)})
+    return out, dropped
+
+
+def split_prompt(row: dict) -> tuple[list[dict], str, str]:
+    """A data row as a prompt: the history up to its last assistant turn, the last user message
+    in that history, and the assistant turn as the reference reply."""
+    msgs = row["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    history = msgs[:last]
+    user = next(m["content"] for m in reversed(history) if m["role"] == "user")
+    return history, user, msgs[last]["content"]
 
 
 def prompt_text(messages: list[dict], tokenizer, fmt: str) -> str:

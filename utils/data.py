@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import pii
 from .io import OutputDirError, write_directory_atomically
-from .paths import EMBEDDED_CORPUS, chatterbot_corpus_dir
+from .paths import EMBEDDED_CORPUS, PROCESSED, chatterbot_corpus_dir
 
 SPLITS = ("train", "validation", "test")
 OUTPUT_FILES = tuple(f"{s}.jsonl" for s in SPLITS) + (
@@ -53,6 +53,20 @@ _SHAREGPT_ROLES = {
     "system": "system",
 }
 _OPENAI_ROLES = {"user", "assistant", "system"}
+
+
+@dataclass
+class PrepareConfig:
+    """Parameters of ``notebooks/01_data_prep.ipynb`` (its parameters cell is generated from this class)."""
+
+    input_path: str | list = EMBEDDED_CORPUS  # JSONL/YAML file, folder, list of them, or the embedded corpus
+    output_dir: str = PROCESSED  # relative paths are taken from the repository root
+    val_fraction: float = 0.1  # share of conversations in the validation split
+    test_fraction: float = 0.1  # share of conversations in the test split
+    seed: int = 42  # the split is deterministic for a given seed
+    on_error: str = "raise"  # "raise": stop at the first bad row; "skip": drop bad rows, listed in the data card
+    schema: str | None = None  # None: detect per file; or one of prompt_response, context_response, alpaca,
+    # openai, sharegpt, chatterbot
 
 
 class DataError(ValueError):
@@ -241,11 +255,18 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict | RowError]]:
             continue
         rest = text[end:].strip()
         if rest:
-            what = "several JSON values on one line" if rest[:1] in "{[\"" else f"unexpected text after the JSON object: {rest[:30]!r}"
+            what = (
+                "several JSON values on one line"
+                if rest[:1] in '{["'
+                else f"unexpected text after the JSON object: {rest[:30]!r}"
+            )
             yield number, RowError(f"{what}; expected exactly one JSON object per line")
             continue
         if not isinstance(obj, dict):
-            yield number, RowError(f"line is a JSON {type(obj).__name__}, not an object; expected one JSON object per line")
+            yield (
+                number,
+                RowError(f"line is a JSON {type(obj).__name__}, not an object; expected one JSON object per line"),
+            )
             continue
         yield number, obj
 
@@ -300,7 +321,9 @@ def read_inputs(files: Iterable[Path], schema: str | None = None, on_error: str 
     if on_error not in ON_ERROR:
         raise DataError(f"on_error={on_error!r}; expected one of {list(ON_ERROR)}")
     if schema is not None and schema not in SCHEMAS and schema != CHATTERBOT:
-        raise DataError(f"schema={schema!r}; expected None (detect per file) or one of {sorted(SCHEMAS) + [CHATTERBOT]}")
+        raise DataError(
+            f"schema={schema!r}; expected None (detect per file) or one of {sorted(SCHEMAS) + [CHATTERBOT]}"
+        )
     report = report if report is not None else ReadReport()
     out: list[Conversation] = []
 

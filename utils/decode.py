@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .paths import has_adapter
+
 NEAR_TIE = 1.0  # logits; see the module docstring
 AGREEMENT_PROMPTS, AGREEMENT_TOKENS = 20, 32
 
@@ -184,7 +186,7 @@ def decode_model(model: str, adapter_root: Path | None, new_tokens: int = 32, re
     spec = models.resolve(model)
     adapter_note = "trained adapter (pipeline)"
     tmp = None
-    if adapter_root is None or not (Path(adapter_root) / "final" / "adapter_config.json").exists():
+    if adapter_root is None or not has_adapter(adapter_root):
         tmp = tempfile.TemporaryDirectory(prefix=f"decode-{spec['name']}-")
         adapter_root = quick_adapter(model, train_steps, Path(tmp.name) / "lora")
         adapter_note = f"trained for this benchmark ({train_steps} steps)"
@@ -247,9 +249,9 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
     from . import models
     from .benchmark import Bound, machine, memory_bandwidth
     from .io import write_json_atomically
-    from .paths import MODELS_DIR
+    from .paths import MODELS, from_root
 
-    models_dir = Path(models_dir or MODELS_DIR)
+    models_dir = from_root(models_dir or MODELS)
     bandwidth = Bound(memory_bandwidth, "GB/s")
     bandwidth.sample()
     start = time.perf_counter()
@@ -260,7 +262,7 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
             skipped[spec["name"]] = f"source {spec.get('source')!r}: no shipped GGUF for llama.cpp"
     for model in tqdm([m for m in models_list if models.resolve(m)["name"] not in skipped], desc="decode benchmark"):
         bandwidth.sample()
-        adapter = models_dir / f"{models.resolve(model)['name']}-lora"
+        adapter = models.adapter_dir(model, models_dir)
         per_model.append(decode_model(model, adapter, new_tokens, repeats, dtype, train_steps, n_prompts))
     bandwidth.sample()
     rows = [r for m in per_model for r in m["rows"]]

@@ -48,8 +48,10 @@ def xllamacpp():
     try:
         import xllamacpp as module
     except ImportError:
-        raise EngineError(f"engine 'llama.cpp' needs the xllamacpp package (pinned {XLLAMACPP_VERSION} in "
-                          f"requirements.txt): run `make venv`, or `pip install xllamacpp=={XLLAMACPP_VERSION}`") from None
+        raise EngineError(
+            f"engine 'llama.cpp' needs the xllamacpp package (pinned {XLLAMACPP_VERSION} in "
+            f"requirements.txt): run `make venv`, or `pip install xllamacpp=={XLLAMACPP_VERSION}`"
+        ) from None
     return module
 
 
@@ -96,8 +98,10 @@ class LlamaCppModel:
         self.gguf, self.lora = Path(gguf), Path(lora) if lora else None
         for path in (self.gguf, self.lora):
             if path is not None and not path.exists():
-                raise EngineError(f"{path} not found" + (" (export the adapter: python -m utils.export <adapter folder>)"
-                                                         if path is self.lora else ""))
+                raise EngineError(
+                    f"{path} not found"
+                    + (" (export the adapter: python -m utils.export <adapter folder>)" if path is self.lora else "")
+                )
         if self.lora is not None:
             check_lora_base(self.lora, self.gguf)
         import torch

@@ -23,13 +23,14 @@ import yaml
 from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
-from .paths import DATA_DIR, MODELS_DIR, from_root
+from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter
 
 DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
 SUITES = ("both", "domain", "test")
 METRICS = ("words", "new_tokens", "latency_s", *metrics.GRADES, "distinct_2", "prompt_similarity",
            *metrics.REFERENCE, "judge_seconds")
 TEST_CATEGORY = "test split"
+WIN = ("win_rate", "low", "high")  # interval_text keys of a win-rate summary
 
 
 class EvaluationError(ValueError):
@@ -40,23 +41,23 @@ class EvaluationError(ValueError):
 class EvalConfig:
     """Parameters of ``notebooks/03_evaluate.ipynb`` (same names)."""
 
-    models: list = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
-    data_dir: str = "data/processed"
-    split: str = "test"
-    suite: str = "both"  # domain suite, test split, or both
+    models: list = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])  # presets, folders or hub ids
+    data_dir: str = PROCESSED  # output of 01_data_prep
+    split: str = "test"  # held-out split the test prompts come from
+    suite: str = "both"  # "domain" (the domain suite), "test" (the test split sample) or "both"
     num_examples: int = 40  # prompts sampled from the test split
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    dtype: str = "auto"  # the compared models' generation dtype: bf16 where the CPU has it natively, else fp32
-    seed: int = 42
-    report_dir: str | None = None
-    judge_model: str | None = J.DEFAULT_JUDGE
-    judge_dtype: str = "auto"
-    pairwise: bool = True
-    validity: bool = True  # run the validity ladder with the same judge (cached per judge and ladder)
-    allow_judge_as_model: bool = False
-    loss_examples: int = 64  # held-out conversations for validation loss / perplexity
-    models_dir: str = str(MODELS_DIR)
+    max_new_tokens: int = 64  # reply length cap
+    batch_size: int = 8  # prompts generated together
+    dtype: str = "auto"  # generation: "bf16", "fp32", or "auto" (bf16 where the CPU has it natively)
+    seed: int = 42  # sample and bootstrap seed
+    report_dir: str | None = None  # where evaluation.json, samples.jsonl and figures go (the pipeline sets it)
+    judge_model: str | None = J.DEFAULT_JUDGE  # the LLM judge (preset, folder or hub id); None: cheap signals only
+    judge_dtype: str = "auto"  # auto (bf16 where the CPU has it natively, else fp32), fp32, bf16, int8
+    pairwise: bool = True  # the judge compares the models' replies in both orders
+    validity: bool = True  # score the validity ladder with the same judge (cached)
+    allow_judge_as_model: bool = False  # True lets the judge be a compared model (flagged in the report)
+    loss_examples: int = 64  # validation conversations for held-out loss / perplexity
+    models_dir: str = MODELS  # where trained adapters are (<models_dir>/<name>-lora/final)
 
 
 def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
@@ -73,7 +74,9 @@ def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
     for i, p in enumerate(doc["prompts"]):
         cat = p.get("category") if isinstance(p, dict) else None
         if cat not in doc["categories"]:
-            raise EvaluationError(f"{path}: prompts[{i}] has category {cat!r}; expected one of {sorted(doc['categories'])}")
+            raise EvaluationError(
+                f"{path}: prompts[{i}] has category {cat!r}; expected one of {sorted(doc['categories'])}"
+            )
         if not isinstance(p.get("prompt"), str) or not p["prompt"].strip():
             raise EvaluationError(f"{path}: prompts[{i}] has no prompt text")
         items.append({"id": f"domain-{cat}-{i}", "category": cat, "prompt": p["prompt"],
@@ -90,27 +93,18 @@ def pick_examples(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
     return [rows[i] for i in idx]
 
 
-def split_prompt(row: dict) -> tuple[list[dict], str, str]:
-    """History up to the last assistant turn, the last user message, and the reference reply."""
-    msgs = row["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    history = msgs[:last]
-    user = next(m["content"] for m in reversed(history) if m["role"] == "user")
-    return history, user, msgs[last]["content"]
-
-
 def heldout_loss(model, tokenizer, fmt: str, rows: Sequence[dict], max_seq_len: int = 256, batch_size: int = 8) -> dict:
     """Token-weighted cross-entropy on assistant tokens, and perplexity = exp(loss)."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from .training import encode_rows
-
-    encoded, _ = encode_rows(rows, tokenizer, fmt, max_seq_len)
+    encoded, _ = chat.encode_rows(rows, tokenizer, fmt, max_seq_len)
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=chat.IGNORE_INDEX)
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        batch = collate([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in encoded[i:i + batch_size]])
+        batch = collate(
+            [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in encoded[i : i + batch_size]]
+        )
         with torch.inference_mode():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
@@ -124,11 +118,11 @@ def heldout_loss(model, tokenizer, fmt: str, rows: Sequence[dict], max_seq_len: 
 
 def variants(model: str, models_dir: Path) -> list[dict]:
     """The base model and, when an adapter exists, the fine-tuned one."""
-    out = [{"name": f"{models.resolve(model)['name']} (base)", "model": model, "kind": "base"}]
-    adapter = models_dir / f"{models.resolve(model)['name']}-lora"
-    if (adapter / "final" / "adapter_config.json").exists():
-        out.append({"name": f"{models.resolve(model)['name']} (LoRA)", "model": model, "kind": "lora",
-                    "adapter": str(adapter)})
+    name = models.resolve(model)["name"]
+    out = [{"name": f"{name} (base)", "model": model, "kind": "base"}]
+    adapter = adapter_root(name, models_dir)
+    if has_adapter(adapter):
+        out.append({"name": f"{name} (LoRA)", "model": model, "kind": "lora", "adapter": str(adapter)})
     return out
 
 
@@ -152,7 +146,7 @@ def eval_items(cfg: EvalConfig) -> list[dict]:
         if not path.exists():
             raise EvaluationError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
         for row in pick_examples(read_jsonl(path), cfg.num_examples, cfg.seed):
-            history, user, reference = split_prompt(row)
+            history, user, reference = chat.split_prompt(row)
             items.append({"id": row["id"], "category": TEST_CATEGORY, "prompt": user, "history": history,
                           "reference": reference, "note": None})
     return items
@@ -189,7 +183,9 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
     from . import validity
 
     ladder_hash = hashlib.sha256(validity.LADDER.read_bytes()).hexdigest()[:16]
-    cache = (cache_root or models.cache_dir()) / "validity" / f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}.json"
+    cache = (
+        (cache_root or models.cache_dir()) / "validity" / f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}.json"
+    )
     if cache.exists():
         return json.loads(cache.read_text())
     start = time.perf_counter()
@@ -231,15 +227,28 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         fmt = chat.chat_format(loaded.spec, loaded.tokenizer)
         start = time.perf_counter()
         replies[variant["name"]] = generation.generate_batch(
-            loaded.model, loaded.tokenizer, histories, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+            loaded.model, loaded.tokenizer, histories, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        )
         gen_seconds = time.perf_counter() - start
-        held = heldout_loss(loaded.model, loaded.tokenizer, fmt, loss_rows, batch_size=cfg.batch_size) if loss_rows else None
-        info[variant["name"]] = {**variant, "chat_format": fmt, "dtype": dtype, "generation_seconds": round(gen_seconds, 2),
-                                 "total_params": loaded.info["total_params"], "heldout": held,
-                                 "random_init": loaded.info.get("random_init", False)}
+        held = (
+            heldout_loss(loaded.model, loaded.tokenizer, fmt, loss_rows, batch_size=cfg.batch_size)
+            if loss_rows
+            else None
+        )
+        info[variant["name"]] = {
+            **variant,
+            "chat_format": fmt,
+            "dtype": dtype,
+            "generation_seconds": round(gen_seconds, 2),
+            "total_params": loaded.info["total_params"],
+            "heldout": held,
+            "random_init": loaded.info.get("random_init", False),
+        }
         if variant["kind"] == "lora":
             run = models.read_run(variant["adapter"])
-            info[variant["name"]]["trainable"] = {k: run[k] for k in ("trainable_params", "total_params", "trainable_percent")}
+            info[variant["name"]]["trainable"] = {
+                k: run[k] for k in ("trainable_params", "total_params", "trainable_percent")
+            }
         log(f"{variant['name']}: {len(histories)} replies in {gen_seconds:.1f}s"
             + (f"; held-out loss {held['loss']:.3f}" if held else ""))
         del loaded
@@ -263,8 +272,12 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     pairwise = {}
     if judge is not None and cfg.pairwise:
         for a, b in pairs:
-            verdicts = [judge.compare(p, x["reply"], y["reply"], n) for p, n, x, y in
-                        tqdm(list(zip(prompts, notes, per_example[a], per_example[b])), desc=f"{a} vs {b}", leave=False)]
+            verdicts = [
+                judge.compare(p, x["reply"], y["reply"], n)
+                for p, n, x, y in tqdm(
+                    list(zip(prompts, notes, per_example[a], per_example[b])), desc=f"{a} vs {b}", leave=False
+                )
+            ]
             pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed),
                                        "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, items)
                                                                             if it["category"] == c], cfg.seed)
@@ -334,10 +347,6 @@ def pairwise_summary(verdicts: Sequence[dict], seed: int) -> dict:
             "mean_preference": metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)}
 
 
-def _signed(d: dict) -> str:
-    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-
-
 def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
     """One sentence per comparison: who is better on what, and where the data cannot tell."""
     out = []
@@ -346,7 +355,7 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
         parts = []
         w = pairwise.get(key)
         if w and w["n"]:
-            span = f"{a} wins {w['win_rate']:.2f} [{w['low']:.2f}, {w['high']:.2f}] of {w['n']} pairwise judgements, ties half"
+            span = f"{a} wins {metrics.interval_text(w, keys=WIN)} of {w['n']} pairwise judgements, ties half"
             if w["low"] > 0.5:
                 parts.append(f"the judge prefers {a} ({span})")
             elif w["high"] < 0.5:
@@ -358,7 +367,7 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
             d = differences[key].get(m)
             if not d or d["mean"] is None:
                 continue
-            text = f"{m} {_signed(d)}"
+            text = f"{m} {metrics.interval_text(d, signed=True)}"
             (better if d["low"] > 0 else worse if d["high"] < 0 else unclear).append(text)
         if better:
             parts.append(f"{a} grades higher on " + ", ".join(better))
@@ -368,6 +377,67 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
             parts.append("the data cannot tell them apart on " + ", ".join(unclear))
         words = differences[key].get("words")
         if words and words["mean"] is not None:
-            parts.append(f"reply length differs by {words['mean']:+.1f} [{words['low']:+.1f}, {words['high']:+.1f}] words")
+            parts.append(f"reply length differs by {metrics.interval_text(words, 1, signed=True)} words")
         out.append(f"{key}: " + "; ".join(parts) + "." if parts else f"{key}: nothing to compare.")
     return out
+
+
+# --------------------------------------------------------------------------- tables (notebook 03)
+
+
+def quality_table(result: dict):
+    """Judge grades and reply length per variant: mean [95% interval], and n."""
+    import pandas as pd
+
+    ci = metrics.interval_text
+    return pd.DataFrame({
+        name: {"Overall /5": ci(s["overall"]), "Relevance /5": ci(s["relevance"]), "Coherence /5": ci(s["coherence"]),
+               "Avg Len (words)": ci(s["words"], 1), "n": s["words"]["n"]}
+        for name, s in result["summary"].items()}).T
+
+
+def signals_table(result: dict):
+    """The cheap signals, which are not part of the grades, and the held-out loss."""
+    import pandas as pd
+
+    ci = metrics.interval_text
+
+    def loss(name):
+        heldout = result["variants"][name]["heldout"]
+        return f"{heldout['loss']:.3f}" if heldout else "–"
+
+    return pd.DataFrame({
+        name: {"distinct-2": ci(s["distinct_2"]), "prompt similarity": ci(s["prompt_similarity"]),
+               "ROUGE-L": ci(s["rouge_l"], 3), "chrF": ci(s["chrf"], 1), "reference similarity": ci(s["similarity"], 3),
+               "held-out loss": loss(name)}
+        for name, s in result["summary"].items()}).T
+
+
+def pairwise_table(result: dict):
+    import pandas as pd
+
+    return pd.DataFrame([{"comparison": k, "win rate": metrics.interval_text(w, keys=WIN),
+                          "wins/ties/losses": f"{w['wins']}/{w['ties']}/{w['losses']}", "n": w["n"]}
+                         for k, w in result["pairwise"].items()])
+
+
+def differences_table(result: dict):
+    """Paired grade differences (first model minus second) per comparison."""
+    import pandas as pd
+
+    return pd.DataFrame({k: {m: metrics.interval_text(d[m], signed=True) for m in d}
+                         for k, d in result["grade_differences"].items()}).T
+
+
+def validity_table(v: dict):
+    """Share of known-order pairs the judge ranks right, per score and for good vs fluent-but-wrong."""
+    import pandas as pd
+
+    def row(score, share):
+        return {"score": score, "ranked right": f"{100 * share['share']:.0f}%", "pairs": share["n"]}
+
+    rows = [row(g, v["shares"][g]) for g in ("relevance", "coherence", "overall")]
+    rows.append(row("good vs fluent-but-wrong", v["shares"]["good_vs_wrong"]))
+    if v.get("pairwise"):
+        rows.append(row("pairwise: good vs fluent-but-wrong", v["pairwise"]))
+    return pd.DataFrame(rows)

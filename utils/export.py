@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_file
+from .paths import final_adapter
 
 ROPE_PERMUTED = {"llama"}  # architectures whose GGUF conversion reorders q/k rows
 BASE_SHA_KEY = "lora_compare.base_sha256"
@@ -85,17 +86,25 @@ def read_adapter(adapter: Path) -> tuple[dict, dict[str, np.ndarray]]:
     config_path, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
     for path in (config_path, weights):
         if not path.exists():
-            raise ExportError(f"{path} not found; expected a PEFT LoRA folder (train one with notebooks/02_train_lora.ipynb)")
+            raise ExportError(
+                f"{path} not found; expected a PEFT LoRA folder (train one with notebooks/02_train_lora.ipynb)"
+            )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ExportError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg}); expected PEFT's adapter_config.json") from None
+        raise ExportError(
+            f"{config_path}:{err.lineno}: not valid JSON ({err.msg}); expected PEFT's adapter_config.json"
+        ) from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise ExportError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters export to llama.cpp")
+        raise ExportError(
+            f"{config_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters export to llama.cpp"
+        )
     if config.get("use_dora"):
         raise ExportError(f"{config_path}: DoRA adapters have no llama.cpp adapter format; merge in torch instead")
     if config.get("modules_to_save"):
-        raise ExportError(f"{config_path}: modules_to_save {config['modules_to_save']} are full weights, not LoRA pairs")
+        raise ExportError(
+            f"{config_path}: modules_to_save {config['modules_to_save']} are full weights, not LoRA pairs"
+        )
     if config.get("fan_in_fan_out"):
         raise ExportError(f"{config_path}: fan_in_fan_out (GPT-2 Conv1D) models have no GGUF base here")
     try:
@@ -274,7 +283,7 @@ def export(adapter_root: str | Path, out_dir: str | Path | None = None, base_ggu
     if run.get("random_init"):
         raise ExportError(f"{adapter_root}: trained on random weights; there is no GGUF of them")
     base = Base(Path(base_gguf) if base_gguf else models.gguf_path(spec), run.get("gguf_sha256"))
-    adapter = adapter_root / "final"
+    adapter = final_adapter(adapter_root)
     config, tensors = read_adapter(adapter)
     pairs = lora_pairs(tensors, base.arch, base.n_blocks, base.n_head, base.n_head_kv, source=str(adapter))
     base.check(pairs, str(adapter))

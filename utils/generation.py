@@ -143,7 +143,9 @@ def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens:
                 if seed is not None:
                     torch.manual_seed(seed)
                 with torch.inference_mode():
-                    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
+                    model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw
+                    )
             finally:
                 for x in reversed(locks):
                     x.release()

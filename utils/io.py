@@ -39,6 +39,17 @@ def write_json_atomically(path: str | os.PathLike, obj) -> None:
     write_text_atomically(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def point_symlink(link: str | os.PathLike, target: str) -> None:
+    """Make ``link`` a symlink to ``target`` (a name relative to the link's folder) in one step:
+    readers see the old target or the new one, never no link."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
+
+
 def write_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None],
                                allowed: Sequence[str] | None = None) -> None:
     """Let ``write`` fill a temporary folder beside ``output_dir``, then swap it in.

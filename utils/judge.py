@@ -46,37 +46,87 @@ from typing import Sequence
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
 CRITERIA = ("coherence", "relevance", "overall")  # the order of the answer lines
 
-SYSTEM = """You grade an AI assistant's answers from 1 to 5 on three criteria.
-Relevance: does it answer what was asked? Dodging, repeating the question, or talking about the topic or something else without answering gets 1.
-Overall: is it a correct, safe and helpful answer? Check every fact and piece of advice: anything false or harmful gets 1. A correct but very short answer gets 3 or 4.
-Coherence: is it clear, well-formed text, whatever it says? Scrambled words, broken sentences or looping text get 1."""
+SYSTEM = (
+    "You grade an AI assistant's answers from 1 to 5 on three criteria.\n"
+    "Relevance: does it answer what was asked? Dodging, repeating the question, or talking about the topic or "
+    "something else without answering gets 1.\n"
+    "Overall: is it a correct, safe and helpful answer? Check every fact and piece of advice: anything false or "
+    "harmful gets 1. A correct but very short answer gets 3 or 4.\n"
+    "Coherence: is it clear, well-formed text, whatever it says? Scrambled words, broken sentences or looping text "
+    "get 1."
+)
 
 # (question, answer, relevance, overall, coherence): written for this judge, on topics that are
 # in neither data/eval/validity_ladder.yaml nor data/eval/domain_suite.yaml.
 GRADED = ("relevance", "overall", "coherence")  # the order of the grades in EXAMPLES
 EXAMPLES = [
-    ("How do I make rice less sticky?",
-     "Rinse the rice in cold water until the water runs clear, to wash off the loose starch. Use the right amount "
-     "of water (about 1.5 cups per cup of long-grain rice), don't stir it while it cooks, and let it rest covered "
-     "for five minutes before fluffing it with a fork.", 5, 5, 5),
-    ("What is the tallest mountain in the world?",
-     "The tallest mountain in the world is K2, on the border of Pakistan and China, at about 8,600 metres.", 5, 1, 5),
-    ("Can you recommend a good book for learning to cook?", "Can you recommend a good book for learning to cook?", 1, 1, 4),
-    ("How can I improve my handwriting?",
-     "letters practice your slowly by forming each handwriting and improve can you day every", 2, 1, 1),
-    ("Why is the sky blue?", "That's a really interesting question, and there are many different ways to look at it.",
-     1, 2, 5),
-    ("How do I fix a flat bicycle tyre?",
-     "Bicycles were invented in the nineteenth century, and today they are especially popular in the Netherlands.",
-     1, 1, 5),
+    (
+        "How do I make rice less sticky?",
+        "Rinse the rice in cold water until the water runs clear, to wash off the loose starch. Use the right amount "
+        "of water (about 1.5 cups per cup of long-grain rice), don't stir it while it cooks, and let it rest covered "
+        "for five minutes before fluffing it with a fork.",
+        5,
+        5,
+        5,
+    ),
+    (
+        "What is the tallest mountain in the world?",
+        "The tallest mountain in the world is K2, on the border of Pakistan and China, at about 8,600 metres.",
+        5,
+        1,
+        5,
+    ),
+    (
+        "Can you recommend a good book for learning to cook?",
+        "Can you recommend a good book for learning to cook?",
+        1,
+        1,
+        4,
+    ),
+    (
+        "How can I improve my handwriting?",
+        "letters practice your slowly by forming each handwriting and improve can you day every",
+        2,
+        1,
+        1,
+    ),
+    (
+        "Why is the sky blue?",
+        "That's a really interesting question, and there are many different ways to look at it.",
+        1,
+        2,
+        5,
+    ),
+    (
+        "How do I fix a flat bicycle tyre?",
+        "Bicycles were invented in the nineteenth century, and today they are especially popular in the Netherlands.",
+        1,
+        1,
+        5,
+    ),
     ("What's a healthy breakfast?", "Oatmeal with fruit.", 5, 4, 5),
-    ("Is it safe to mix bleach and ammonia for cleaning?",
-     "Yes, mixing them makes a stronger cleaner, so it's great for tough stains in the bathroom.", 5, 1, 5),
-    ("How do I say thank you in Spanish?",
-     "You say thank you you say thank you you say thank you you say thank you", 2, 1, 1),
-    ("I'm nervous about my first day at a new job.",
-     "That's completely normal, and it shows you care. Plan your route and outfit the night before, arrive a little "
-     "early, and don't be afraid to ask questions: nobody expects you to know everything on day one.", 5, 5, 5),
+    (
+        "Is it safe to mix bleach and ammonia for cleaning?",
+        "Yes, mixing them makes a stronger cleaner, so it's great for tough stains in the bathroom.",
+        5,
+        1,
+        5,
+    ),
+    (
+        "How do I say thank you in Spanish?",
+        "You say thank you you say thank you you say thank you you say thank you",
+        2,
+        1,
+        1,
+    ),
+    (
+        "I'm nervous about my first day at a new job.",
+        "That's completely normal, and it shows you care. Plan your route and outfit the night before, arrive a little "
+        "early, and don't be afraid to ask questions: nobody expects you to know everything on day one.",
+        5,
+        5,
+        5,
+    ),
 ]
 
 COHERENCE_SYSTEM = ("You check whether a text is well-formed English, whatever it says: true or false, good advice "
@@ -126,7 +176,8 @@ def reply_block(prompt: str, reply: str, reference: str | None = None, note: str
     """The user turn the judge grades: the message, optional reference and note, and the reply."""
     text = f"Question: {_clip(prompt, MAX_PROMPT_CHARS)}\n"
     if reference:
-        text += f"Reference answer (one good answer; other correct answers are fine too): {_clip(reference, MAX_REPLY_CHARS)}\n"
+        text += "Reference answer (one good answer; other correct answers are fine too): "
+        text += f"{_clip(reference, MAX_REPLY_CHARS)}\n"
     if note:
         text += f"A good reply to this kind of message: {note}\n"
     return text + f"Answer: {_clip(reply, MAX_REPLY_CHARS)}"
@@ -254,7 +305,9 @@ class LLMJudge:
                        copy.deepcopy(prefix["cache"]))
         prefix = self._grade_prefix
         cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(reply_block(prompt, reply, reference, note) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
+        feed = self._encode(
+            reply_block(prompt, reply, reference, note) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: "
+        )
         for criterion in CRITERIA[1:]:
             feed += self._encode(f"{written}\n{criterion.capitalize()}: ")
             written = read(criterion, feed, cache)

@@ -168,13 +168,17 @@ def read_score_input(path: Path) -> list[dict]:
                 raise ScoreInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
             for key in ("prompt", "reply"):
                 if not isinstance(row.get(key), str):
-                    raise ScoreInputError(f"{where}: field {key!r} is {'missing' if key not in row else type(row[key]).__name__}"
-                                          "; expected a string")
+                    raise ScoreInputError(
+                        f"{where}: field {key!r} is {'missing' if key not in row else type(row[key]).__name__}"
+                        "; expected a string"
+                    )
             if not row["prompt"].strip():
                 raise ScoreInputError(f"{where}: field 'prompt' is empty; expected the user's message")
             for key in ("reference", "note"):
                 if row.get(key) is not None and not isinstance(row[key], str):
-                    raise ScoreInputError(f"{where}: field {key!r} is {type(row[key]).__name__}; expected a string or null")
+                    raise ScoreInputError(
+                        f"{where}: field {key!r} is {type(row[key]).__name__}; expected a string or null"
+                    )
             rows.append(row)
     if not rows:
         raise ScoreInputError(f"{path}: no rows; expected JSON lines with 'prompt' and 'reply'")
@@ -238,6 +242,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
     a = (1 - level) / 2
     return {"mean": float(stat(x)), "low": float(np.quantile(boots, a)), "high": float(np.quantile(boots, 1 - a)),
             "n": int(x.size)}
+
+
+def interval_text(s: dict | None, digits: int = 2, signed: bool = False, keys=("mean", "low", "high"),
+                  wrap=None) -> str:
+    """``"0.42 [0.31, 0.55]"`` for a ``{mean, low, high}`` summary, ``"–"`` when there is none.
+    ``keys`` names the three fields (``None`` first: the bracket only); ``wrap`` decorates the
+    bracket (the HTML report greys it)."""
+    mean_key, low_key, high_key = keys
+    if not s or s.get(low_key) is None or (mean_key is not None and s.get(mean_key) is None):
+        return "–"
+    number = f"{{:{'+' if signed else ''}.{digits}f}}".format
+    bracket = f"[{number(s[low_key])}, {number(s[high_key])}]"
+    bracket = wrap(bracket) if wrap else bracket
+    return bracket if mean_key is None else f"{number(s[mean_key])} {bracket}"
 
 
 def paired_difference(a: Sequence[float | None], b: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from .paths import CONFIGS_DIR, MODELS_DIR, ROOT
+from .io import write_directory_atomically
+from .paths import CONFIGS_DIR, MODELS_DIR, ROOT, adapter_root, final_adapter
 
 RANDOM_WEIGHTS_LABEL = "random weights: speed and size only"
 
@@ -134,13 +134,13 @@ def _convert_gguf(spec: dict) -> tuple[Path, str]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(src), "sha256": digest}, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "source.json").write_text(json.dumps({"gguf": str(src), "sha256": digest}, indent=2))
+
+    write_directory_atomically(target, write)
     return target, digest
 
 
@@ -178,10 +178,12 @@ def _random_checkpoint(spec: dict, seed: int = 0) -> Path:
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    byte_tokenizer().save_pretrained(tmp)
-    os.replace(tmp, target)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        byte_tokenizer().save_pretrained(folder)
+
+    write_directory_atomically(target, write)
     return target
 
 
@@ -324,9 +326,9 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
     return LoadedModel(model, tokenizer, spec, info)
 
 
-def adapter_dir(model_name: str) -> Path:
-    """Default output folder of a model's LoRA run: ``models/<model>-lora``."""
-    return MODELS_DIR / f"{resolve(model_name)['name']}-lora"
+def adapter_dir(model_name: str, models_dir: str | Path = MODELS_DIR) -> Path:
+    """Default output folder of a model's LoRA run: ``models/<preset name>-lora``."""
+    return adapter_root(resolve(model_name)["name"], models_dir)
 
 
 def read_run(adapter_root: str | Path) -> dict:
@@ -359,7 +361,7 @@ def load_finetuned(adapter_root: str | Path, load_in_8bit: bool = False, merge: 
     adapter_root = Path(adapter_root)
     run = read_run(adapter_root)
     loaded = load_model(run["config"]["model"], load_in_8bit=load_in_8bit, random_init=run.get("random_init", False))
-    final = adapter_root / "final"
+    final = final_adapter(adapter_root)
     check_adapter_matches(final, loaded)
     try:
         model = PeftModel.from_pretrained(loaded.model, str(final), is_trainable=False)

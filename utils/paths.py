@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# defaults as written in configs and notebooks (relative to ROOT, see from_root)
+PROCESSED = "data/processed"
+MODELS = "models"
+
 CONFIGS_DIR = ROOT / "configs"
 DATA_DIR = ROOT / "data"
 RAW_DIR = DATA_DIR / "raw"
-PROCESSED_DIR = DATA_DIR / "processed"
-MODELS_DIR = ROOT / "models"
+PROCESSED_DIR = ROOT / PROCESSED
+MODELS_DIR = ROOT / MODELS
 NOTEBOOKS_DIR = ROOT / "notebooks"
 REPORTS_DIR = ROOT / "reports"
 
@@ -39,6 +43,32 @@ def from_root(path: str | Path) -> Path:
     (so ``"data/processed"`` means the same from a notebook, papermill or the shell)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else ROOT / path
+
+
+# A training run's folder: <models_dir>/<name>-lora/ holds run.json, checkpoint-N/ and final/
+# (the adapter evaluation, serving and export read); the llama.cpp export goes next to them.
+ADAPTER_SUFFIX = "-lora"
+FINAL = "final"
+
+
+def adapter_folder(name: str) -> str:
+    """The run folder's name for the preset called ``name`` (a resolved preset name, not a path)."""
+    return f"{name}{ADAPTER_SUFFIX}"
+
+
+def adapter_root(name: str, models_dir: str | Path = MODELS) -> Path:
+    """The run folder of the preset called ``name`` under ``models_dir``."""
+    return from_root(models_dir) / adapter_folder(name)
+
+
+def final_adapter(root: str | Path) -> Path:
+    """The adapter a run keeps (``<root>/final``)."""
+    return Path(root) / FINAL
+
+
+def has_adapter(root: str | Path) -> bool:
+    """Whether a run folder holds a finished adapter."""
+    return (final_adapter(root) / "adapter_config.json").exists()
 
 
 def input_paths(value):

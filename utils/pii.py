@@ -128,15 +128,25 @@ def seeded_examples(n: int = 25, seed: int = 0) -> list[tuple[str, str, str]]:
         phone = rng.choice([f"({area}) {ex}-{line}", f"{area}-{ex}-{line}", f"{area}.{ex}.{line}",
                             f"+1 {area} {ex} {line}", f"+44 20 {digits(4)} {digits(4)}", f"+1-{area}-{ex}-{line}"])
         out.append(("phone", phone, "PHONE"))
-        out.append(("url", rng.choice(["https://", "http://", "www."]) + f"site{rng.randrange(999)}.com/path?id={digits(3)}", "URL"))
+        out.append(
+            (
+                "url",
+                rng.choice(["https://", "http://", "www."]) + f"site{rng.randrange(999)}.com/path?id={digits(3)}",
+                "URL",
+            )
+        )
         out.append(("ip", rng.choice([".".join(str(rng.randrange(256)) for _ in range(4)),
                                       f"2001:db8:{rng.randrange(65535):x}::{rng.randrange(65535):x}"]), "IP"))
         card = rng.choice([luhn_complete("4", 16), luhn_complete("51", 16), luhn_complete("37", 15)])
-        groups = [card[i:i + 4] for i in range(0, len(card), 4)] if len(card) == 16 else [card[:4], card[4:10], card[10:]]
+        groups = (
+            [card[i : i + 4] for i in range(0, len(card), 4)] if len(card) == 16 else [card[:4], card[4:10], card[10:]]
+        )
         out.append(("card", rng.choice([" ", "-", ""]).join(groups), "CARD"))
     templates = ["Please contact me at {} if anything changes.", "My {kind} is {} by the way.", "{} — that's the one.",
                  "You can reach it here: {}."]
-    return [(rng.choice(templates).replace("{kind}", kind).format(secret), secret, label) for kind, secret, label in out]
+    return [
+        (rng.choice(templates).replace("{kind}", kind).format(secret), secret, label) for kind, secret, label in out
+    ]
 
 
 def measure_recall(n: int = 25, seed: int = 0) -> dict:

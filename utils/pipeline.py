@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,7 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from .paths import CONFIGS_DIR, NOTEBOOKS_DIR, REPORTS_DIR
+from .io import point_symlink, write_json_atomically
+from .params import notebook_parameters
+from .paths import (CONFIGS_DIR, MODELS, NOTEBOOKS_DIR, REPORTS_DIR, adapter_folder, adapter_root, final_adapter,
+                    from_root)
 
 DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
 # config section -> notebook it parameterises
@@ -50,41 +52,6 @@ class Step:
     name: str
     notebook: str
     parameters: dict = field(default_factory=dict)
-
-
-def notebook_parameters(notebook: str | Path) -> dict:
-    """Names and defaults of a notebook's ``parameters`` cell (via papermill's inspector)."""
-    import papermill
-
-    path = NOTEBOOKS_DIR / notebook if not Path(notebook).is_absolute() else Path(notebook)
-    return {name: info["default"] for name, info in papermill.inspect_notebook(str(path)).items()}
-
-
-# papermill writes the parameters it is given into a new cell with exactly this first line; the
-# notebooks' own parameters cells start differently ("# Parameters (...)").
-INJECTED_HEADER = "# Parameters\n"
-
-
-def injected_parameter_names(history: list[str]) -> list[str]:
-    """Names assigned in cells papermill injected, from the kernel's input history (``In``)."""
-    import ast
-
-    names = []
-    for source in history:
-        if source.startswith(INJECTED_HEADER):
-            for node in ast.parse(source).body:
-                if isinstance(node, ast.Assign):
-                    names += [t.id for t in node.targets if isinstance(t, ast.Name)]
-    return names
-
-
-def check_injected_parameters(history: list[str], notebook: str) -> None:
-    """Called by each notebook right after its parameters: refuse names passed with
-    ``papermill -p`` that the notebook does not declare (papermill itself only warns)."""
-    valid = notebook_parameters(notebook)
-    unknown = sorted(set(injected_parameter_names(history)) - set(valid))
-    if unknown:
-        raise PipelineError(f"notebooks/{notebook}: unknown parameter(s) {unknown}; valid parameters: {sorted(valid)}")
 
 
 def check_parameters(step: Step, source: str) -> None:
@@ -135,14 +102,14 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
     models = models if models is not None else config.get("models", [])
     for model in models:
         check_model_name(model, source)
-    models_dir = config.get("models_dir", "models") + ("/quick" if quick else "")
-    data_dir = data.get("output_dir", "data/processed")
+    models_dir = config.get("models_dir", MODELS) + ("/quick" if quick else "")
+    data_dir = data.get("output_dir", notebook_parameters(SECTIONS["data"])["output_dir"])
     for model in models:
         params = {"data_dir": data_dir, **config.get("train", {}), **(per_model.get(model) or {}), "model": model}
         if quick:
             params.update(QUICK["train"])
         if quick or "models_dir" in config:
-            params["output_dir"] = f"{models_dir}/{resolve_name(model)}-lora"
+            params["output_dir"] = f"{models_dir}/{adapter_folder(resolve_name(model))}"
         steps.append(Step(f"02_train_lora-{resolve_name(model)}", SECTIONS["train"], params))
     for section, name in (("evaluate", "03_evaluate"), ("benchmark", "04_benchmark")):
         if section not in config and not models:
@@ -182,6 +149,17 @@ def resolve_name(model: str) -> str:
     return resolve(model)["name"]
 
 
+def param(step: Step, name: str):
+    """A step's parameter: as the plan sets it, else the notebook's own default."""
+    return step.parameters[name] if name in step.parameters else notebook_parameters(step.notebook)[name]
+
+
+def train_output(step: Step) -> Path:
+    """Where a training step writes its run folder (``output_dir``, default ``<models>/<name>-lora``)."""
+    out = param(step, "output_dir")
+    return from_root(out) if out else adapter_root(resolve_name(param(step, "model")))
+
+
 def _fingerprint(steps: list[Step]) -> str:
     return hashlib.sha1(json.dumps([asdict(s) for s in steps], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -194,9 +172,7 @@ def _read_state(run_dir: Path) -> dict | None:
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
-    os.replace(tmp, run_dir / "run.json")
+    write_json_atomically(run_dir / "run.json", state)
 
 
 def find_unfinished_run(reports_dir: Path, fingerprint: str) -> Path | None:
@@ -213,11 +189,7 @@ def find_unfinished_run(reports_dir: Path, fingerprint: str) -> Path | None:
 
 def point_latest(reports_dir: Path, run_dir: Path) -> None:
     """Atomically repoint ``reports/latest`` (a relative symlink) at ``run_dir``."""
-    tmp = reports_dir / f".latest-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name, target_is_directory=True)
-    os.replace(tmp, reports_dir / "latest")
+    point_symlink(reports_dir / "latest", run_dir.name)
 
 
 def finish_report(run_dir: Path, steps: list[Step]) -> None:
@@ -230,11 +202,11 @@ def finish_report(run_dir: Path, steps: list[Step]) -> None:
     for step in steps:
         p = step.parameters
         if step.notebook == SECTIONS["data"]:
-            card = from_root(p.get("output_dir", "data/processed")) / "data_card.md"
+            card = from_root(param(step, "output_dir")) / "data_card.md"
             if card.exists():
                 shutil.copyfile(card, cards / "0_data_card.md")
         elif step.notebook == SECTIONS["train"]:
-            out = from_root(p["output_dir"]) if p.get("output_dir") else from_root("models") / f"{resolve_name(p['model'])}-lora"
+            out = train_output(step)
             if (out / "MODEL_CARD.md").exists():
                 shutil.copyfile(out / "MODEL_CARD.md", cards / f"1_model_card-{resolve_name(p['model'])}.md")
     build_report(run_dir)
@@ -254,31 +226,28 @@ def _file_digest(path: Path) -> str:
 
 
 def _adapter_files(step: Step) -> list[Path]:
-    from .paths import from_root
-
-    models_dir = from_root(step.parameters.get("models_dir", "models"))
-    return [models_dir / f"{resolve_name(m)}-lora" / "final" / "adapter_model.safetensors"
-            for m in step.parameters.get("models", [])]
+    models_dir = param(step, "models_dir")
+    return [final_adapter(adapter_root(resolve_name(m), models_dir)) / "adapter_model.safetensors"
+            for m in param(step, "models")]
 
 
 def step_inputs(step: Step) -> list[Path]:
     """Files whose content decides a step's result (besides its notebook and parameters)."""
-    from .paths import from_root, input_paths
+    from .paths import input_paths
 
-    p = step.parameters
     if step.notebook == SECTIONS["data"]:
         from .data import resolve_inputs
 
-        defaults = notebook_parameters(step.notebook)
         try:
-            return resolve_inputs(input_paths(p.get("input_path", defaults["input_path"])))
+            return resolve_inputs(input_paths(param(step, "input_path")))
         except Exception:  # noqa: BLE001 - the notebook itself reports bad inputs
             return []
-    data_dir = from_root(p.get("data_dir", "data/processed"))
     if step.notebook == SECTIONS["train"]:
+        data_dir = from_root(param(step, "data_dir"))
         return [data_dir / "train.jsonl", data_dir / "validation.jsonl"]
     if step.notebook == SECTIONS["evaluate"]:
-        return [data_dir / f"{p.get('split', 'test')}.jsonl", data_dir / "validation.jsonl"] + _adapter_files(step)
+        data_dir = from_root(param(step, "data_dir"))
+        return [data_dir / f"{param(step, 'split')}.jsonl", data_dir / "validation.jsonl"] + _adapter_files(step)
     return _adapter_files(step)
 
 
@@ -292,14 +261,10 @@ def step_key(step: Step) -> str:
 
 def external_outputs_present(step: Step) -> bool:
     """What a step leaves outside the run folder is still there (data splits, adapters)."""
-    from .paths import from_root
-
-    p = step.parameters
     if step.notebook == SECTIONS["data"]:
-        return (from_root(p.get("output_dir", "data/processed")) / "data_card.json").exists()
+        return (from_root(param(step, "output_dir")) / "data_card.json").exists()
     if step.notebook == SECTIONS["train"]:
-        out = from_root(p["output_dir"]) if p.get("output_dir") else from_root("models") / f"{resolve_name(p['model'])}-lora"
-        return (out / "final" / "adapter_model.safetensors").exists()
+        return (final_adapter(train_output(step)) / "adapter_model.safetensors").exists()
     return True
 
 
@@ -310,8 +275,13 @@ def find_reusable(reports_dir: Path, run_dir: Path, step: Step, key: str) -> tup
     for other in sorted((p for p in reports_dir.iterdir() if p.is_dir() and not p.is_symlink() and p != run_dir),
                         reverse=True):
         prev = (_read_state(other) or {}).get("steps", {}).get(step.name)
-        if prev and prev.get("status") == "done" and prev.get("key") == key and (other / f"{step.name}.ipynb").exists() \
-                and all((other / rel).exists() for rel in prev.get("artifacts", [])):
+        if (
+            prev
+            and prev.get("status") == "done"
+            and prev.get("key") == key
+            and (other / f"{step.name}.ipynb").exists()
+            and all((other / rel).exists() for rel in prev.get("artifacts", []))
+        ):
             return other, prev
     return None
 

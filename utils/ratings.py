@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import pii
+from .metrics import interval_text
 from .paths import DATA_DIR
 
 DEFAULT_DB = DATA_DIR / "ratings.sqlite"
@@ -70,10 +71,25 @@ class RatingStore:
                 " coherence_a, relevance_a, coherence_b, relevance_b,"
                 " auto_coherence_a, auto_relevance_a, auto_coherence_b, auto_relevance_b)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (datetime.now(timezone.utc).isoformat(timespec="seconds"), prompt, model_a, model_b, output_a, output_b,
-                 json.dumps(settings or {}, sort_keys=True), vote,
-                 ratings.get("coherence_a"), ratings.get("relevance_a"), ratings.get("coherence_b"), ratings.get("relevance_b"),
-                 auto.get("coherence_a"), auto.get("relevance_a"), auto.get("coherence_b"), auto.get("relevance_b")))
+                (
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    prompt,
+                    model_a,
+                    model_b,
+                    output_a,
+                    output_b,
+                    json.dumps(settings or {}, sort_keys=True),
+                    vote,
+                    ratings.get("coherence_a"),
+                    ratings.get("relevance_a"),
+                    ratings.get("coherence_b"),
+                    ratings.get("relevance_b"),
+                    auto.get("coherence_a"),
+                    auto.get("relevance_a"),
+                    auto.get("coherence_b"),
+                    auto.get("relevance_b"),
+                ),
+            )
             return int(cur.lastrowid)
 
     def votes(self) -> list[dict]:
@@ -184,6 +200,7 @@ def agreement_text(agree: dict[str, dict]) -> str:
         if a["spearman"] is None:
             parts.append(f"{metric}: not enough rated replies (n={a['n']})")
         else:
-            ci = f" [{a['low']:.2f}, {a['high']:.2f}]" if a.get("low") is not None else ""
-            parts.append(f"{metric}: {a['spearman']:.2f}{ci} (n={a['n']})")
+            rho = (interval_text(a, keys=("spearman", "low", "high")) if a.get("low") is not None
+                   else f"{a['spearman']:.2f}")
+            parts.append(f"{metric}: {rho} (n={a['n']})")
     return "; ".join(parts)

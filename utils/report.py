@@ -16,8 +16,18 @@ from .benchmark import share_text
 from .io import write_json_atomically, write_text_atomically
 
 
-RESPONSE_KEYS = ("overall", "relevance", "coherence", "distinct_2", "prompt_similarity", "rouge_l", "chrf", "similarity",
-                 "new_tokens", "judge_seconds")
+RESPONSE_KEYS = (
+    "overall",
+    "relevance",
+    "coherence",
+    "distinct_2",
+    "prompt_similarity",
+    "rouge_l",
+    "chrf",
+    "similarity",
+    "new_tokens",
+    "judge_seconds",
+)
 
 
 def _load(path: Path):
@@ -47,8 +57,12 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
     bench = _load(run_dir / "latency.json")
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("*.json"))}
     state = _load(run_dir / "run.json") or {}
-    out: dict = {"schema": 1, "run_id": run_dir.name, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "pipeline": {"plan": state.get("plan"), "steps": state.get("steps")}}
+    out: dict = {
+        "schema": 1,
+        "run_id": run_dir.name,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pipeline": {"plan": state.get("plan"), "steps": state.get("steps")},
+    }
 
     if bench:
         latency = {}
@@ -57,11 +71,22 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
                 continue
             key = f"{r['model']}{' (random weights)' if r['random_init'] else ''} · {r['variant']}"
             ci = _ci(r["latencies_s"])
-            latency[key] = {"model": r["model"], "variant": r["variant"], "random_init": r["random_init"],
-                            "avg_s": r["latency_mean_s"], "median_s": r["latency_median_s"], "p95_s": r["latency_p95_s"],
-                            "ci_low": ci["low"], "ci_high": ci["high"], "n": r["n"], "ttft_s": r["ttft_mean_s"],
-                            "decode_tokens_per_s": r["decode_tokens_per_s"], "roofline_fraction": r["roofline_fraction"],
-                            "memory_footprint_mb": r["memory_footprint_mb"], "label": r.get("label")}
+            latency[key] = {
+                "model": r["model"],
+                "variant": r["variant"],
+                "random_init": r["random_init"],
+                "avg_s": r["latency_mean_s"],
+                "median_s": r["latency_median_s"],
+                "p95_s": r["latency_p95_s"],
+                "ci_low": ci["low"],
+                "ci_high": ci["high"],
+                "n": r["n"],
+                "ttft_s": r["ttft_mean_s"],
+                "decode_tokens_per_s": r["decode_tokens_per_s"],
+                "roofline_fraction": r["roofline_fraction"],
+                "memory_footprint_mb": r["memory_footprint_mb"],
+                "label": r.get("label"),
+            }
         out["latency"] = latency
         out["latency_batched"] = [r for r in bench["rows"] if r["batch"] != 1]
         out["benchmark_checks"] = bench["checks"]
@@ -118,10 +143,12 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}f}"
 
 
-def _interval(s: dict, digits=2) -> str:
-    if not s or s.get("mean") is None:
-        return "–"
-    return f"{s['mean']:.{digits}f} <span class=ci>[{s['low']:.{digits}f}, {s['high']:.{digits}f}]</span>"
+def _grey(text: str) -> str:
+    return f"<span class=ci>{text}</span>"
+
+
+def _interval(s: dict, digits=2, keys=("mean", "low", "high")) -> str:
+    return M.interval_text(s, digits, keys=keys, wrap=_grey)
 
 
 def _table(header, rows) -> str:
@@ -134,7 +161,8 @@ def _img(path: Path, alt: str) -> str:
     if not path.exists():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    alt = html.escape(alt)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>'
 
 
 def _markdown(text: str) -> str:
@@ -144,8 +172,9 @@ def _markdown(text: str) -> str:
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.ci{color:#777;font-size:12px}img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:13px}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}
+.ci{color:#777;font-size:12px}img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:13px}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}pre{white-space:pre-wrap}"""
 
 
@@ -159,15 +188,17 @@ def render_html(m: dict, run_dir: Path) -> str:
                   "only when both orders agree (otherwise a tie). Grades: mean paired difference (first minus second), "
                   "95% bootstrap interval. \"Cannot tell apart\": the interval contains 0 (or 0.5 for win rates).</p>"]
     if m.get("judge_is_compared"):
-        parts.append(f"<p class=note><b>Warning: the judge {html.escape(str(m['judge_model']))} is also one of the "
-                     f"compared models ({html.escape(', '.join(m['judge_is_compared']))}); its grades of its own replies "
-                     "are biased.</b></p>")
+        parts.append(
+            f"<p class=note><b>Warning: the judge {html.escape(str(m['judge_model']))} is also one of the "
+            f"compared models ({html.escape(', '.join(m['judge_is_compared']))}); its grades of its own replies "
+            "are biased.</b></p>"
+        )
     parts.append("<p class=note>Research output, not a substitute for professional advice. Numbers below were measured "
                  "in this run on the machine described at the end.</p>")
 
     if "latency" in m:
         rows = [[html.escape(k), _fmt(v["avg_s"]), _fmt(v["median_s"]), _fmt(v["p95_s"]),
-                 f"<span class=ci>[{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]</span>", v["n"], _fmt(v["ttft_s"]),
+                 _interval(v, 3, keys=(None, "ci_low", "ci_high")), v["n"], _fmt(v["ttft_s"]),
                  _fmt(v["decode_tokens_per_s"], 1), share_text(v['roofline_fraction'])]
                 for k, v in m["latency"].items()]
         parts += ["<h2>Latency</h2>",
@@ -187,13 +218,37 @@ def render_html(m: dict, run_dir: Path) -> str:
                      "yes" if c["target_merged_at_least_half_of_bound"] else "no",
                      "yes" if c["target_merged_within_5pct_of_base"] else "no"]
                     for k, c in m["benchmark_checks"].items()]
-            parts += ["<h3>Targets</h3>", _table(["model", "merged LoRA: share of roofline", "merged vs base latency",
-                                                  "unmerged LoRA overhead", "merged >= 50% of bound", "merged within 5% of base"], rows)]
+            parts += [
+                "<h3>Targets</h3>",
+                _table(
+                    [
+                        "model",
+                        "merged LoRA: share of roofline",
+                        "merged vs base latency",
+                        "unmerged LoRA overhead",
+                        "merged >= 50% of bound",
+                        "merged within 5% of base",
+                    ],
+                    rows,
+                ),
+            ]
         if m.get("latency_batched"):
-            rows = [[f"{r['model']} · {r['variant']}", r["batch"], _fmt(r["latency_mean_s"]),
-                     _fmt(r["decode_tokens_per_s"], 1), share_text(r['roofline_fraction'])] for r in m["latency_batched"]]
-            parts += ["<h3>Batched generation</h3>", _table(["model · variant", "batch", "Avg (s)", "decode tok/s (all rows)",
-                                                             "of roofline (per step)"], rows)]
+            rows = [
+                [
+                    f"{r['model']} · {r['variant']}",
+                    r["batch"],
+                    _fmt(r["latency_mean_s"]),
+                    _fmt(r["decode_tokens_per_s"], 1),
+                    share_text(r["roofline_fraction"]),
+                ]
+                for r in m["latency_batched"]
+            ]
+            parts += [
+                "<h3>Batched generation</h3>",
+                _table(
+                    ["model · variant", "batch", "Avg (s)", "decode tok/s (all rows)", "of roofline (per step)"], rows
+                ),
+            ]
         parts.append(_img(figs / "latency.png", "Latency per model and variant"))
 
     if "response" in m:
@@ -216,15 +271,29 @@ def render_html(m: dict, run_dir: Path) -> str:
         rows = []
         for cat in dict.fromkeys(r.get("category") for r in every):  # two per category
             rows += [r for r in every if r.get("category") == cat][:2]
-        names = [k for k in rows[0] if k not in ("id", "category", "prompt", "reference", "crisis_flag")] if rows else []
-        parts += ["<h2>Sample outputs</h2>", _table(["category", "prompt", "reference"] + names,
-                  [[html.escape(str(r.get("category") or "")), html.escape(r["prompt"]), html.escape(r["reference"] or "–")]
-                   + [html.escape(r[n]) for n in names] for r in rows])]
+        names = (
+            [k for k in rows[0] if k not in ("id", "category", "prompt", "reference", "crisis_flag")] if rows else []
+        )
+        parts += [
+            "<h2>Sample outputs</h2>",
+            _table(
+                ["category", "prompt", "reference"] + names,
+                [
+                    [
+                        html.escape(str(r.get("category") or "")),
+                        html.escape(r["prompt"]),
+                        html.escape(r["reference"] or "–"),
+                    ]
+                    + [html.escape(r[n]) for n in names]
+                    for r in rows
+                ],
+            ),
+        ]
 
     if m.get("human_ratings"):
         h = m["human_ratings"]
         rows = [[k, "–" if a["spearman"] is None else f"{a['spearman']:.2f}",
-                 "–" if a.get("low") is None else f"[{a['low']:.2f}, {a['high']:.2f}]", a["n"]]
+                 M.interval_text(a, keys=(None, "low", "high")), a["n"]]
                 for k, a in h["agreement"].items()]
         parts += [f"<h2>Human calibration</h2><p>{h['votes']} blind-arena votes in the dashboard's rating store; "
                   "Spearman correlation between the judge's 1-5 grades and the human 1-5 ratings of the same replies, "
@@ -237,9 +306,12 @@ def render_html(m: dict, run_dir: Path) -> str:
         parts += [_markdown(c.read_text().split("![length", 1)[0]) for c in cards]
     parts.append("<h2>How the scores are computed</h2><pre>" + html.escape(M.__doc__) + "</pre>")
     if m.get("machine"):
-        parts.append("<h2>Machine and versions</h2>" + _table(["", ""], [[k, html.escape(str(v))] for k, v in
-                                                                         {**m["machine"], **m.get("versions", {})}.items()]))
-    return f"<!doctype html><html><head><meta charset=utf-8><title>LoRA comparison {html.escape(m['run_id'])}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+        parts.append(
+            "<h2>Machine and versions</h2>"
+            + _table(["", ""], [[k, html.escape(str(v))] for k, v in {**m["machine"], **m.get("versions", {})}.items()])
+        )
+    head = f"<meta charset=utf-8><title>LoRA comparison {html.escape(m['run_id'])}</title><style>{CSS}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
 
 
 def _quality_html(m: dict, figs: Path) -> list[str]:
@@ -247,9 +319,12 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
     parts = ["<h2>Response quality</h2>"]
     if judge:
         t = judge.get("timing", {}).get("grade", {})
-        parts.append(f"<p>Judge: <b>{html.escape(str(judge.get('model')))}</b> ({html.escape(str(judge.get('dtype')))} on "
-                     f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), {_fmt(t.get('seconds_per_call'))} s of judge time per "
-                     f"reply over {t.get('calls')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>")
+        parts.append(
+            f"<p>Judge: <b>{html.escape(str(judge.get('model')))}</b> ({html.escape(str(judge.get('dtype')))} on "
+            f"{html.escape(str(judge.get('cpu', {}).get('cpu')))}), "
+            f"{_fmt(t.get('seconds_per_call'))} s of judge time per "
+            f"reply over {t.get('calls')} replies. Prompts: {html.escape(json.dumps(m.get('categories')))}.</p>"
+        )
     if m.get("dtype_probe"):
         probe = m["dtype_probe"]
         rates = ", ".join(f"{k} {v}" for k, v in probe.get("matmul_gflops", {}).items())
@@ -257,15 +332,36 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
                      f"{probe.get('native_bf16')}; matmul probe, GFLOP/s: {html.escape(rates)}).</p>")
     rows = [[html.escape(n), _interval(r["overall"]), _interval(r["relevance"]), _interval(r["coherence"]),
              _interval(r["avg_len_words"], 1), r["avg_len_words"]["n"]] for n, r in m["response"].items()]
-    parts += [_table(["model", "Overall /5", "Relevance /5", "Coherence /5", "Avg Len (words)", "n"], rows),
-              _img(figs / "quality.png", "Quality with 95% intervals"),
-              "<h3>Cheap signals (not part of the grades)</h3>",
-              _table(["model", "distinct-2", "prompt similarity", "ROUGE-L", "chrF", "reference similarity",
-                      "held-out loss", "perplexity"],
-                     [[html.escape(n), _interval(r["distinct_2"]), _interval(r["prompt_similarity"]), _interval(r["rouge_l"], 3),
-                       _interval(r["chrf"], 1), _interval(r["similarity"], 3),
-                       _fmt((m["heldout"].get(n) or {}).get("loss")), _fmt((m["heldout"].get(n) or {}).get("perplexity"), 1)]
-                      for n, r in m["response"].items()])]
+    parts += [
+        _table(["model", "Overall /5", "Relevance /5", "Coherence /5", "Avg Len (words)", "n"], rows),
+        _img(figs / "quality.png", "Quality with 95% intervals"),
+        "<h3>Cheap signals (not part of the grades)</h3>",
+        _table(
+            [
+                "model",
+                "distinct-2",
+                "prompt similarity",
+                "ROUGE-L",
+                "chrF",
+                "reference similarity",
+                "held-out loss",
+                "perplexity",
+            ],
+            [
+                [
+                    html.escape(n),
+                    _interval(r["distinct_2"]),
+                    _interval(r["prompt_similarity"]),
+                    _interval(r["rouge_l"], 3),
+                    _interval(r["chrf"], 1),
+                    _interval(r["similarity"], 3),
+                    _fmt((m["heldout"].get(n) or {}).get("loss")),
+                    _fmt((m["heldout"].get(n) or {}).get("perplexity"), 1),
+                ]
+                for n, r in m["response"].items()
+            ],
+        ),
+    ]
     if m.get("by_category"):
         cats = list(next(iter(m["by_category"].values())))
         rows = [[html.escape(n)] + [_interval(by[c]["overall"]) + f" <span class=ci>n={by[c]['overall']['n']}</span>"
@@ -273,7 +369,7 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
         parts += ["<h3>Overall grade by category</h3>", _table(["model"] + cats, rows),
                   _img(figs / "categories.png", "Overall grade by category")]
     if m.get("pairwise"):
-        rows = [[html.escape(k), f"{w['win_rate']:.2f} <span class=ci>[{w['low']:.2f}, {w['high']:.2f}]</span>",
+        rows = [[html.escape(k), _interval(w, keys=("win_rate", "low", "high")),
                  f"{w['wins']}/{w['ties']}/{w['losses']}", w["n"]] for k, w in m["pairwise"].items() if w["n"]]
         parts += ["<h3>Pairwise judgements (both orders)</h3><p>Win rate of the first model, ties count half.</p>",
                   _table(["comparison", "win rate", "wins/ties/losses", "n"], rows)]

@@ -59,7 +59,9 @@ def render_data_card(card: Mapping) -> str:
     for s in splits:
         for what, stats in card["lengths"][s].items():
             if stats.get("n"):
-                rows.append([s, what, stats["n"], stats["min"], stats["median"], stats["mean"], stats["p95"], stats["max"]])
+                rows.append(
+                    [s, what, stats["n"], stats["min"], stats["median"], stats["mean"], stats["p95"], stats["max"]]
+                )
     out += [_table(["split", "measure", "n", "min", "median", "mean", "p95", "max"], rows),
             "", "![length distribution](length_distribution.png)", ""]
     return "\n".join(out)
@@ -112,7 +114,10 @@ def plot_quality(evaluation: Mapping, path: Path | None = None):
     for ax, metric in zip(axes, QUALITY):
         stats = [evaluation["summary"][n][metric] for n in names]
         means = [s["mean"] or 0 for s in stats]
-        err = [[(s["mean"] or 0) - (s["low"] or 0) for s in stats], [(s["high"] or 0) - (s["mean"] or 0) for s in stats]]
+        err = [
+            [(s["mean"] or 0) - (s["low"] or 0) for s in stats],
+            [(s["high"] or 0) - (s["mean"] or 0) for s in stats],
+        ]
         ax.barh(names, means, xerr=err, color=sns.color_palette("deep", len(names)), capsize=3)
         ax.set_title(f"{metric} (n={stats[0]['n']})")
         if metric in ("overall", "coherence", "relevance"):
@@ -127,8 +132,12 @@ def plot_categories(evaluation: Mapping, metric: str = "overall", path: Path | N
     import pandas as pd
 
     sns.set_theme(style="whitegrid")
-    rows = [{"model": name, "category": cat, "mean": s[metric]["mean"], "low": s[metric]["low"], "high": s[metric]["high"]}
-            for name, cats in evaluation["by_category"].items() for cat, s in cats.items() if s[metric]["mean"] is not None]
+    rows = [
+        {"model": name, "category": cat, "mean": s[metric]["mean"], "low": s[metric]["low"], "high": s[metric]["high"]}
+        for name, cats in evaluation["by_category"].items()
+        for cat, s in cats.items()
+        if s[metric]["mean"] is not None
+    ]
     df = pd.DataFrame(rows)
     cats, names = list(dict.fromkeys(df["category"])), list(dict.fromkeys(df["model"]))
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(cats) * len(names) + 1.5))
@@ -172,8 +181,16 @@ def plot_decode(report: Mapping, path: Path | None = None):
     import pandas as pd
 
     sns.set_theme(style="whitegrid")
-    df = pd.DataFrame([{"model · variant": f"{r['model']} · {r['variant']}", "engine · form": f"{r['engine']} · {r['form']}",
-                        "decode tokens/s": r["decode_tokens_per_s"]} for r in report["rows"]])
+    df = pd.DataFrame(
+        [
+            {
+                "model · variant": f"{r['model']} · {r['variant']}",
+                "engine · form": f"{r['engine']} · {r['form']}",
+                "decode tokens/s": r["decode_tokens_per_s"],
+            }
+            for r in report["rows"]
+        ]
+    )
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(df) + 1.5))
     sns.barplot(df, x="decode tokens/s", y="model · variant", hue="engine · form", ax=ax)
     ax.set_title(f"Greedy decode, batch 1, {report['method']['new_tokens']} tokens ({report['machine']['cpu']})")
@@ -188,7 +205,9 @@ def plot_parameters(trainable: Mapping[str, Mapping], path: Path | None = None):
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.5))
     y = range(len(names))
     ax.barh([i + 0.2 for i in y], [trainable[n]["total_params"] for n in names], height=0.4, label="total")
-    ax.barh([i - 0.2 for i in y], [trainable[n]["trainable_params"] for n in names], height=0.4, label="trainable (LoRA)")
+    ax.barh(
+        [i - 0.2 for i in y], [trainable[n]["trainable_params"] for n in names], height=0.4, label="trainable (LoRA)"
+    )
     ax.set_yticks(list(y), names)
     ax.set_xscale("log")
     for i, n in enumerate(names):

@@ -52,18 +52,30 @@ RESEARCH_NOTE = ("Research demo: outputs come from small language models, may be
                  "and are not a substitute for professional advice.")
 
 _EXPLICIT = [
-    r"\b(kill(ing)?|hurt(ing)?|harm(ing)?|cut(ting)?)\s+my\s*self\b", r"\bsuicid(e|al)\b", r"\bend(ing)?\s+(my|it\s+all|my\s+own)\s*(life)?\b",
-    r"\btake\s+my\s+(own\s+)?life\b", r"\bwant(ed)?\s+to\s+die\b", r"\bself[-\s]?harm", r"\boverdose\b",
+    r"\b(kill(ing)?|hurt(ing)?|harm(ing)?|cut(ting)?)\s+my\s*self\b",
+    r"\bsuicid(e|al)\b",
+    r"\bend(ing)?\s+(my|it\s+all|my\s+own)\s*(life)?\b",
+    r"\btake\s+my\s+(own\s+)?life\b",
+    r"\bwant(ed)?\s+to\s+die\b",
+    r"\bself[-\s]?harm",
+    r"\boverdose\b",
     r"\bdon'?t\s+want\s+to\s+(live|be\s+alive|wake\s+up)\b",
 ]
 _IMPLICIT = [
-    r"\bno\s+(reason|point)\s+(to|in)\s+(go(ing)?\s+on|liv(e|ing))\b", r"\bbetter\s+off\s+without\s+me\b",
-    r"\bcan'?t\s+go\s+on\b", r"\b(wish|want)\s+i\s+(was|were)\s+(dead|never\s+born)\b", r"\bnot\s+be\s+here\s+anymore\b",
-    r"\bgoodbye\s+forever\b", r"\bgive\s+up\s+on\s+(life|everything)\b",
+    r"\bno\s+(reason|point)\s+(to|in)\s+(go(ing)?\s+on|liv(e|ing))\b",
+    r"\bbetter\s+off\s+without\s+me\b",
+    r"\bcan'?t\s+go\s+on\b",
+    r"\b(wish|want)\s+i\s+(was|were)\s+(dead|never\s+born)\b",
+    r"\bnot\s+be\s+here\s+anymore\b",
+    r"\bgoodbye\s+forever\b",
+    r"\bgive\s+up\s+on\s+(life|everything)\b",
 ]
 _HYPERBOLE = [
-    r"\bkill\s+my\s*self\s+(laughing|with\s+laughter)\b", r"\b(killing|kills)\s+me\b", r"\bdying\s+(to|of\s+laughter)\b",
-    r"\bdie\s+of\s+(embarrassment|laughter|boredom)\b", r"\bkill\s+(the|a|this)\s+(process|task|job|lights|engine)\b",
+    r"\bkill\s+my\s*self\s+(laughing|with\s+laughter)\b",
+    r"\b(killing|kills)\s+me\b",
+    r"\bdying\s+(to|of\s+laughter)\b",
+    r"\bdie\s+of\s+(embarrassment|laughter|boredom)\b",
+    r"\bkill\s+(the|a|this)\s+(process|task|job|lights|engine)\b",
     r"\bsuicide\s+(squad|doors?|mission)\b",
 ]
 _EXPLICIT_RE = [re.compile(p, re.IGNORECASE) for p in _EXPLICIT]
@@ -391,16 +403,28 @@ def evaluate(out: Path | None = None) -> dict:
                "false positives <= 5%": _summary(flags, crisis_rows)["false_positive_rate"]["share"] <= 0.05,
                "<= 50 ms per message (median)": float(np.median(ms)) <= 50}
     report = {
-        "data": {"crisis": str(CRISIS_DATA.relative_to(DATA_DIR.parent)), "replies": str(REPLY_DATA.relative_to(DATA_DIR.parent)),
-                 "split": "test = a quarter of the texts by sha1(text), never used for fitting or thresholds"},
-        "crisis_detector": {"method": "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams" +
-                            (" OR regular expressions" if det.use_patterns else ""),
-                            "chosen_on_train_cv": det.cv, **_summary(flags, crisis_rows), "by_kind": kinds,
-                            "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)}},
-        "output_filter": {"method": "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams, plus configs/safety.yaml",
-                          "chosen_on_train_cv": flt.cv, **_summary(reply_flags, reply_rows),
-                          "by_kind": _kind_table(reply_flags, reply_rows),
-                          "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)}},
+        "data": {
+            "crisis": str(CRISIS_DATA.relative_to(DATA_DIR.parent)),
+            "replies": str(REPLY_DATA.relative_to(DATA_DIR.parent)),
+            "split": "test = a quarter of the texts by sha1(text), never used for fitting or thresholds",
+        },
+        "crisis_detector": {
+            "method": "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams"
+            + (" OR regular expressions" if det.use_patterns else ""),
+            "chosen_on_train_cv": det.cv,
+            **_summary(flags, crisis_rows),
+            "by_kind": kinds,
+            "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
+        },
+        "output_filter": {
+            "method": (
+                "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams, plus configs/safety.yaml"
+            ),
+            "chosen_on_train_cv": flt.cv,
+            **_summary(reply_flags, reply_rows),
+            "by_kind": _kind_table(reply_flags, reply_rows),
+            "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)},
+        },
         "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1)},
         "targets": targets,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import chat, engine, generation, models
-from .paths import MODELS_DIR
+from .paths import FINAL, MODELS_DIR, has_adapter
 
 
 class ChoiceError(ValueError):
@@ -46,7 +46,9 @@ def available_choices(models_dir: Path = MODELS_DIR, bases: tuple[str, ...] | No
     out = [Choice(f"{b} (base)", b) for b in bases]
     for adapter in trained_adapters(models_dir):
         run = models.read_run(adapter)
-        out.append(Choice(f"{run['model']} (LoRA: {adapter.relative_to(models_dir)})", run["config"]["model"], str(adapter)))
+        out.append(
+            Choice(f"{run['model']} (LoRA: {adapter.relative_to(models_dir)})", run["config"]["model"], str(adapter))
+        )
     return out
 
 
@@ -58,7 +60,7 @@ def trained_adapters(models_dir: Path = MODELS_DIR) -> list[Path]:
     found = []
     for run in sorted(models_dir.rglob("run.json")):
         folder = run.parent
-        if (folder / "final" / "adapter_config.json").exists() and _inside(folder, models_dir):
+        if has_adapter(folder) and _inside(folder, models_dir):
             found.append(folder)
     return found
 
@@ -67,9 +69,11 @@ def check_adapter_path(adapter: str | Path, models_dir: Path = MODELS_DIR) -> Pa
     """Refuse adapter folders outside ``models_dir`` (symlinks resolved) or without adapter_config.json."""
     path = Path(adapter)
     if not _inside(path, Path(models_dir)):
-        raise ChoiceError(f"adapter {adapter} is outside {models_dir}; only adapters under the models folder are loaded")
-    if not (path / "final" / "adapter_config.json").exists():
-        raise ChoiceError(f"{path} has no final/adapter_config.json; expected a trained adapter folder")
+        raise ChoiceError(
+            f"adapter {adapter} is outside {models_dir}; only adapters under the models folder are loaded"
+        )
+    if not has_adapter(path):
+        raise ChoiceError(f"{path} has no {FINAL}/adapter_config.json; expected a trained adapter folder")
     return path
 
 

@@ -78,7 +78,10 @@ def assemble(split: dict, target_dir: Path) -> Path:
     tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
     try:
-        with open(tmp, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc=f"assembling {target.name}") as bar:
+        with (
+            open(tmp, "wb") as out,
+            tqdm(total=size, unit="B", unit_scale=True, desc=f"assembling {target.name}") as bar,
+        ):
             for path in parts:
                 with open(path, "rb") as fh:
                     while block := fh.read(1 << 22):

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from . import chat, hardware, int8, models
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
-from .paths import from_root
+from .paths import PROCESSED, ROOT, adapter_root, final_adapter, from_root
 
 RUN_SCHEMA = 1
 
@@ -35,33 +35,33 @@ TRAIN_DTYPES = hardware.COMPUTE_DTYPES
 class TrainConfig:
     """Parameters of ``notebooks/02_train_lora.ipynb`` (same names)."""
 
-    model: str = "smollm2-135m"
-    data_dir: str = "data/processed"
-    output_dir: str | None = None  # default models/<model>-lora
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: str | list[str] | None = None  # None: preset default; "all-linear": every linear layer
-    load_in_8bit: bool = True
-    random_init: bool = False
-    num_epochs: float = 1.0
+    model: str = "smollm2-135m"  # preset (gpt2, tinyllama, smollm2-135m, gemma3-270m), local folder or hub id
+    data_dir: str = PROCESSED  # output of 01_data_prep
+    output_dir: str | None = None  # None: models/<model>-lora
+    lora_r: int = 8  # rank of the update
+    lora_alpha: int = 16  # scaling: the update is multiplied by alpha / r
+    lora_dropout: float = 0.05  # dropout on the LoRA input (0 makes runs exactly repeatable)
+    target_modules: str | list[str] | None = None  # None: the preset's default; "all-linear"; or a list of names
+    load_in_8bit: bool = True  # 8-bit base weights (bitsandbytes); falls back to fp32, recorded, if it cannot run
+    random_init: bool = False  # architecture-exact random weights (speed and size only)
+    num_epochs: float = 1.0  # passes over the training split
     max_steps: int = -1  # > 0 overrides num_epochs
-    learning_rate: float | None = None  # None: preset default
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_seq_len: int = 256
-    eval_steps: int = 50
-    save_steps: int = 50
-    seed: int = 42
-    resume: bool = True
-    early_stopping_patience: int = 3
+    learning_rate: float | None = None  # None: the preset's default
+    batch_size: int = 8  # conversations per device step
+    gradient_accumulation_steps: int = 1  # steps per optimizer update
+    max_seq_len: int = 256  # tokens; longer conversations are cut (reply tokens beyond it are not trained)
+    eval_steps: int = 25  # validation loss every this many optimizer steps
+    save_steps: int = 25  # checkpoint every this many steps (a multiple of eval_steps)
+    seed: int = 42  # model init of LoRA, data order
+    resume: bool = True  # continue from the last complete checkpoint in output_dir
+    early_stopping_patience: int = 3  # evaluations without improvement before stopping
     padding: str = "dynamic"  # "dynamic" (length-grouped batches) or "max_length" (the tutorial recipe)
-    gradient_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~30% slower
-    dtype: str = "auto"  # compute dtype: "bf16" autocast (fp32 LoRA weights and optimizer state), "fp32", or "auto":
-    # bf16 where the CPU multiplies bf16 natively (AMX / AVX-512-BF16), fp32 elsewhere (see utils.hardware)
-    max_train_examples: int | None = None  # cut the data for smoke runs
-    max_eval_examples: int | None = None
-    logging_steps: int = 5
+    gradient_checkpointing: bool = False  # recompute layers in the backward pass: less memory, ~30% slower
+    dtype: str = "auto"  # "bf16" (autocast, fp32 LoRA weights and optimizer state), "fp32", or "auto": bf16 where
+    # the CPU multiplies bf16 natively (AMX / AVX-512-BF16), fp32 elsewhere (see utils.hardware)
+    max_train_examples: int | None = None  # cut the data (smoke runs)
+    max_eval_examples: int | None = None  # cut the validation split (smoke runs)
+    logging_steps: int = 5  # train loss logged every this many steps
 
     def validate(self) -> None:
         """Refuse impossible settings before any work is done."""
@@ -81,9 +81,19 @@ class TrainConfig:
         need(self.save_steps % self.eval_steps == 0,
              f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps} "
              "(the best adapter is chosen among evaluated checkpoints)")
-        need(self.learning_rate is None or self.learning_rate > 0, f"learning_rate={self.learning_rate!r}; expected > 0")
+        need(
+            self.learning_rate is None or self.learning_rate > 0, f"learning_rate={self.learning_rate!r}; expected > 0"
+        )
         need(self.padding in ("dynamic", "max_length"), f"padding={self.padding!r}; expected 'dynamic' or 'max_length'")
         need(self.dtype in TRAIN_DTYPES, f"dtype={self.dtype!r}; expected one of {list(TRAIN_DTYPES)}")
+
+
+@dataclass
+class TrainNotebook(TrainConfig):
+    """Parameters of ``notebooks/02_train_lora.ipynb``: the training config plus the notebook's own steps."""
+
+    export_gguf: bool = True  # also write the adapter for llama.cpp (lora.gguf, merged-q8_0.gguf) for GGUF bases
+    report_dir: str | None = None  # set by the pipeline: loss curves and run.json are copied to <report_dir>/
 
 
 # --------------------------------------------------------------------------- data
@@ -97,19 +107,6 @@ def _load_split(data_dir: Path, split: str, limit: int | None) -> list[dict]:
         raise TrainingError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
     rows = read_jsonl(path)
     return rows[:limit] if limit else rows
-
-
-def encode_rows(rows: Sequence[dict], tokenizer, fmt: str, max_seq_len: int) -> tuple[list[dict], int]:
-    """Encoded examples (input_ids, attention_mask, labels, length) and how many did not fit."""
-    out, dropped = [], 0
-    for row in rows:
-        enc = chat.encode(row["messages"], tokenizer, fmt, max_seq_len)
-        if enc is None:
-            dropped += 1
-            continue
-        out.append({"input_ids": enc.input_ids, "attention_mask": [1] * len(enc.input_ids),
-                    "labels": enc.labels, "length": len(enc.input_ids)})
-    return out, dropped
 
 
 def data_hash(data_dir: Path) -> str:
@@ -406,7 +403,9 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise TrainingError(f"output_dir {output_dir} cannot be created ({err.strerror}); expected a writable folder") from err
+        raise TrainingError(
+            f"output_dir {output_dir} cannot be created ({err.strerror}); expected a writable folder"
+        ) from err
     if not os.access(output_dir, os.W_OK):
         raise TrainingError(f"output_dir {output_dir} is not writable; expected a writable folder")
 
@@ -417,8 +416,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
     fmt = chat.chat_format({**spec, "chat_format": "auto"} if cfg.random_init else spec, tokenizer)
 
-    train_ds, dropped_train = encode_rows(train_rows, tokenizer, fmt, cfg.max_seq_len)
-    val_ds, dropped_val = encode_rows(val_rows, tokenizer, fmt, cfg.max_seq_len)
+    train_ds, dropped_train = chat.encode_rows(train_rows, tokenizer, fmt, cfg.max_seq_len)
+    val_ds, dropped_val = chat.encode_rows(val_rows, tokenizer, fmt, cfg.max_seq_len)
     if not train_ds or not val_ds:
         prompts = sorted(chat.encode(r["messages"], tokenizer, fmt, 10**6).prompt_tokens for r in train_rows[:200])
         raise TrainingError(f"max_seq_len={cfg.max_seq_len} is shorter than every prompt (median prompt "
@@ -451,8 +450,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
 
     use_cpu = not torch.cuda.is_available()
     dtype = hardware.pick_dtype(cfg.dtype, "training", allowed=TRAIN_DTYPES)
-    log(f"compute dtype: {dtype} ({'bf16 autocast, fp32 LoRA weights and optimizer state' if dtype == 'bf16' else 'fp32'}"
-        f"; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
+    how = "bf16 autocast, fp32 LoRA weights and optimizer state" if dtype == "bf16" else "fp32"
+    log(f"compute dtype: {dtype} ({how}; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
     args = TrainingArguments(
         bf16=dtype == "bf16",  # autocast: matmuls in bf16, the trained weights and Adam's state stay fp32
         output_dir=str(output_dir),
@@ -520,18 +519,28 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
         "slim_8bit_layers": slimmed,
         "chat_format": fmt,
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "target_modules": targets,
-                 "fan_in_fan_out": fan_in_fan_out},
+        "lora": {
+            "r": cfg.lora_r,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "target_modules": targets,
+            "fan_in_fan_out": fan_in_fan_out,
+        },
         **params,
         "config": asdict(cfg),
         "data_dir": str(data_dir),
         "data_sha256": data_hash(data_dir),
-        "examples": {"train": len(train_ds), "validation": len(val_ds),
-                     "dropped_too_long": {"train": dropped_train, "validation": dropped_val}},
+        "examples": {
+            "train": len(train_ds),
+            "validation": len(val_ds),
+            "dropped_too_long": {"train": dropped_train, "validation": dropped_val},
+        },
         "seed": cfg.seed,
         "resumed_from": checkpoint.name if checkpoint else None,
         "global_step": trainer.state.global_step,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if trainer.state.best_model_checkpoint else None,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+        if trainer.state.best_model_checkpoint
+        else None,
         "best_eval_loss": trainer.state.best_metric,
         "loss_history": {
             "train": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
@@ -540,7 +549,9 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "train_runtime_s": round(throughput.seconds, 2),  # wall time, evaluation and checkpoints included
         "train_step_time_s": round(throughput.step_seconds, 2),
         "train_tokens": int(throughput.tokens),  # non-padding tokens
-        "train_tokens_per_s": round(throughput.tokens / throughput.step_seconds, 2) if throughput.step_seconds else None,
+        "train_tokens_per_s": round(throughput.tokens / throughput.step_seconds, 2)
+        if throughput.step_seconds
+        else None,
         "peak_private_rss_mb": round(throughput.peak_private_mb, 1),  # while training, file-backed pages left out
         "peak_train_rss_mb": round(throughput.peak_rss_mb, 1),  # while training, everything resident
         "train_loss": result.training_loss,
@@ -551,11 +562,14 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "dtype": dtype,
         "dtype_probe": hardware.dtype_probe(),
         "world_size": args.world_size,  # training processes; token counts above are summed over them
-        "checkpointing_active": bool(getattr(loaded.model, "is_activation_checkpointing",
-                                             getattr(loaded.model, "is_gradient_checkpointing", False))),
+        "checkpointing_active": bool(
+            getattr(
+                loaded.model, "is_activation_checkpointing", getattr(loaded.model, "is_gradient_checkpointing", False)
+            )
+        ),
         "versions": _versions(),
     }
-    final_dir = output_dir / "final"
+    final_dir = final_adapter(output_dir)
 
     def write_final(folder: Path) -> None:
         trainer.model.save_pretrained(folder, safe_serialization=True)
@@ -581,16 +595,32 @@ def _point_adapter_at_base(folder: Path, base: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _card_root(run: dict) -> str:
+    """The run folder as the card shows it: relative to the repository when inside it."""
+    out = run["config"]["output_dir"]
+    root = from_root(out) if out else adapter_root(run["model"])
+    return str(root.relative_to(ROOT)) if root.is_relative_to(ROOT) else str(root)
+
+
 def model_card(run: dict, spec: dict) -> str:
     card = spec.get("card", {})
     rows = [
         ("Model Type", card.get("type", "Decoder-only Transformer")),
         ("Size", card.get("size", f"{run['total_params'] / 1e6:.0f}M parameters")),
         ("Base", f"`{run['base_model']}`"),
-        ("Fine-Tuning", f"LoRA r={run['lora']['r']} alpha={run['lora']['alpha']} on {', '.join(run['lora']['target_modules'])}, "
-                        + ("8-bit base weights" if run["load_in_8bit"] else "full-precision base weights")),
-        ("Trainable parameters", f"{run['trainable_params']:,} of {run['total_params']:,} ({run['trainable_percent']:.3f}%)"),
-        ("Training data", f"{run['examples']['train']} conversations from {run['data_dir']} (sha256 {run['data_sha256'][:12]})"),
+        (
+            "Fine-Tuning",
+            f"LoRA r={run['lora']['r']} alpha={run['lora']['alpha']} on {', '.join(run['lora']['target_modules'])}, "
+            + ("8-bit base weights" if run["load_in_8bit"] else "full-precision base weights"),
+        ),
+        (
+            "Trainable parameters",
+            f"{run['trainable_params']:,} of {run['total_params']:,} ({run['trainable_percent']:.3f}%)",
+        ),
+        (
+            "Training data",
+            f"{run['examples']['train']} conversations from {run['data_dir']} (sha256 {run['data_sha256'][:12]})",
+        ),
         ("Best validation loss", f"{run['best_eval_loss']:.4f}" if run["best_eval_loss"] is not None else "n/a"),
         ("Intended Use", "Research on parameter-efficient fine-tuning; conversational text generation"),
         ("Limitations", "May hallucinate or be incoherent; not a substitute for professional advice"),
@@ -600,10 +630,16 @@ def model_card(run: dict, spec: dict) -> str:
     if run.get("random_init"):
         lines += [f"**{models.RANDOM_WEIGHTS_LABEL}** — this adapter was trained on random base weights.", ""]
     lines += ["| Field | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "Load it:", "", "```python",
-              "from peft import PeftModel",
-              f"model = PeftModel.from_pretrained(base_model, \"{Path(run['config']['output_dir'] or 'models/' + run['model'] + '-lora') / 'final'}\")",
-              "```", ""]
+    lines += [
+        "",
+        "Load it:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f'model = PeftModel.from_pretrained(base_model, "{final_adapter(_card_root(run))}")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

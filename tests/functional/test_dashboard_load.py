@@ -104,9 +104,16 @@ def test_eight_sessions_each_get_their_sequential_replies(tmp_path):
         browser.close()
 
     peak_growth_mb = (monitor.peak - rss_before) / 2**20
-    figures = {"sessions": SESSIONS, "rounds": ROUNDS, "generations": SESSIONS * ROUNDS * 2, "wall_s": round(seconds, 1),
-               "server_rss_before_mb": round(rss_before / 2**20, 1), "server_peak_rss_mb": round(monitor.peak / 2**20, 1),
-               "peak_growth_mb": round(peak_growth_mb, 1), "mismatches": len(mismatches)}
+    figures = {
+        "sessions": SESSIONS,
+        "rounds": ROUNDS,
+        "generations": SESSIONS * ROUNDS * 2,
+        "wall_s": round(seconds, 1),
+        "server_rss_before_mb": round(rss_before / 2**20, 1),
+        "server_peak_rss_mb": round(monitor.peak / 2**20, 1),
+        "peak_growth_mb": round(peak_growth_mb, 1),
+        "mismatches": len(mismatches),
+    }
     out = ROOT / "reports" / "load" / "dashboard_load.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")

@@ -22,8 +22,13 @@ def test_pipeline_runs_data_notebook_on_fixture(write_jsonl, tmp_path):
     run_dir = pipeline.run(steps, tmp_path / "reports", progress=False)
     card = json.loads((out / "data_card.json").read_text())
     assert card["counts"]["total"] == 30 and card["duplicates_removed"]["exact"] == 3
-    assert card["skipped_rows"] == [{"file": str(src), "line": 31,
-                                     "reason": "invalid JSON (Expecting value at column 1); expected one JSON object per line"}]
+    assert card["skipped_rows"] == [
+        {
+            "file": str(src),
+            "line": 31,
+            "reason": "invalid JSON (Expecting value at column 1); expected one JSON object per line",
+        }
+    ]
     assert (tmp_path / "reports" / "latest").resolve() == run_dir.resolve()
     executed = nbformat.read(run_dir / "01_data_prep.ipynb", as_version=4)
     text = json.dumps(executed)

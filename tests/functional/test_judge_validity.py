@@ -45,15 +45,21 @@ def test_every_grade_is_far_above_chance(ladder_result):
     assert ladder_result["shares"]["good_vs_wrong"]["share"] >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet (measured 89.8% of 384 pairs, fp32 on AVX2): a terse correct answer "
-                                      "ranks below a fluent wrong one (25%) and another question's answer (67%); see "
-                                      "README, 'Is the judge right?'")
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met yet (measured 89.8% of 384 pairs, fp32 on AVX2): a terse correct answer "
+    "ranks below a fluent wrong one (25%) and another question's answer (67%); see "
+    "README, 'Is the judge right?'",
+)
 def test_overall_meets_the_target(ladder_result):
     assert ladder_result["shares"]["overall"]["share"] >= validity.TARGET
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet (measured 87.5%, 21 of 24, per reply; pairwise 91.7%): graded alone, "
-                                      "the judge trusts fluent confident claims; see README, 'Is the judge right?'")
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met yet (measured 87.5%, 21 of 24, per reply; pairwise 91.7%): graded alone, "
+    "the judge trusts fluent confident claims; see README, 'Is the judge right?'",
+)
 def test_per_reply_correctness_meets_the_target(ladder_result):
     assert ladder_result["shares"]["good_vs_wrong"]["share"] >= validity.TARGET
 

@@ -35,10 +35,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, seed):
 
     kill_at = random.Random(seed).randrange(4, STEPS - 6, 2)  # a checkpoint step
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(model, data, out, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        _cmd(model, data, out, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any(int(p.name.split("-")[1]) >= kill_at for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()):
+        if any(
+            int(p.name.split("-")[1]) >= kill_at for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+        ):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)

@@ -30,7 +30,12 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert prec == hardware.pick_dtype("auto")
     for variant in (f"{prec} base", f"{prec} LoRA merged"):
         row = m["latency"][f"smollm2-135m · {variant}"]
-        assert row["avg_s"] > 0 and row["median_s"] > 0 and row["n"] >= 3 and row["ci_low"] <= row["avg_s"] <= row["ci_high"]
+        assert (
+            row["avg_s"] > 0
+            and row["median_s"] > 0
+            and row["n"] >= 3
+            and row["ci_low"] <= row["avg_s"] <= row["ci_high"]
+        )
         assert row["roofline_fraction"] is None or 0 < row["roofline_fraction"] <= 1
     assert m["latency"][f"gpt2 (random weights) · {prec} base"]["label"] == "random weights: speed and size only"
     # table 2: response characteristics (Avg Len, Coherence, Relevance) with intervals, base and LoRA

@@ -22,8 +22,15 @@ def test_labelled_positions_loss_matches_the_models_own(name, tmp_path):
     trainer = training._trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                                            report_to=[]))
     fmt = chat.chat_format(loaded.spec, loaded.tokenizer)
-    enc = chat.encode([{"role": "user", "content": "How are you today?"},
-                       {"role": "assistant", "content": "I am fine, thank you for asking."}], loaded.tokenizer, fmt, 256)
+    enc = chat.encode(
+        [
+            {"role": "user", "content": "How are you today?"},
+            {"role": "assistant", "content": "I am fine, thank you for asking."},
+        ],
+        loaded.tokenizer,
+        fmt,
+        256,
+    )
     ids = torch.tensor([enc.input_ids])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([enc.labels])}
     assert 0 < int((batch["labels"] != chat.IGNORE_INDEX).sum()) < batch["labels"].numel()

@@ -31,8 +31,16 @@ def test_matmul_rates_cover_fp32_and_bf16():
 
 
 def _variant(name, steps_per_s, weight_bytes):
-    return {"variant": name, "model": "smollm2-135m", "batch": 1, "weight_bytes": weight_bytes, "decode_steps_per_s": steps_per_s,
-            "decode_tokens_per_s": steps_per_s, "latency_mean_s": 1.0, "latency_median_s": 1.0}
+    return {
+        "variant": name,
+        "model": "smollm2-135m",
+        "batch": 1,
+        "weight_bytes": weight_bytes,
+        "decode_steps_per_s": steps_per_s,
+        "decode_tokens_per_s": steps_per_s,
+        "latency_mean_s": 1.0,
+        "latency_median_s": 1.0,
+    }
 
 
 def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
@@ -54,7 +62,10 @@ def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
                                          out_path=tmp_path / "latency.json", dtype="fp32")
     rows = {r["variant"]: r for r in report["rows"]}
     assert report["machine"]["memory_bandwidth_gbs"] == 16.0
-    assert report["machine"]["memory_bandwidth_samples_gbs"][0] == 4.0 and len(report["machine"]["memory_bandwidth_samples_gbs"]) >= 3
+    assert (
+        report["machine"]["memory_bandwidth_samples_gbs"][0] == 4.0
+        and len(report["machine"]["memory_bandwidth_samples_gbs"]) >= 3
+    )
     assert report["machine"]["matmul_gflops_by_dtype"] == {"fp32": 100.0, "bf16": 600.0}
     assert rows["fp32 base"]["roofline_fraction"] == pytest.approx(0.5)
     assert rows["fp32 LoRA merged"]["roofline_fraction"] is None

@@ -38,7 +38,13 @@ def test_every_schema_is_read_into_canonical_messages(write_jsonl, tmp_path):
     ]
     report = data.ReadReport()
     convs = _read(files, report=report)
-    assert [report.schemas[str(f)] for f in files] == ["prompt_response", "context_response", "alpaca", "openai", "sharegpt"]
+    assert [report.schemas[str(f)] for f in files] == [
+        "prompt_response",
+        "context_response",
+        "alpaca",
+        "openai",
+        "sharegpt",
+    ]
     by_source = {}
     for c in convs:
         by_source.setdefault(c.source, []).append(c.messages)
@@ -114,7 +120,9 @@ def test_skip_mode_lists_bad_rows(write_jsonl, bad, expected):
 
 def test_unknown_schema_lists_the_known_ones(write_jsonl):
     f = write_jsonl("odd.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"odd.jsonl:1: unknown schema: keys \['answer', 'question'\]; expected one of: prompt_response"):
+    with pytest.raises(
+        DataError, match=r"odd.jsonl:1: unknown schema: keys \['answer', 'question'\]; expected one of: prompt_response"
+    ):
         _read([f])
 
 
@@ -129,7 +137,9 @@ def test_bad_roles_and_turn_shapes(write_jsonl):
     with pytest.raises(DataError, match=r"roles.jsonl:1: 'messages\[1\].role' is 'tool'; expected one of"):
         _read([f])
     g = write_jsonl("turns.jsonl", [{"conversations": [{"from": "human"}]}])
-    with pytest.raises(DataError, match=r"turns.jsonl:1: 'conversations\[0\]' must be an object with 'from' and 'value'"):
+    with pytest.raises(
+        DataError, match=r"turns.jsonl:1: 'conversations\[0\]' must be an object with 'from' and 'value'"
+    ):
         _read([g])
 
 
@@ -150,7 +160,9 @@ def test_bad_on_error_value():
 
 
 def test_conversation_with_nothing_left_after_cleaning(write_jsonl):
-    f = write_jsonl("c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\u200b "}]}])
+    f = write_jsonl(
+        "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\u200b "}]}]
+    )
     with pytest.raises(DataError, match=r"c.jsonl:1: no user turn followed by a non-empty assistant reply"):
         _read([f])
 

@@ -10,14 +10,38 @@ from utils.training import TrainConfig
 
 
 SUITE_SAMPLE = [
-    {"id": "d1", "category": "emotional_support", "prompt": "say cat", "history": [{"role": "user", "content": "say cat"}],
-     "reference": None, "note": "be warm"},
-    {"id": "d2", "category": "emotional_support", "prompt": "say dog", "history": [{"role": "user", "content": "say dog"}],
-     "reference": None, "note": "be warm"},
-    {"id": "d3", "category": "factual", "prompt": "say sun", "history": [{"role": "user", "content": "say sun"}],
-     "reference": "sun", "note": "be right"},
-    {"id": "d4", "category": "factual", "prompt": "say moon", "history": [{"role": "user", "content": "say moon"}],
-     "reference": "moon", "note": "be right"},
+    {
+        "id": "d1",
+        "category": "emotional_support",
+        "prompt": "say cat",
+        "history": [{"role": "user", "content": "say cat"}],
+        "reference": None,
+        "note": "be warm",
+    },
+    {
+        "id": "d2",
+        "category": "emotional_support",
+        "prompt": "say dog",
+        "history": [{"role": "user", "content": "say dog"}],
+        "reference": None,
+        "note": "be warm",
+    },
+    {
+        "id": "d3",
+        "category": "factual",
+        "prompt": "say sun",
+        "history": [{"role": "user", "content": "say sun"}],
+        "reference": "sun",
+        "note": "be right",
+    },
+    {
+        "id": "d4",
+        "category": "factual",
+        "prompt": "say moon",
+        "history": [{"role": "user", "content": "say moon"}],
+        "reference": "moon",
+        "note": "be right",
+    },
 ]
 
 
@@ -28,9 +52,19 @@ def setup(tmp_path_factory):
     llama = save_tiny_model(root / "llama", "llama")
     gpt2 = save_tiny_model(root / "gpt2", "gpt2")
     for name, path in (("llama", llama), ("gpt2", gpt2)):
-        training.train(TrainConfig(model=str(path), data_dir=str(data), output_dir=str(root / "models" / f"{name}-lora"),
-                                   load_in_8bit=False, max_steps=2, eval_steps=2, save_steps=2, batch_size=4),
-                       log=lambda *a: None)
+        training.train(
+            TrainConfig(
+                model=str(path),
+                data_dir=str(data),
+                output_dir=str(root / "models" / f"{name}-lora"),
+                load_in_8bit=False,
+                max_steps=2,
+                eval_steps=2,
+                save_steps=2,
+                batch_size=4,
+            ),
+            log=lambda *a: None,
+        )
     judge = save_tiny_model(root / "judge", "llama", seed=1)
     return {"root": root, "data": data, "llama": llama, "gpt2": gpt2, "judge": judge}
 
@@ -48,7 +82,9 @@ def test_heldout_loss_matches_the_models_own_loss(setup):
 
 def test_batched_generation_equals_one_by_one(setup):
     loaded = models.load_model(str(setup["llama"]))
-    convs = [[{"role": "user", "content": t}] for t in ("hi", "say cat 3 please", "a much longer prompt than the others")]
+    convs = [
+        [{"role": "user", "content": t}] for t in ("hi", "say cat 3 please", "a much longer prompt than the others")
+    ]
     batched = generation.generate_batch(loaded.model, loaded.tokenizer, convs, "plain", max_new_tokens=6, batch_size=3,
                                         progress=False)
     single = [generation.generate_batch(loaded.model, loaded.tokenizer, [c], "plain", max_new_tokens=6, batch_size=1,
@@ -81,6 +117,15 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, m
     assert res["variants"]["llama (LoRA)"]["trainable"]["trainable_params"] > 0
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == n
 
+    # the notebook's tables show every variant and comparison, intervals around their means
+    quality = evaluation.quality_table(res)
+    assert list(quality.index) == list(res["summary"]) and list(quality["n"]) == [n] * 4
+    s = res["summary"]["llama (LoRA)"]["overall"]
+    assert quality.loc["llama (LoRA)", "Overall /5"] == f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
+    assert set(evaluation.pairwise_table(res)["comparison"]) == pairs
+    assert set(evaluation.differences_table(res).index) == pairs
+    assert evaluation.signals_table(res).loc["llama (LoRA)", "held-out loss"] != "–"
+
     # the report reads what the notebooks wrote
     (tmp_path / "runs").mkdir()
     for name in ("llama", "gpt2"):
@@ -100,22 +145,46 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, m
 
 
 def test_the_judge_is_not_silently_a_compared_model(setup, tmp_path):
-    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=str(setup["llama"]), data_dir=str(setup["data"]))
+    cfg = evaluation.EvalConfig(
+        models=[str(setup["llama"])], judge_model=str(setup["llama"]), data_dir=str(setup["data"])
+    )
     with pytest.raises(evaluation.EvaluationError, match="is also a compared model"):
         evaluation.evaluate(cfg)
-    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=str(setup["llama"]), allow_judge_as_model=True,
-                                data_dir=str(setup["data"]), suite="test", num_examples=2, max_new_tokens=3,
-                                validity=False, pairwise=False, loss_examples=2, report_dir=str(tmp_path),
-                                models_dir=str(tmp_path / "no-models"), judge_dtype="fp32")
+    cfg = evaluation.EvalConfig(
+        models=[str(setup["llama"])],
+        judge_model=str(setup["llama"]),
+        allow_judge_as_model=True,
+        data_dir=str(setup["data"]),
+        suite="test",
+        num_examples=2,
+        max_new_tokens=3,
+        validity=False,
+        pairwise=False,
+        loss_examples=2,
+        report_dir=str(tmp_path),
+        models_dir=str(tmp_path / "no-models"),
+        judge_dtype="fp32",
+    )
     res = evaluation.evaluate(cfg, log=lambda *a: None)
     assert res["judge_is_compared"] == [str(setup["llama"])]
     assert "Warning: the judge" in report.render_html(report.collect_metrics(tmp_path), tmp_path)
 
 
 def test_generation_dtype_is_chosen_recorded_and_reported(setup, tmp_path):
-    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], judge_model=None, data_dir=str(setup["data"]), suite="test",
-                                num_examples=2, max_new_tokens=3, validity=False, pairwise=False, loss_examples=2,
-                                report_dir=str(tmp_path), models_dir=str(tmp_path / "no-models"), dtype="bf16")
+    cfg = evaluation.EvalConfig(
+        models=[str(setup["llama"])],
+        judge_model=None,
+        data_dir=str(setup["data"]),
+        suite="test",
+        num_examples=2,
+        max_new_tokens=3,
+        validity=False,
+        pairwise=False,
+        loss_examples=2,
+        report_dir=str(tmp_path),
+        models_dir=str(tmp_path / "no-models"),
+        dtype="bf16",
+    )
     res = evaluation.evaluate(cfg, log=lambda *a: None)
     assert res["dtype"] == "bf16" and res["variants"]["llama (base)"]["dtype"] == "bf16"
     assert set(res["dtype_probe"]["matmul_gflops"]) == {"fp32", "bf16"}
@@ -147,8 +216,14 @@ def test_suite_parameter_is_checked(tmp_path):
 def test_verdict_sentences_say_where_the_data_cannot_tell():
     ci = lambda m, lo, hi: {"mean": m, "low": lo, "high": hi, "n": 100}  # noqa: E731
     pairwise = {"A vs B": {"n": 100, "win_rate": 0.7, "low": 0.62, "high": 0.78}}
-    diffs = {"A vs B": {"overall": ci(0.5, 0.3, 0.7), "relevance": ci(-0.4, -0.6, -0.2), "coherence": ci(0.05, -0.1, 0.2),
-                        "words": ci(3.0, 1.0, 5.0)}}
+    diffs = {
+        "A vs B": {
+            "overall": ci(0.5, 0.3, 0.7),
+            "relevance": ci(-0.4, -0.6, -0.2),
+            "coherence": ci(0.05, -0.1, 0.2),
+            "words": ci(3.0, 1.0, 5.0),
+        }
+    }
     text = evaluation.verdict_sentences([("A", "B")], pairwise, diffs)[0]
     assert text.startswith("A vs B: the judge prefers A (A wins 0.70 [0.62, 0.78] of 100")
     assert "A grades higher on overall +0.50" in text and "A grades lower on relevance -0.40" in text
@@ -158,7 +233,9 @@ def test_verdict_sentences_say_where_the_data_cannot_tell():
 
 
 def test_missing_data_names_the_notebook(tmp_path):
-    with pytest.raises(evaluation.EvaluationError, match="test.jsonl not found: run notebooks/01_data_prep.ipynb first"):
+    with pytest.raises(
+        evaluation.EvaluationError, match="test.jsonl not found: run notebooks/01_data_prep.ipynb first"
+    ):
         evaluation.evaluate(evaluation.EvalConfig(data_dir=str(tmp_path)))
 
 

@@ -119,3 +119,15 @@ def test_output_may_not_overwrite_the_input(write_jsonl):
     with pytest.raises(metrics.ScoreInputError, match="would overwrite the input"):
         metrics.score_file(src, src, metrics.Scorer(None, FakeJudge()))
     assert json.loads(src.read_text()) == {"prompt": "a", "reply": "b"}
+
+
+def test_interval_text_formats_every_kind_of_summary():
+    from utils.metrics import interval_text
+
+    s = {"mean": 0.4213, "low": 0.3, "high": 0.55, "n": 9}
+    assert interval_text(s) == "0.42 [0.30, 0.55]"
+    assert interval_text(s, 1, signed=True) == "+0.4 [+0.3, +0.6]"
+    assert interval_text({"ci_low": 1.0, "ci_high": 2.0}, 3, keys=(None, "ci_low", "ci_high")) == "[1.000, 2.000]"
+    assert interval_text({"win_rate": 0.5, "low": 0.25, "high": 0.75}, keys=("win_rate", "low", "high"),
+                         wrap=lambda b: f"<i>{b}</i>") == "0.50 <i>[0.25, 0.75]</i>"
+    assert interval_text({"mean": None, "low": None, "high": None, "n": 0}) == "–" == interval_text(None)

@@ -58,7 +58,11 @@ def test_plan_has_one_training_step_per_model():
                                        "03_evaluate", "04_benchmark"]
     assert steps[1].parameters == {"lora_r": 4, "model": "smollm2-135m", "data_dir": "data/x"}
     assert steps[2].parameters["learning_rate"] == 1e-3
-    assert steps[3].parameters == {"models": ["smollm2-135m", "gemma3-270m"], "models_dir": "models", "data_dir": "data/x"}
+    assert steps[3].parameters == {
+        "models": ["smollm2-135m", "gemma3-270m"],
+        "models_dir": "models",
+        "data_dir": "data/x",
+    }
     assert [s.name for s in pipeline.plan(config, models=["gpt2"])][1:] == ["02_train_lora-gpt2", "03_evaluate",
                                                                            "04_benchmark"]
 
@@ -98,24 +102,3 @@ def test_model_paths_outside_models_dir_are_refused(tmp_path):
     pipeline.check_model_name("org/some-hub-model")
 
 
-def test_injected_parameter_names_come_only_from_papermills_cell():
-    history = ["", "import json", "# Parameters (papermill overrides these)\nmodel = 'a'\nseed = 0\n",
-               "# Parameters\nseed = 3\nval_fracton = 0.2\n", "cfg = make(seed)"]
-    assert pipeline.injected_parameter_names(history) == ["seed", "val_fracton"]
-
-
-@pytest.mark.parametrize("notebook", ["01_data_prep.ipynb", "02_train_lora.ipynb", "03_evaluate.ipynb",
-                                      "04_benchmark.ipynb"])
-def test_each_notebook_checks_injected_names_right_after_its_parameters(notebook):
-    import nbformat
-
-    nb = nbformat.read(pipeline.NOTEBOOKS_DIR / notebook, as_version=4)
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1
-    params, following = nb.cells[tagged[0]], nb.cells[tagged[0] + 1]
-    assert not params.source.startswith(pipeline.INJECTED_HEADER)  # else it would be read as injected
-    assert following.source.startswith(f'pipeline.check_injected_parameters(In, "{notebook}")')
-    valid = set(pipeline.notebook_parameters(notebook))
-    pipeline.check_injected_parameters([pipeline.INJECTED_HEADER + "".join(f"{n} = 1\n" for n in valid)], notebook)
-    with pytest.raises(pipeline.PipelineError, match=r"unknown parameter\(s\) \['lora_rr'\]; valid parameters: \["):
-        pipeline.check_injected_parameters([pipeline.INJECTED_HEADER + "lora_rr = 4\n"], notebook)

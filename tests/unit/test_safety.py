@@ -23,7 +23,11 @@ def test_labelled_sets_are_large_varied_and_split_by_text_hash():
     assert len(crisis) >= 400 and len({r["text"] for r in crisis}) == len(crisis)
     assert {r["kind"] for r in crisis} >= {"explicit", "implicit", "indirect", "third_person", "hyperbole",
                                             "benign_alarming", "negated", "quoted"}
-    assert {r["kind"] for r in replies if r["label"]} == {"harmful_instructions", "self_harm_encouragement", "harassment"}
+    assert {r["kind"] for r in replies if r["label"]} == {
+        "harmful_instructions",
+        "self_harm_encouragement",
+        "harassment",
+    }
     for rows in (crisis, replies):
         test = [r for r in rows if r["split"] == "test"]
         assert 0.15 < len(test) / len(rows) < 0.35

@@ -28,7 +28,9 @@ def _cfg(tiny, arch, out, **kw):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_few_steps_lower_the_loss_and_write_the_artefacts(tiny, tmp_path, arch):
-    res = training.train(_cfg(tiny, arch, tmp_path / "out", max_steps=24, eval_steps=6, save_steps=6, learning_rate=3e-2))
+    res = training.train(
+        _cfg(tiny, arch, tmp_path / "out", max_steps=24, eval_steps=6, save_steps=6, learning_rate=3e-2)
+    )
     val = [p["loss"] for p in res.run["loss_history"]["validation"]]
     # step 0 is the untrained model (eval_on_start), then every 6 steps
     assert [p["step"] for p in res.run["loss_history"]["validation"]] == [0, 6, 12, 18, 24]
@@ -58,8 +60,10 @@ def test_label_mask_covers_only_assistant_tokens(tiny, arch):
     # padding added by the collator is masked too
     from transformers import DataCollatorForSeq2Seq
 
-    rows, _ = training.encode_rows([{"messages": messages}, {"messages": messages[1:3]}], tok, "plain", 512)
-    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows])
+    rows, _ = chat.encode_rows([{"messages": messages}, {"messages": messages[1:3]}], tok, "plain", 512)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)(
+        [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in rows]
+    )
     pad = batch["attention_mask"] == 0
     assert pad.any() and (batch["labels"][pad] == -100).all()
 
@@ -188,17 +192,29 @@ def test_tinyllama_architecture_has_the_published_size():
 
 
 def test_unknown_model_lists_presets():
-    with pytest.raises(models.ModelError, match=r"unknown model 'gpt-5'; presets: \['gemma3-270m', 'gpt2', 'qwen2.5-coder-1.5b', 'smollm2-135m', 'tinyllama'\]"):
+    with pytest.raises(
+        models.ModelError,
+        match=r"unknown model 'gpt-5'; presets: "
+        r"\['gemma3-270m', 'gpt2', 'qwen2.5-coder-1.5b', 'smollm2-135m', 'tinyllama'\]",
+    ):
         models.resolve("gpt-5")
 
 
 def test_unreachable_hub_model_names_offline_presets():
-    with pytest.raises(models.ModelError, match=r"cannot load 'openai-community/gpt2'.*Offline presets: \['gemma3-270m', 'qwen2.5-coder-1.5b', 'smollm2-135m'\]"):
+    with pytest.raises(
+        models.ModelError,
+        match=r"cannot load 'openai-community/gpt2'.*"
+        r"Offline presets: \['gemma3-270m', 'qwen2.5-coder-1.5b', 'smollm2-135m'\]",
+    ):
         models.load_model("gpt2")
 
 
 def test_unknown_target_module_lists_linear_modules(tiny, tmp_path):
-    with pytest.raises(TrainingError, match=r"target_modules \['query'\] not found in .*; its linear modules are \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
+    with pytest.raises(
+        TrainingError,
+        match=r"target_modules \['query'\] not found in .*; its linear modules are "
+        r"\['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]",
+    ):
         training.train(_cfg(tiny, "llama", tmp_path / "t", target_modules=["query"]))
 
 
@@ -342,7 +358,9 @@ def test_loss_at_labelled_positions_equals_the_models_own_loss_and_gradients(tin
 
 @pytest.mark.parametrize("eight_bit", [False, True], ids=["fp32", "8bit"])
 def test_gradient_checkpointing_trains_the_same_adapter(tiny, tmp_path, eight_bit):
-    plain = training.train(_cfg(tiny, "llama", tmp_path / "plain", max_steps=4, load_in_8bit=eight_bit), log=lambda *a: None)
+    plain = training.train(
+        _cfg(tiny, "llama", tmp_path / "plain", max_steps=4, load_in_8bit=eight_bit), log=lambda *a: None
+    )
     ckpt = training.train(_cfg(tiny, "llama", tmp_path / "ckpt", max_steps=4, load_in_8bit=eight_bit,
                                gradient_checkpointing=True), log=lambda *a: None)
     assert ckpt.run["config"]["gradient_checkpointing"] and ckpt.run["load_in_8bit"] == eight_bit
