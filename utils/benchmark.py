@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 from .hardware import COMPUTE_DTYPES
 from .io import write_json_atomically
 from .paths import MODELS, PROCESSED, REPORTS_DIR
+from .system import lifetime_peak_rss_mb, machine
 
 BENCH_DIR = REPORTS_DIR / "benchmarks"
 
@@ -44,15 +43,6 @@ class BenchConfig:
     agreement_prompts: int = 20  # domain-suite prompts x 32 tokens compared between the engines
     report_dir: str | None = None  # where latency.json and figures go (the pipeline sets it)
     models_dir: str = MODELS  # where trained adapters are (<models_dir>/<name>-lora/final)
-
-
-def machine() -> dict:
-    import torch
-
-    from .hardware import cpu_model
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available(), "python": platform.python_version()}
 
 
 def matmul_rates(dtypes=("fp32", "bf16")) -> dict[str, float]:
@@ -152,7 +142,8 @@ def default_train_variants() -> list[str]:
 
 def _train_variant(args: argparse.Namespace) -> None:
     """One variant, in a fresh process: prints its figures as one JSON line."""
-    from .training import TrainConfig, private_rss_mb, train
+    from .system import private_rss_mb
+    from .training import TrainConfig, train
 
     variant = TRAIN_VARIANTS[args.variant]
     baseline = private_rss_mb()
@@ -320,7 +311,6 @@ def measure_variant(model, tokenizer, ids: list[list[int]], new_tokens: int, rep
 def _latency_model(args: argparse.Namespace) -> None:
     """All variants of one model, in a fresh process (so its peak memory is its own)."""
     import gc
-    import resource
 
     import torch
 
@@ -382,7 +372,7 @@ def _latency_model(args: argparse.Namespace) -> None:
                 record("8-bit base", q.model.eval(), tok, ids[:1])
                 peft_q, how = adapter_on(q.model, tok)
                 record("8-bit LoRA unmerged", peft_q, tok, ids[:1], adapter=how)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = lifetime_peak_rss_mb()  # this process did nothing else
     print("RESULT " + json.dumps({"model": args.model, "random_init": args.random_init, "peak_rss_mb": round(peak, 1),
                                   "variants": rows}), flush=True)
 

@@ -497,7 +497,7 @@ def prepare(input_path, output_dir, val_fraction: float = 0.1, test_fraction: fl
     """Run the whole data stage and write splits, data card and figure to ``output_dir``.
 
     Returns the data card (also written as ``data_card.json``)."""
-    from . import reporting  # matplotlib is only needed here
+    from . import cards, plots  # matplotlib is only needed here
 
     files = resolve_inputs(input_path)
     report = ReadReport()
@@ -537,8 +537,8 @@ def prepare(input_path, output_dir, val_fraction: float = 0.1, test_fraction: fl
         for split, rows in splits.items():
             write_jsonl(folder / f"{split}.jsonl", (to_record(c) for c in rows))
         (folder / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (folder / "data_card.md").write_text(reporting.render_data_card(card), encoding="utf-8")
-        reporting.plot_length_distribution(splits, folder / "length_distribution.png")
+        (folder / "data_card.md").write_text(cards.render_data_card(card), encoding="utf-8")
+        plots.plot_length_distribution(splits, folder / "length_distribution.png")
 
     try:
         write_directory_atomically(output_dir, write, allowed=OUTPUT_FILES)

@@ -247,7 +247,8 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
     from tqdm.auto import tqdm
 
     from . import models
-    from .benchmark import Bound, machine, memory_bandwidth
+    from .benchmark import Bound, memory_bandwidth
+    from .system import machine
     from .io import write_json_atomically
     from .paths import MODELS, from_root
 

@@ -125,9 +125,9 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
                                for m, r in runs.items()}
     versions = next(iter(runs.values()), {}).get("versions")
     if versions is None:
-        from .training import _versions
+        from .system import versions as installed
 
-        versions = _versions()
+        versions = installed()
     out["versions"] = versions
     return out
 
@@ -405,12 +405,12 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
 
 def build_report(run_dir: Path, ratings_db: Path | None = None) -> Path:
     """Write ``metrics.json`` and ``report.html`` into ``run_dir``; return the HTML path."""
-    from . import reporting
+    from . import plots
 
     run_dir = Path(run_dir)
     m = collect_metrics(run_dir, ratings_db)
     if m["trainable_params"]:
-        reporting.plot_parameters({k: {"trainable_params": v["trainable"], "total_params": v["total"],
+        plots.plot_parameters({k: {"trainable_params": v["trainable"], "total_params": v["total"],
                                        "trainable_percent": v["percent"]} for k, v in m["trainable_params"].items()},
                                   run_dir / "figures" / "parameters.png")
     write_json_atomically(run_dir / "metrics.json", m)

@@ -8,18 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import chat, hardware, int8, models
+from . import cards, chat, hardware, int8, models, system
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
-from .paths import PROCESSED, ROOT, adapter_root, final_adapter, from_root
+from .paths import PROCESSED, final_adapter, from_root
 
 RUN_SCHEMA = 1
 
@@ -208,15 +206,6 @@ def expected_lora_params(model, targets: Sequence[str], r: int) -> int:
 # --------------------------------------------------------------------------- training
 
 
-def private_rss_mb() -> float:
-    """Resident memory that is the process's own (RSS minus file-backed pages such as
-    memory-mapped weight files, which the kernel can drop)."""
-    import psutil
-
-    info = psutil.Process().memory_info()
-    return (info.rss - info.shared) / 2**20
-
-
 def check_free_space(output_dir: Path, trainable_params: int, keep: int = 2, margin_mb: float = 64) -> None:
     """Refuse to start when the disk cannot hold the checkpoints and the final adapter: each
     checkpoint holds the LoRA weights and Adam's two moments (fp32), ``keep`` are kept, plus the
@@ -226,22 +215,6 @@ def check_free_space(output_dir: Path, trainable_params: int, keep: int = 2, mar
     if free < need:
         raise TrainingError(f"not enough free space in {output_dir}: about {need / 2**20:.0f} MB needed for "
                             f"checkpoints and the adapter, {free / 2**20:.0f} MB free")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 @dataclass
@@ -355,21 +328,7 @@ def _make_callbacks(cfg: TrainConfig):
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens0, self.t0, self.step_seconds = state.num_input_tokens_seen, time.perf_counter(), 0.0
-            self.peak_private_mb = self.peak_rss_mb = 0.0
-            self._stop = threading.Event()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
-            self._sampler.start()
-
-        def _sample(self):
-            import psutil
-
-            process = psutil.Process()
-            while True:
-                info = process.memory_info()
-                self.peak_rss_mb = max(self.peak_rss_mb, info.rss / 2**20)
-                self.peak_private_mb = max(self.peak_private_mb, (info.rss - info.shared) / 2**20)
-                if self._stop.wait(0.05):
-                    return
+            self.memory = system.MemorySampler().start()
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_t0 = time.perf_counter()
@@ -380,8 +339,8 @@ def _make_callbacks(cfg: TrainConfig):
         def on_train_end(self, args, state, control, **kw):
             self.tokens = state.num_input_tokens_seen - self.tokens0
             self.seconds = time.perf_counter() - self.t0
-            self._stop.set()
-            self._sampler.join()
+            self.memory.stop()
+            self.peak_rss_mb, self.peak_private_mb = self.memory.peak_rss_mb, self.memory.peak_private_mb
 
     throughput = Throughput()
     return throughput, [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience), throughput]
@@ -410,7 +369,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         raise TrainingError(f"output_dir {output_dir} is not writable; expected a writable folder")
 
     set_seed(cfg.seed)
-    rss_before = _peak_rss_mb()
+    rss_before = system.lifetime_peak_rss_mb()
     loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
     model, tokenizer = loaded.model, loaded.tokenizer
     # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
@@ -556,7 +515,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         "peak_train_rss_mb": round(throughput.peak_rss_mb, 1),  # while training, everything resident
         "train_loss": result.training_loss,
         "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(system.lifetime_peak_rss_mb(), 1),
         "peak_rss_before_model_mb": round(rss_before, 1),
         "device": "cpu" if use_cpu else "cuda",
         "dtype": dtype,
@@ -567,7 +526,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
                 loaded.model, "is_activation_checkpointing", getattr(loaded.model, "is_gradient_checkpointing", False)
             )
         ),
-        "versions": _versions(),
+        "versions": system.versions(),
     }
     final_dir = final_adapter(output_dir)
 
@@ -579,10 +538,10 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     if trainer.is_world_process_zero():  # one writer when several processes train
         write_directory_atomically(final_dir, write_final)
         write_json_atomically(output_dir / "run.json", run)
-        write_text_atomically(output_dir / "MODEL_CARD.md", model_card(run, spec))
-        from . import reporting
+        write_text_atomically(output_dir / "MODEL_CARD.md", cards.model_card(run, spec))
+        from . import plots
 
-        reporting.plot_loss_curves(run, output_dir / "loss_curves.png")
+        plots.plot_loss_curves(run, output_dir / "loss_curves.png")
     trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir, final_dir, run)
 
@@ -593,54 +552,6 @@ def _point_adapter_at_base(folder: Path, base: str) -> None:
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _card_root(run: dict) -> str:
-    """The run folder as the card shows it: relative to the repository when inside it."""
-    out = run["config"]["output_dir"]
-    root = from_root(out) if out else adapter_root(run["model"])
-    return str(root.relative_to(ROOT)) if root.is_relative_to(ROOT) else str(root)
-
-
-def model_card(run: dict, spec: dict) -> str:
-    card = spec.get("card", {})
-    rows = [
-        ("Model Type", card.get("type", "Decoder-only Transformer")),
-        ("Size", card.get("size", f"{run['total_params'] / 1e6:.0f}M parameters")),
-        ("Base", f"`{run['base_model']}`"),
-        (
-            "Fine-Tuning",
-            f"LoRA r={run['lora']['r']} alpha={run['lora']['alpha']} on {', '.join(run['lora']['target_modules'])}, "
-            + ("8-bit base weights" if run["load_in_8bit"] else "full-precision base weights"),
-        ),
-        (
-            "Trainable parameters",
-            f"{run['trainable_params']:,} of {run['total_params']:,} ({run['trainable_percent']:.3f}%)",
-        ),
-        (
-            "Training data",
-            f"{run['examples']['train']} conversations from {run['data_dir']} (sha256 {run['data_sha256'][:12]})",
-        ),
-        ("Best validation loss", f"{run['best_eval_loss']:.4f}" if run["best_eval_loss"] is not None else "n/a"),
-        ("Intended Use", "Research on parameter-efficient fine-tuning; conversational text generation"),
-        ("Limitations", "May hallucinate or be incoherent; not a substitute for professional advice"),
-        ("License", card.get("licence", "see the base model")),
-    ]
-    lines = [f"# {run['model']} LoRA", ""]
-    if run.get("random_init"):
-        lines += [f"**{models.RANDOM_WEIGHTS_LABEL}** — this adapter was trained on random base weights.", ""]
-    lines += ["| Field | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    lines += [
-        "",
-        "Load it:",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        f'model = PeftModel.from_pretrained(base_model, "{final_adapter(_card_root(run))}")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def export_to_report(result: TrainResult, report_dir: Path) -> None:

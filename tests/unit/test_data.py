@@ -297,7 +297,7 @@ def test_failure_while_writing_leaves_previous_output(write_jsonl, tmp_path, mon
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("utils.reporting.plot_length_distribution", boom)
+    monkeypatch.setattr("utils.plots.plot_length_distribution", boom)
     with pytest.raises(OSError, match="disk full"):
         data.prepare(write_jsonl("other.jsonl", _pairs(60, "x")), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,4 +1,4 @@
-"""Figures, tables and cards rendered from the JSON the pipeline stages write."""
+"""Figures drawn from the JSON the pipeline stages write (shown inline and saved when given a path)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,62 +9,6 @@ import matplotlib
 matplotlib.use("Agg")  # no screen on servers and in papermill
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def render_data_card(card: Mapping) -> str:
-    """Markdown data card from the dict that ``utils.data.prepare`` returns."""
-    counts, params = card["counts"], card["parameters"]
-    splits = [s for s in counts if s != "total"]
-    sources = sorted({src for s in splits for src in card["counts_by_source"][s]})
-    out = [
-        "# Data card",
-        "",
-        f"{counts['total']} conversations after cleaning, PII redaction and de-duplication, split "
-        f"{' / '.join(f'{counts[s]} {s}' for s in splits)} (val_fraction={params['val_fraction']}, "
-        f"test_fraction={params['test_fraction']}, seed={params['seed']}). Splits are grouped by the normalised "
-        "first user turn, so no prompt appears in two splits.",
-        "",
-        "## Inputs",
-        _table(["file", "schema", "rows", "kept"],
-               [[Path(i["file"]).name, i["schema"], i["rows"], i["kept"]] for i in card["inputs"]]),
-        "",
-        "## Conversations per split and source",
-        _table(["source"] + splits + ["total"],
-               [[src] + [card["counts_by_source"][s].get(src, 0) for s in splits]
-                + [sum(card["counts_by_source"][s].get(src, 0) for s in splits)] for src in sources]
-               + [["**all**"] + [counts[s] for s in splits] + [counts["total"]]]),
-        "",
-        "## Cleaning",
-        f"- duplicates removed: {card['duplicates_removed']['exact']} exact, "
-        f"{card['duplicates_removed']['near']} near (case/space/punctuation-insensitive)",
-        f"- empty or unanswered turns dropped: {card['empty_turns_dropped']}",
-        "- PII redactions: " + ", ".join(f"{k} {v}" for k, v in card["pii_redactions"].items()),
-        f"- rows skipped: {len(card['skipped_rows'])}",
-    ]
-    if card["duplicates_removed"]["by_source"]:
-        out += ["", _table(["source", "duplicates removed"], sorted(card["duplicates_removed"]["by_source"].items()))]
-    if card["skipped_rows"]:
-        out += ["", "### Skipped rows", _table(["file", "line", "reason"],
-                [[Path(r["file"]).name, r["line"], r["reason"]] for r in card["skipped_rows"]])]
-    if card.get("files_without_new_rows"):
-        out += ["", "Files that added no new conversation: " + ", ".join(card["files_without_new_rows"])]
-    out += ["", "## Lengths (words)"]
-    rows = []
-    for s in splits:
-        for what, stats in card["lengths"][s].items():
-            if stats.get("n"):
-                rows.append(
-                    [s, what, stats["n"], stats["min"], stats["median"], stats["mean"], stats["p95"], stats["max"]]
-                )
-    out += [_table(["split", "measure", "n", "min", "median", "mean", "p95", "max"], rows),
-            "", "![length distribution](length_distribution.png)", ""]
-    return "\n".join(out)
 
 
 def plot_length_distribution(splits: Mapping[str, Sequence], path: Path | None = None):
