@@ -346,18 +346,7 @@ def _make_callbacks(cfg: TrainConfig):
     return throughput, [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience), throughput]
 
 
-def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainResult:
-    """Fine-tune ``cfg.model`` with LoRA; return where the adapter and ``run.json`` are."""
-    import torch
-    from datasets import Dataset
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
-
-    cfg.validate()
-    spec = models.resolve(cfg.model)
-    data_dir = from_root(cfg.data_dir)
-    train_rows = _load_split(data_dir, "train", cfg.max_train_examples)
-    val_rows = _load_split(data_dir, "validation", cfg.max_eval_examples)
+def _output_dir(cfg: TrainConfig) -> Path:
     output_dir = from_root(cfg.output_dir) if cfg.output_dir else models.adapter_dir(cfg.model)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -367,34 +356,55 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         ) from err
     if not os.access(output_dir, os.W_OK):
         raise TrainingError(f"output_dir {output_dir} is not writable; expected a writable folder")
+    return output_dir
 
-    set_seed(cfg.seed)
-    rss_before = system.lifetime_peak_rss_mb()
-    loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
-    fmt = chat.chat_format({**spec, "chat_format": "auto"} if cfg.random_init else spec, tokenizer)
 
-    train_ds, dropped_train = chat.encode_rows(train_rows, tokenizer, fmt, cfg.max_seq_len)
-    val_ds, dropped_val = chat.encode_rows(val_rows, tokenizer, fmt, cfg.max_seq_len)
+@dataclass
+class _Setup:
+    """What ``train`` prepared before the Trainer runs, and what the run record reports of it."""
+
+    spec: dict
+    loaded: models.LoadedModel
+    fmt: str
+    data_dir: Path
+    train_ds: list
+    val_ds: list
+    dropped: dict
+    targets: list
+    fan_in_fan_out: bool
+    slimmed: int
+    params: dict
+    dtype: str
+    rss_before: float
+
+
+def _encode(cfg: TrainConfig, rows: dict, tokenizer, fmt: str, log) -> tuple[list, list, dict]:
+    train_ds, dropped_train = chat.encode_rows(rows["train"], tokenizer, fmt, cfg.max_seq_len)
+    val_ds, dropped_val = chat.encode_rows(rows["validation"], tokenizer, fmt, cfg.max_seq_len)
     if not train_ds or not val_ds:
-        prompts = sorted(chat.encode(r["messages"], tokenizer, fmt, 10**6).prompt_tokens for r in train_rows[:200])
+        prompts = sorted(chat.encode(r["messages"], tokenizer, fmt, 10**6).prompt_tokens for r in rows["train"][:200])
         raise TrainingError(f"max_seq_len={cfg.max_seq_len} is shorter than every prompt (median prompt "
                             f"{prompts[len(prompts) // 2]} tokens in {fmt!r} format); raise max_seq_len")
     if dropped_train:
-        log(f"{dropped_train} of {len(train_rows)} training conversations have no reply token within "
+        log(f"{dropped_train} of {len(rows['train'])} training conversations have no reply token within "
             f"max_seq_len={cfg.max_seq_len} and are left out")
+    return train_ds, val_ds, {"train": dropped_train, "validation": dropped_val}
 
+
+def _add_lora(cfg: TrainConfig, spec: dict, loaded: models.LoadedModel):
+    """The base model made trainable: 8-bit preparation, checkpointing inputs, the LoRA layers."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = loaded.model
     targets = resolve_targets(cfg, spec, model)
     fan_in_fan_out = uses_conv1d(model, targets)
+    slimmed = 0
     if loaded.info["load_in_8bit"]:
         # casts norms to fp32; checkpointing is switched on (or not) by the Trainer below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         # bitsandbytes' CPU training matmul keeps every 8-bit layer's input although the frozen
         # weight needs no gradient; these layers keep nothing (same numbers, see utils/int8.py)
         slimmed = int8.slim_frozen_8bit(model)
-    else:
-        slimmed = 0
     if cfg.gradient_checkpointing:
         # Re-entrant checkpointing runs each layer's first forward without autograd, so nothing of it
         # is kept. (The non-re-entrant kind relies on saved-tensor hooks, which bitsandbytes' CPU
@@ -402,16 +412,15 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         # the layers' input to require grad, although the embeddings are frozen.
         model.enable_input_require_grads()
     model = get_peft_model(model, lora_config(cfg, targets, fan_in_fan_out))
-    params = count_parameters(model)
-    check_free_space(output_dir, params["trainable_params"])
-    log(f"LoRA on {targets}: {params['trainable_params']:,} trainable of {params['total_params']:,} "
-        f"parameters ({params['trainable_percent']:.3f}%)")
+    return model, targets, fan_in_fan_out, slimmed
 
-    use_cpu = not torch.cuda.is_available()
-    dtype = hardware.pick_dtype(cfg.dtype, "training", allowed=TRAIN_DTYPES)
-    how = "bf16 autocast, fp32 LoRA weights and optimizer state" if dtype == "bf16" else "fp32"
-    log(f"compute dtype: {dtype} ({how}; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
-    args = TrainingArguments(
+
+def training_arguments(cfg: TrainConfig, spec: dict, output_dir: Path, dtype: str):
+    """The Trainer's arguments for this config: the repo's recipe in one place."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         bf16=dtype == "bf16",  # autocast: matmuls in bf16, the trained weights and Adam's state stay fp32
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -440,11 +449,99 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         remove_unused_columns=True,
         prediction_loss_only=True,  # evaluation keeps losses only, never every batch's logits
         report_to=[],
-        use_cpu=use_cpu,
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
         disable_tqdm=False,
     )
+
+
+def run_record(cfg: TrainConfig, setup: _Setup, trainer, result, throughput, checkpoint: Path | None) -> dict:
+    """``run.json``: what was trained, on what, how, and what it measured."""
+    loaded, state = setup.loaded, trainer.state
+    history = state.log_history
+    return {
+        "schema": RUN_SCHEMA,
+        "model": setup.spec["name"],
+        "base_model": loaded.info.get("hub_id") or loaded.info["weights"],
+        "source": loaded.info["source"],
+        "weights": loaded.info["weights"],
+        "gguf_sha256": loaded.info.get("gguf_sha256"),
+        "random_init": cfg.random_init,
+        "label": loaded.info.get("label"),
+        "load_in_8bit": loaded.info["load_in_8bit"],
+        "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
+        "slim_8bit_layers": setup.slimmed,
+        "chat_format": setup.fmt,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                 "target_modules": setup.targets, "fan_in_fan_out": setup.fan_in_fan_out},
+        **setup.params,
+        "config": asdict(cfg),
+        "data_dir": str(setup.data_dir),
+        "data_sha256": data_hash(setup.data_dir),
+        "examples": {"train": len(setup.train_ds), "validation": len(setup.val_ds), "dropped_too_long": setup.dropped},
+        "seed": cfg.seed,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "global_step": state.global_step,
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "best_eval_loss": state.best_metric,
+        "loss_history": {
+            "train": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+            "validation": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        },
+        "train_runtime_s": round(throughput.seconds, 2),  # wall time, evaluation and checkpoints included
+        "train_step_time_s": round(throughput.step_seconds, 2),
+        "train_tokens": int(throughput.tokens),  # non-padding tokens
+        "train_tokens_per_s": (round(throughput.tokens / throughput.step_seconds, 2)
+                               if throughput.step_seconds else None),
+        "peak_private_rss_mb": round(throughput.peak_private_mb, 1),  # while training, file-backed pages left out
+        "peak_train_rss_mb": round(throughput.peak_rss_mb, 1),  # while training, everything resident
+        "train_loss": result.training_loss,
+        "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 1),
+        "peak_rss_mb": round(system.lifetime_peak_rss_mb(), 1),
+        "peak_rss_before_model_mb": round(setup.rss_before, 1),
+        "device": "cpu" if trainer.args.use_cpu else "cuda",
+        "dtype": setup.dtype,
+        "dtype_probe": hardware.dtype_probe(),
+        "world_size": trainer.args.world_size,  # training processes; token counts above are summed over them
+        "checkpointing_active": bool(getattr(loaded.model, "is_activation_checkpointing",
+                                             getattr(loaded.model, "is_gradient_checkpointing", False))),
+        "versions": system.versions(),
+    }
+
+
+def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainResult:
+    """Fine-tune ``cfg.model`` with LoRA; return where the adapter and ``run.json`` are."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    cfg.validate()
+    spec = models.resolve(cfg.model)
+    data_dir = from_root(cfg.data_dir)
+    rows = {"train": _load_split(data_dir, "train", cfg.max_train_examples),
+            "validation": _load_split(data_dir, "validation", cfg.max_eval_examples)}
+    output_dir = _output_dir(cfg)
+
+    set_seed(cfg.seed)
+    rss_before = system.lifetime_peak_rss_mb()
+    loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
+    tokenizer = loaded.tokenizer
+    # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
+    fmt = chat.chat_format({**spec, "chat_format": "auto"} if cfg.random_init else spec, tokenizer)
+    train_ds, val_ds, dropped = _encode(cfg, rows, tokenizer, fmt, log)
+
+    model, targets, fan_in_fan_out, slimmed = _add_lora(cfg, spec, loaded)
+    params = count_parameters(model)
+    check_free_space(output_dir, params["trainable_params"])
+    log(f"LoRA on {targets}: {params['trainable_params']:,} trainable of {params['total_params']:,} "
+        f"parameters ({params['trainable_percent']:.3f}%)")
+    dtype = hardware.pick_dtype(cfg.dtype, "training", allowed=TRAIN_DTYPES)
+    how = "bf16 autocast, fp32 LoRA weights and optimizer state" if dtype == "bf16" else "fp32"
+    log(f"compute dtype: {dtype} ({how}; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
+    setup = _Setup(spec, loaded, fmt, data_dir, train_ds, val_ds, dropped, targets, fan_in_fan_out, slimmed,
+                   params, dtype, rss_before)
+
+    args = training_arguments(cfg, spec, output_dir, dtype)
     collator = DataCollatorForSeq2Seq(
         tokenizer, label_pad_token_id=chat.IGNORE_INDEX,
         padding="max_length" if cfg.padding == "max_length" else True,
@@ -452,8 +549,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     )
     throughput, callbacks = _make_callbacks(cfg)
     trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
-                      eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
-                      callbacks=callbacks + list(extra_callbacks))
+                               eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
+                               callbacks=callbacks + list(extra_callbacks))
 
     # Several processes (accelerate/torchrun): the main one looks first, and moves torn checkpoints
     # aside; the others then find the same complete checkpoint.
@@ -464,70 +561,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     with models.quiet_bnb():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    history = trainer.state.log_history
-    run = {
-        "schema": RUN_SCHEMA,
-        "model": spec["name"],
-        "base_model": loaded.info.get("hub_id") or loaded.info["weights"],
-        "source": loaded.info["source"],
-        "weights": loaded.info["weights"],
-        "gguf_sha256": loaded.info.get("gguf_sha256"),
-        "random_init": cfg.random_init,
-        "label": loaded.info.get("label"),
-        "load_in_8bit": loaded.info["load_in_8bit"],
-        "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
-        "slim_8bit_layers": slimmed,
-        "chat_format": fmt,
-        "lora": {
-            "r": cfg.lora_r,
-            "alpha": cfg.lora_alpha,
-            "dropout": cfg.lora_dropout,
-            "target_modules": targets,
-            "fan_in_fan_out": fan_in_fan_out,
-        },
-        **params,
-        "config": asdict(cfg),
-        "data_dir": str(data_dir),
-        "data_sha256": data_hash(data_dir),
-        "examples": {
-            "train": len(train_ds),
-            "validation": len(val_ds),
-            "dropped_too_long": {"train": dropped_train, "validation": dropped_val},
-        },
-        "seed": cfg.seed,
-        "resumed_from": checkpoint.name if checkpoint else None,
-        "global_step": trainer.state.global_step,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
-        if trainer.state.best_model_checkpoint
-        else None,
-        "best_eval_loss": trainer.state.best_metric,
-        "loss_history": {
-            "train": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
-            "validation": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
-        },
-        "train_runtime_s": round(throughput.seconds, 2),  # wall time, evaluation and checkpoints included
-        "train_step_time_s": round(throughput.step_seconds, 2),
-        "train_tokens": int(throughput.tokens),  # non-padding tokens
-        "train_tokens_per_s": round(throughput.tokens / throughput.step_seconds, 2)
-        if throughput.step_seconds
-        else None,
-        "peak_private_rss_mb": round(throughput.peak_private_mb, 1),  # while training, file-backed pages left out
-        "peak_train_rss_mb": round(throughput.peak_rss_mb, 1),  # while training, everything resident
-        "train_loss": result.training_loss,
-        "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 1),
-        "peak_rss_mb": round(system.lifetime_peak_rss_mb(), 1),
-        "peak_rss_before_model_mb": round(rss_before, 1),
-        "device": "cpu" if use_cpu else "cuda",
-        "dtype": dtype,
-        "dtype_probe": hardware.dtype_probe(),
-        "world_size": args.world_size,  # training processes; token counts above are summed over them
-        "checkpointing_active": bool(
-            getattr(
-                loaded.model, "is_activation_checkpointing", getattr(loaded.model, "is_gradient_checkpointing", False)
-            )
-        ),
-        "versions": system.versions(),
-    }
+    run = run_record(cfg, setup, trainer, result, throughput, checkpoint)
     final_dir = final_adapter(output_dir)
 
     def write_final(folder: Path) -> None:
