@@ -143,11 +143,19 @@ def last_complete_checkpoint(output_dir: Path, log=print) -> Path | None:
     for path in found:
         if checkpoint_is_complete(path):
             return path
-        aside = path.with_name(f"torn-{path.name}")
-        shutil.rmtree(aside, ignore_errors=True)
+        aside = _free_name(path.with_name(f"torn-{path.name}"))
         os.rename(path, aside)
         log(f"checkpoint {path.name} is incomplete (killed while saving?); moved aside to {aside.name}")
     return None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``, ... : the first that does not exist (nothing is overwritten)."""
+    candidate, n = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 # --------------------------------------------------------------------------- model
@@ -328,6 +336,7 @@ def _make_callbacks(cfg: TrainConfig):
 
         def on_train_begin(self, args, state, control, **kw):
             self.tokens0, self.t0, self.step_seconds = state.num_input_tokens_seen, time.perf_counter(), 0.0
+            self.steps = 0  # optimizer steps run by this process (a resumed run: only the remaining ones)
             self.memory = system.MemorySampler().start()
 
         def on_step_begin(self, args, state, control, **kw):
@@ -335,6 +344,7 @@ def _make_callbacks(cfg: TrainConfig):
 
         def on_step_end(self, args, state, control, **kw):
             self.step_seconds += time.perf_counter() - self.step_t0
+            self.steps += 1
 
         def on_train_end(self, args, state, control, **kw):
             self.tokens = state.num_input_tokens_seen - self.tokens0
@@ -483,6 +493,7 @@ def run_record(cfg: TrainConfig, setup: _Setup, trainer, result, throughput, che
         "seed": cfg.seed,
         "resumed_from": checkpoint.name if checkpoint else None,
         "global_step": state.global_step,
+        "steps_this_session": throughput.steps,  # optimizer steps this process ran (after resuming: the rest)
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "best_eval_loss": state.best_metric,
         "loss_history": {

@@ -1,5 +1,7 @@
 """LoRA training on tiny random GPT-2 and Llama models (same code paths as the real presets)."""
 import json
+import random
+import shutil
 
 import pytest
 import torch
@@ -69,46 +71,95 @@ def test_label_mask_covers_only_assistant_tokens(tiny, arch):
 
 
 class _Interrupt(TrainerCallback):
+    """Stops training right after optimizer step ``at`` (before that step's checkpoint, if any)."""
+
     def __init__(self, at):
         self.at = at
 
-    def on_save(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.at:
             raise KeyboardInterrupt("simulated kill")
 
 
-def _adapter(path):
-    return load_file(str(path / "final" / "adapter_model.safetensors"))
+def _adapter(path, folder="final"):
+    return load_file(str(path / folder / "adapter_model.safetensors"))
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tiny, tmp_path):
-    full = training.train(_cfg(tiny, "llama", tmp_path / "a"))
+def _train_losses(run):
+    return [(h["step"], h["loss"]) for h in run["loss_history"]["train"]]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny, tmp_path, seed):
+    steps = 8
+    kill = random.Random(seed).randrange(3, steps)  # any step after the first checkpoint, save step or not
+    last = 2 * ((kill - 1) // 2)  # the newest checkpoint written before the kill (save_steps=2)
+    print(f"seed {seed}: interrupted after step {kill}; the newest checkpoint then is checkpoint-{last}")
+    full = training.train(_cfg(tiny, "llama", tmp_path / "a", max_steps=steps))
     with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, "llama", tmp_path / "b"), extra_callbacks=[_Interrupt(4)])
+        training.train(_cfg(tiny, "llama", tmp_path / "b", max_steps=steps), extra_callbacks=[_Interrupt(kill)])
     assert not (tmp_path / "b" / "final").exists()
-    resumed = training.train(_cfg(tiny, "llama", tmp_path / "b", resume=True))
-    assert resumed.run["resumed_from"] == "checkpoint-4"
-    a, b = _adapter(tmp_path / "a"), _adapter(tmp_path / "b")
+    assert max(int(p.name.split("-")[1]) for p in (tmp_path / "b").glob("checkpoint-*")) == last
+
+    resumed = training.train(_cfg(tiny, "llama", tmp_path / "b", max_steps=steps, resume=True))
+    assert resumed.run["resumed_from"] == f"checkpoint-{last}"
+    assert resumed.run["steps_this_session"] == steps - last  # only the remaining steps ran
+    assert full.run["steps_this_session"] == steps and resumed.run["global_step"] == steps
+    # the last checkpoint's weights (final/ holds the *best* one, which may predate the kill)
+    a, b = _adapter(tmp_path / "a", f"checkpoint-{steps}"), _adapter(tmp_path / "b", f"checkpoint-{steps}")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # the whole train-loss history, value by value: the steps before the kill come from the first
+    # process's checkpoint, the rest from the resumed one
+    assert [s for s, _ in _train_losses(resumed.run)] == list(range(1, steps + 1))
+    assert [loss for _, loss in _train_losses(resumed.run)] == pytest.approx(
+        [loss for _, loss in _train_losses(full.run)], rel=1e-6)
     assert resumed.run["best_eval_loss"] == pytest.approx(full.run["best_eval_loss"], abs=1e-6)
 
 
-def test_torn_checkpoint_is_skipped_and_kept(tiny, tmp_path):
+def _tear(kind, folder):
+    if kind == "missing state":
+        (folder / "trainer_state.json").unlink()
+    elif kind == "truncated weights":
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif kind == "missing optimizer state":
+        (folder / "optimizer.pt").unlink()
+    elif kind == "empty folder":
+        for f in folder.iterdir():
+            f.unlink() if f.is_file() else shutil.rmtree(f)
+
+
+@pytest.mark.parametrize("kind", ["missing state", "truncated weights", "missing optimizer state", "empty folder"])
+def test_each_kind_of_torn_checkpoint_is_skipped_and_kept(tiny, tmp_path, kind):
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(4)])
-    torn = out / "checkpoint-4"
-    (torn / "trainer_state.json").unlink()
-    weights = torn / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(5)])  # checkpoints 2 and 4
+    assert training.checkpoint_is_complete(out / "checkpoint-4")
+    _tear(kind, out / "checkpoint-4")
+    assert not training.checkpoint_is_complete(out / "checkpoint-4")
+    left = sorted(p.name for p in (out / "checkpoint-4").iterdir())
     logs = []
     res = training.train(_cfg(tiny, "llama", out, resume=True), log=logs.append)
-    assert res.run["resumed_from"] == "checkpoint-2"
+    assert res.run["resumed_from"] == "checkpoint-2" and res.run["steps_this_session"] == 4
     assert any("checkpoint-4 is incomplete" in line for line in logs)
-    assert (out / "torn-checkpoint-4").is_dir()
+    assert sorted(p.name for p in (out / "torn-checkpoint-4").iterdir()) == left  # kept as it was
     assert res.run["global_step"] == 6
+
+
+def test_an_earlier_torn_checkpoint_is_never_deleted(tiny, tmp_path):
+    out = tmp_path / "d"
+    earlier = out / "torn-checkpoint-4"
+    earlier.mkdir(parents=True)
+    (earlier / "note.txt").write_text("moved aside by an earlier run")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(5)])
+    _tear("missing state", out / "checkpoint-4")
+    res = training.train(_cfg(tiny, "llama", out, resume=True), log=lambda *a: None)
+    assert res.run["resumed_from"] == "checkpoint-2"
+    assert (earlier / "note.txt").read_text() == "moved aside by an earlier run"
+    assert (out / "torn-checkpoint-4.2" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
