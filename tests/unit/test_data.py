@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,43 @@ def test_output_dir_with_foreign_files_is_refused(write_jsonl, tmp_path):
     with pytest.raises(DataError, match=r"out: output_dir holds files this step did not write: \['notes.txt'\]"):
         data.prepare(write_jsonl("good.jsonl", _pairs(40)), out)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def _independent_key(text: str) -> str:
+    """A normalisation written apart from ``data.near_key``: lower case, every run of characters
+    that are neither letters nor digits becomes one space."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+VARIANTS = ["What is the capital of France?", "what is the capital of france", "WHAT IS THE CAPITAL OF FRANCE?!",
+            "  What   is the capital of France ? ", "What is the capital of France..."]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_the_written_splits_share_no_prompt_under_an_independent_normalisation(write_jsonl, tmp_path, seed):
+    animals = ["cat", "dog", "owl", "fox", "eel", "yak", "emu", "bat", "ant", "cow"]
+    rows = [{"prompt": f"How long does a {a} sleep in {m}?", "response": f"It depends on the {a}, {m} {i}."}
+            for i, (a, m) in enumerate((a, m) for a in animals for m in ("May", "June", "July", "August", "March"))]
+    # one question typed five ways, each with its own reply (so de-duplication keeps them all),
+    # and once more as the first turn of a longer conversation
+    rows += [{"prompt": v, "response": f"Paris (answer {i})."} for i, v in enumerate(VARIANTS)]
+    rows += [{"messages": [{"role": "user", "content": "what is the capital of FRANCE"},
+                           {"role": "assistant", "content": "Paris."},
+                           {"role": "user", "content": "And of Spain?"},
+                           {"role": "assistant", "content": "Madrid."}]}]
+    files = [write_jsonl("pairs.jsonl", rows[:-1]), write_jsonl("chat.jsonl", rows[-1:])]
+    out = tmp_path / "out"
+    card = data.prepare(files, out, val_fraction=0.2, test_fraction=0.2, seed=seed)
+
+    firsts = {}
+    for split in data.SPLITS:
+        for line in (out / f"{split}.jsonl").read_text().splitlines():
+            msgs = json.loads(line)["messages"]
+            first = next(m["content"] for m in msgs if m["role"] == "user")
+            firsts.setdefault(_independent_key(first), []).append(split)
+    france = firsts[_independent_key(VARIANTS[0])]
+    assert len(france) == len(VARIANTS) + 1, "a variant was dropped or merged"  # all six kept
+    assert len(set(france)) == 1, f"one prompt in several splits: {france}"
+    leaking = {k: v for k, v in firsts.items() if len(set(v)) > 1}
+    assert leaking == {}
+    assert sum(card["counts"][s] for s in data.SPLITS) == len(rows)
