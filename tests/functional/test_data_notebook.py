@@ -135,3 +135,61 @@ def test_papermill_run_with_a_misspelt_parameter_stops_before_any_work(write_jso
                                parameters={"input_path": str(src), "output_dir": str(out), "val_fraction": 0.2},
                                cwd=str(pipeline.NOTEBOOKS_DIR), progress_bar=False)
     assert (out / "train.jsonl").exists()
+
+
+def test_a_plan_killed_after_step_2_redoes_nothing_of_steps_1_and_2(write_jsonl, tmp_path, capsys, monkeypatch):
+    """Three steps; SIGKILL while the third runs; the restart resumes the same run, skips the two
+    finished steps (the "done in an earlier attempt of this run" branch) and runs only the third."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import papermill
+
+    src = write_jsonl("small.jsonl", _pairs(30))
+    steps = [pipeline.Step(name, "01_data_prep.ipynb", {"input_path": str(src), "output_dir": str(tmp_path / name)})
+             for name in ("first", "second", "third")]
+    reports = tmp_path / "reports"
+    script = ("import json, sys; from utils import pipeline; "
+              "pipeline.run([pipeline.Step(**s) for s in json.loads(sys.argv[1])], reports_dir=sys.argv[2], "
+              "progress=False)")
+    plan = json.dumps([{"name": s.name, "notebook": s.notebook, "parameters": s.parameters} for s in steps])
+    proc = subprocess.Popen([sys.executable, "-c", script, plan, str(reports)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, state_file = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(reports.glob("*/run.json"))
+        if found:
+            try:
+                state = json.loads(found[0].read_text())
+            except ValueError:
+                continue
+            if state["steps"].get("third", {}).get("status") == "running":
+                state_file = found[0]
+                break
+        time.sleep(0.02)
+    assert state_file is not None, "the third step never started"
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel
+    proc.wait()
+    run_dir = state_file.parent
+    kept = [run_dir / "first.ipynb", run_dir / "second.ipynb",
+            tmp_path / "first" / "train.jsonl", tmp_path / "second" / "train.jsonl"]
+    before = {p: p.stat().st_mtime_ns for p in kept}
+
+    executed = []
+    real = papermill.execute_notebook
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda inp, out, **kw: executed.append(out) or real(inp, out, **kw))
+    capsys.readouterr()
+    assert pipeline.run(steps, reports_dir=reports, progress=False) == run_dir
+    out = capsys.readouterr().out
+    assert f"resuming unfinished run {run_dir.name}" in out
+    assert "[1/3] first: done in an earlier attempt of this run, skipped" in out
+    assert "[2/3] second: done in an earlier attempt of this run, skipped" in out
+    assert executed == [str(run_dir / "third.ipynb")]  # steps 1 and 2 were not run again
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nor their outputs rewritten
+    state = json.loads(state_file.read_text())
+    assert state["complete"] and [state["steps"][s.name]["status"] for s in steps] == ["done"] * 3
+    assert (tmp_path / "third" / "train.jsonl").exists()
