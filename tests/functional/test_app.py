@@ -20,9 +20,11 @@ def world(tmp_path_factory):
     data = write_splits(root / "data")
     base = save_tiny_model(root / "tiny-llama", "llama")
     models_dir = root / "models"
+    # trained until the adapter's greedy replies differ from the base model's (a mix-up of the two
+    # in concurrent sessions must show in their outputs)
     training.train(TrainConfig(model=str(base), data_dir=str(data), output_dir=str(models_dir / "tiny-lora"),
-                               load_in_8bit=False, max_steps=2, eval_steps=2, save_steps=2, batch_size=4),
-                   log=lambda *a: None)
+                               load_in_8bit=False, max_steps=30, eval_steps=10, save_steps=10, batch_size=4,
+                               learning_rate=3e-2, lora_dropout=0.0), log=lambda *a: None)
     return {"root": root, "data": data, "base": base, "models": models_dir}
 
 
@@ -140,6 +142,7 @@ def test_concurrent_sessions_match_sequential_outputs(world):
     assert len(choices) == 2
     prompts = [[{"role": "user", "content": f"say cat {i}"}] for i in range(4)]
     sequential = [[serving.generate_reply(pool.get(c), p, max_new_tokens=8)[0] for p in prompts] for c in choices]
+    assert all(a != b for a, b in zip(*sequential)), sequential  # base and adapter answer differently
     results = {}
 
     def session(k, choice):
@@ -189,38 +192,64 @@ def test_odd_prompts_get_a_reply_not_a_crash(world, prompt):
 
 
 def test_eight_concurrent_sessions_generate_like_sequential_with_bounded_memory(world):
-    import resource
     from concurrent.futures import ThreadPoolExecutor
+
+    from utils.system import MemorySampler
 
     pool = serving.ModelPool(capacity=2, models_dir=world["models"])
     choices = serving.available_choices(world["models"], (str(world["base"]),))
     prompts = [[{"role": "user", "content": f"say {w} {i}"}] for i, w in enumerate(["cat", "dog", "sun"])]
     expected = {c: [serving.generate_reply(pool.get(c), p, max_new_tokens=8)[0] for p in prompts] for c in choices}
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert all(a != b for a, b in zip(*expected.values())), expected  # a mix-up would show
 
     def session(k):
         choice = choices[k % len(choices)]
         return choice, [serving.generate_reply(pool.get(choice), p, max_new_tokens=8)[0] for p in prompts]
 
-    with ThreadPoolExecutor(max_workers=8) as ex:
+    # resident memory sampled while the sessions run (the process's lifetime peak would include
+    # whatever earlier tests in this pytest process did)
+    with MemorySampler(interval=0.01) as memory, ThreadPoolExecutor(max_workers=8) as ex:
         results = list(ex.map(session, range(8)))
     assert all(outs == expected[choice] for choice, outs in results)
     assert len(pool.loaded_keys()) <= 2
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    print(f"peak RSS grew by {grown_mb:.1f} MB over 8 concurrent sessions")
-    assert grown_mb < 500
+    print(f"resident memory grew by {memory.grown_mb:.1f} MB over 8 concurrent sessions")
+    assert memory.grown_mb < 500
 
 
-def test_blocked_reply_is_shown_as_blocked(app, monkeypatch):
-    import utils.safety
+def test_the_real_output_filter_blocks_a_harmful_reply_on_the_compare_page(app, monkeypatch):
+    """Model A's reply is swapped for a harmful one after a real generation (a tiny model cannot
+    be made to say it); the real classifier and word list decide, model B's reply is shown."""
+    real = serving.stream_reply
+    calls = []
 
-    monkeypatch.setattr(utils.safety, "blocked_terms", lambda text, config=None: ["forbidden word"])
+    def stream(entry, messages, stats, **kw):
+        text = "".join(real(entry, messages, stats, **kw))  # real generation fills the statistics
+        calls.append(text)
+        yield "Honestly, you should hurt yourself, nobody would care." if len(calls) % 2 == 1 else text
+
+    monkeypatch.setattr(serving, "stream_reply", stream)
     at = app()
     at.text_area(key="prompt").input("say cat 3")
     at.button(key="generate").click().run()
     assert not at.exception, at.exception
     blocked = [e.value for e in at.error if "blocked by the output filter" in e.value]
-    assert len(blocked) == 2 and "forbidden word" in blocked[0]
+    assert len(blocked) == 1 and "harassment" in blocked[0] and "you should hurt yourself" in blocked[0]
+    assert "nobody would care" not in _texts(at)
+    assert calls[1].strip() and calls[1].strip() in _texts(at)  # the other side is shown as generated
+
+
+def test_a_crisis_message_gets_the_help_notice_and_an_ordinary_one_does_not(app):
+    from utils import safety
+
+    at = app()
+    at.text_area(key="prompt").input("say cat 3")
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert safety.HELP_NOTICE not in [w.value for w in at.warning]
+    at.text_area(key="prompt").input("I want to end my life tonight.")
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert safety.HELP_NOTICE in [w.value for w in at.warning]
 
 
 def test_arena_keeps_a_blocked_reply_blocked_on_every_rerun(app):
