@@ -368,6 +368,18 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
     return run_dir
 
 
+def describe(steps: list[Step]) -> str:
+    """Each step with every parameter it will run with; ``*`` marks those the plan sets, the rest
+    are the notebook's defaults."""
+    lines = []
+    for step in steps:
+        lines.append(f"{step.name} ({step.notebook})")
+        for name in notebook_parameters(step.notebook):
+            mark = "*" if name in step.parameters else " "
+            lines.append(f"  {mark} {name} = {param(step, name)!r}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -378,9 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
     parser.add_argument("--models", nargs="+", help="models to train and compare (default: the config's list)")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own, lora-compare)")
+    parser.add_argument("--show", action="store_true",
+                        help="print every step's parameters (* = set by the config, else the notebook's default) "
+                             "and stop")
     args = parser.parse_args(argv)
     try:
         steps = plan(load_config(args.config), quick=args.quick, source=args.config, models=args.models)
+        if args.show:
+            print(describe(steps))
+            return 0
         run(steps, Path(args.reports_dir), force=args.force, run_id=args.run_id, kernel_name=args.kernel)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -128,3 +128,22 @@ def test_paths_helpers_agree():
     root = paths.adapter_root("smollm2-135m", "models/quick")
     assert root == paths.ROOT / "models" / "quick" / "smollm2-135m-lora"
     assert paths.final_adapter(root) == root / "final" and not paths.has_adapter(Path("/nonexistent"))
+
+
+def test_the_pipeline_config_states_only_what_differs_from_the_notebooks():
+    config = pipeline.load_config()
+    same = [f"{section}.{name}" for section, notebook in pipeline.SECTIONS.items()
+            for name, value in (config.get(section) or {}).items()
+            if value == params.notebook_parameters(notebook)[name]]
+    same += [f"train_per_model.{m}.{name}" for m, over in (config.get("train_per_model") or {}).items()
+             for name, value in over.items() if value == params.notebook_parameters("02_train_lora.ipynb")[name]]
+    assert same == [], "configs/pipeline.yaml restates notebook defaults"
+
+
+def test_show_prints_every_parameter_and_marks_the_configs(capsys):
+    assert pipeline.main(["--show"]) == 0
+    out = capsys.readouterr().out
+    assert "  * on_error = 'skip'" in out and "    lora_r = 8" in out
+    assert "  * learning_rate = 0.0005" in out  # gemma's override
+    train = next(s for s in pipeline.plan(pipeline.load_config()) if s.notebook == "02_train_lora.ipynb")
+    assert out.count("02_train_lora-") == 2 and all(f" {n} = " in out for n in params.defaults(train.notebook))
