@@ -377,6 +377,31 @@ def _latency_model(args: argparse.Namespace) -> None:
                                   "variants": rows}), flush=True)
 
 
+def summary(bench: dict) -> str:
+    """What the latency benchmark showed (markdown): per model, merged LoRA against its base, the
+    share of the memory-bandwidth bound, and the targets."""
+    dtype = bench["method"]["dtype"]
+    lines = []
+    for model, c in bench["checks"].items():
+        rate = next((r["decode_tokens_per_s"] for r in bench["rows"]
+                     if r["model"] == model and r["variant"] == f"{dtype} LoRA merged" and r["batch"] == 1), None)
+        met = [k.removeprefix("target_") for k, v in c.items() if k.startswith("target_") and v]
+        missed = [k.removeprefix("target_") for k, v in c.items() if k.startswith("target_") and v is False]
+        lines.append(f"- **{model}**, LoRA merged ({dtype}): {rate:.1f} tokens/s at batch 1, "
+                     f"{c['merged_vs_base_latency']:.2f}x the base model's latency, "
+                     f"{share_text(c['merged_roofline_fraction'])} of the bandwidth bound; unmerged adapters add "
+                     f"{100 * c['unmerged_overhead']:.0f}%. Targets met: {', '.join(met) or 'none'}"
+                     + (f"; not met: {', '.join(missed)}." if missed else "."))
+    if not lines:
+        lines.append("- No model with base, merged and unmerged variants was measured.")
+    ratio = bench.get("original_pair_ratio_tinyllama_over_gpt2")
+    if ratio:
+        lines.append(f"- The original pair (random weights, speed only): TinyLlama-1.1B takes {ratio:.2f}x "
+                     "GPT-2 124M's latency.")
+    lines.append(f"- Measured on {bench['machine']['cpu']} with {bench['machine']['torch_threads']} threads.")
+    return "\n".join(lines)
+
+
 def latency_table(bench: dict):
     """The latency benchmark's rows as a DataFrame (notebook 04)."""
     import pandas as pd

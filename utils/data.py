@@ -64,7 +64,8 @@ class PrepareConfig:
     val_fraction: float = 0.1  # share of conversations in the validation split
     test_fraction: float = 0.1  # share of conversations in the test split
     seed: int = 42  # the split is deterministic for a given seed
-    on_error: str = "raise"  # "raise": stop at the first bad row; "skip": drop bad rows, listed in the data card
+    on_error: str = "skip"  # "skip": drop malformed rows, named (file:line) in the data card and the summary below;
+    # "raise": stop at the first one. The embedded corpus has one (trivia.yml:35, a string where a list belongs).
     schema: str | None = None  # None: detect per file; or one of prompt_response, context_response, alpaca,
     # openai, sharegpt, chatterbot
 
@@ -492,9 +493,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 # --------------------------------------------------------------------------- the whole stage
 
 
-def prepare(input_path, output_dir, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42,
+def prepare(input_path, output_dir, val_fraction: float = PrepareConfig.val_fraction,
+            test_fraction: float = PrepareConfig.test_fraction, seed: int = PrepareConfig.seed,
             on_error: str = "raise", schema: str | None = None) -> dict:
     """Run the whole data stage and write splits, data card and figure to ``output_dir``.
+
+    As a library call it is strict (``on_error="raise"``); the notebook's default
+    (``PrepareConfig.on_error``) skips malformed rows and names them.
 
     Returns the data card (also written as ``data_card.json``)."""
     from . import cards, plots  # matplotlib is only needed here
@@ -545,3 +550,24 @@ def prepare(input_path, output_dir, val_fraction: float = 0.1, test_fraction: fl
     except OutputDirError as err:
         raise DataError(str(err)) from None
     return card
+
+
+def summary(card: dict) -> str:
+    """What a data preparation run showed, in a few sentences (markdown), from its data card."""
+    c, d = card["counts"], card["duplicates_removed"]
+    rows = sum(i["rows"] for i in card["inputs"])
+    lines = [f"**{c['total']} conversations** kept from {rows} rows in {len(card['inputs'])} file(s), split "
+             f"{c['train']} / {c['validation']} / {c['test']} (train / validation / test), grouped by first prompt."]
+    if d["total"]:
+        worst = max(d["by_source"].items(), key=lambda kv: kv[1]) if d["by_source"] else None
+        lines.append(f"De-duplication removed {d['total']} ({d['exact']} exact, {d['near']} near)"
+                     + (f", most of them from {worst[0]} ({worst[1]})." if worst else "."))
+    redacted = {k: v for k, v in card["pii_redactions"].items() if v}
+    lines.append("PII redacted: " + (", ".join(f"{v} {k}" for k, v in redacted.items()) if redacted else "none found")
+                 + ".")
+    if card["skipped_rows"]:
+        shown = "; ".join(f"{Path(r['file']).name}:{r['line']} ({r['reason']})" for r in card["skipped_rows"][:3])
+        more = len(card["skipped_rows"]) - 3
+        lines.append(f"**{len(card['skipped_rows'])} malformed row(s) skipped**: {shown}"
+                     + (f" and {more} more (see the data card)" if more > 0 else "") + ".")
+    return " ".join(lines)

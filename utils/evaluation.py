@@ -23,7 +23,7 @@ import yaml
 from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
-from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter
+from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
 
 DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
 SUITES = ("both", "domain", "test")
@@ -142,14 +142,41 @@ def eval_items(cfg: EvalConfig) -> list[dict]:
         raise EvaluationError(f"suite={cfg.suite!r}; expected one of {list(SUITES)}")
     items = list(load_domain_suite()) if cfg.suite in ("both", "domain") else []
     if cfg.suite in ("both", "test"):
-        path = from_root(cfg.data_dir) / f"{cfg.split}.jsonl"
-        if not path.exists():
-            raise EvaluationError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
+        path = require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb")
         for row in pick_examples(read_jsonl(path), cfg.num_examples, cfg.seed):
             history, user, reference = chat.split_prompt(row)
             items.append({"id": row["id"], "category": TEST_CATEGORY, "prompt": user, "history": history,
                           "reference": reference, "note": None})
     return items
+
+
+def check_inputs(cfg: EvalConfig, log=print) -> None:
+    """Stop before any work when the data splits are missing (naming the notebook that writes them);
+    say which models have no trained adapter yet (their base model is evaluated alone)."""
+    if cfg.suite in ("both", "test"):
+        require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb")
+    if cfg.loss_examples:
+        require(from_root(cfg.data_dir) / "validation.jsonl", "01_data_prep.ipynb")
+    untrained = [m for m in cfg.models if not has_adapter(adapter_root(models.resolve(m)["name"], cfg.models_dir))]
+    if untrained:
+        log(f"no trained adapter for {untrained} under {shown(from_root(cfg.models_dir))}: run "
+            "notebooks/02_train_lora.ipynb first to compare base and fine-tuned (their base models are evaluated "
+            "alone)")
+
+
+def summary(result: dict) -> str:
+    """What this evaluation showed (markdown): the verdicts first, then how far the judge can be
+    trusted on replies of known rank."""
+    lines = [f"- {v}" for v in result["verdicts"]] or ["- One model variant only: nothing to compare."]
+    v = result.get("validity")
+    if v:
+        shares = ", ".join(f"{g} {100 * v['shares'][g]['share']:.0f}%" for g in ("relevance", "coherence", "overall"))
+        lines.append(f"- The judge ranks known-order replies right: {shares} of pairs "
+                     f"(good vs fluent-but-wrong {100 * v['shares']['good_vs_wrong']['share']:.0f}%).")
+    n = next(iter(result["summary"].values()))["words"]["n"] if result["summary"] else 0
+    lines.append(f"- {n} prompts per model ({', '.join(f'{k} {c}' for c, k in result['categories'].items())}); "
+                 "differences whose interval includes 0 are not differences.")
+    return "\n".join(lines)
 
 
 def check_judge(cfg: EvalConfig) -> list[str]:

@@ -18,13 +18,14 @@ import importlib
 import inspect
 import io
 import json
+import os
 import sys
 import textwrap
 import tokenize
 import tomllib
 from pathlib import Path
 
-from .paths import NOTEBOOKS_DIR, ROOT
+from .paths import MODELS, NOTEBOOKS_DIR, ROOT, adapter_folder
 
 # notebook -> "module:Class" of the dataclass that declares its parameters
 CONFIGS = {
@@ -37,6 +38,21 @@ CONFIGS = {
 # generated cells start differently, so they are never mistaken for injected ones.
 INJECTED_HEADER = "# Parameters\n"
 LINE_LENGTH = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["line-length"]
+
+
+# Smoke-test sizes, per notebook: `python -m utils.pipeline --quick`, and a notebook run by hand or
+# by nbclient with LORA_COMPARE_QUICK=1 (there they replace the defaults only; a value changed from
+# its default is kept). Adapters then go to <models_dir>/quick/, so real ones are never touched.
+QUICK = {
+    "01_data_prep.ipynb": {},
+    "02_train_lora.ipynb": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 4,
+                            "max_train_examples": 32, "max_eval_examples": 8, "resume": False},
+    "03_evaluate.ipynb": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8,
+                          "suite": "test", "validity": False},
+    "04_benchmark.ipynb": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"], "agreement_prompts": 2},
+}
+QUICK_SUBDIR = "quick"
+QUICK_ENV = "LORA_COMPARE_QUICK"
 
 
 class ParameterError(ValueError):
@@ -65,13 +81,41 @@ def defaults(cls_or_notebook) -> dict:
     return out
 
 
-def config_from(cls: type, namespace: dict):
-    """Build ``cls`` from the same-named variables of a notebook's namespace (``globals()``)."""
+def quick_mode() -> bool:
+    return os.environ.get(QUICK_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def quick_values(notebook: str, values: dict) -> dict:
+    """``values`` with the notebook's smoke-test sizes in place of its defaults (values that differ
+    from a default are kept), trained adapters read from and written to ``<models>/quick/``."""
+    own = defaults(notebook)
+    out = dict(values)
+    for name, value in QUICK[Path(notebook).name].items():
+        if out.get(name) == own[name]:
+            out[name] = value
+    if "models_dir" in out and out["models_dir"] == own["models_dir"]:
+        out["models_dir"] = f"{own['models_dir']}/{QUICK_SUBDIR}"
+    if "output_dir" in own and "model" in own and out.get("output_dir") is None:  # the training notebook
+        from .models import resolve
+
+        out["output_dir"] = f"{MODELS}/{QUICK_SUBDIR}/{adapter_folder(resolve(out['model'])['name'])}"
+    return out
+
+
+def config_from(cls: type, namespace: dict, notebook: str | None = None):
+    """Build ``cls`` from the same-named variables of a notebook's namespace (``globals()``). With
+    ``notebook`` and LORA_COMPARE_QUICK=1, its smoke-test sizes replace the defaults (printed)."""
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [n for n in names if n not in namespace]
     if missing:
         raise ParameterError(f"{cls.__name__}: the namespace has no {missing}; was the parameters cell run?")
-    return cls(**{n: namespace[n] for n in names})
+    values = {n: namespace[n] for n in names}
+    if notebook is not None and quick_mode():
+        quick = quick_values(notebook, {**defaults(notebook), **values})
+        changed = {n: quick[n] for n in names if quick[n] != values[n]}
+        print(f"{QUICK_ENV}=1: smoke-test sizes {changed}")
+        values = {n: quick[n] for n in names}
+    return cls(**values)
 
 
 def field_comments(cls: type) -> dict[str, str]:

@@ -71,6 +71,24 @@ def has_adapter(root: str | Path) -> bool:
     return (final_adapter(root) / "adapter_config.json").exists()
 
 
+def shown(path: str | Path) -> str:
+    """A path as messages show it: relative to the repository when inside it."""
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(path)
+
+
+class MissingInput(FileNotFoundError):
+    """An input a notebook needs is not there yet: the message names the notebook to run first."""
+
+
+def require(path: str | Path, notebook: str) -> Path:
+    """``path`` if it exists; else stop with "run notebooks/<notebook> first (no <path>)"."""
+    path = from_root(path)
+    if not path.exists():
+        raise MissingInput(f"run notebooks/{notebook} first (no {shown(path)})")
+    return path
+
+
 def input_paths(value):
     """``from_root`` for the ``input_path`` parameter: a path, the embedded-corpus sentinel or a list."""
     if isinstance(value, (list, tuple)):

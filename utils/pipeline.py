@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from .io import point_symlink, write_json_atomically
-from .params import notebook_parameters
+from .params import QUICK, QUICK_SUBDIR, notebook_parameters
 from .paths import (CONFIGS_DIR, MODELS, NOTEBOOKS_DIR, REPORTS_DIR, adapter_folder, adapter_root, final_adapter,
                     from_root)
 
@@ -33,16 +33,6 @@ SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb", "evalu
             "benchmark": "04_benchmark.ipynb"}
 # sections that are not notebook parameters
 META_SECTIONS = ("models", "train_per_model", "models_dir")
-# --quick: smoke-test sizes; adapters go to <models_dir>/quick/ so real ones are never touched
-QUICK = {
-    "train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "batch_size": 4, "max_train_examples": 32,
-              "max_eval_examples": 8, "resume": False},
-    "evaluate": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8, "suite": "test",
-                 "validity": False},
-    "benchmark": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"], "agreement_prompts": 2},
-}
-
-
 class PipelineError(RuntimeError):
     pass
 
@@ -102,12 +92,12 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
     models = models if models is not None else config.get("models", [])
     for model in models:
         check_model_name(model, source)
-    models_dir = config.get("models_dir", MODELS) + ("/quick" if quick else "")
+    models_dir = config.get("models_dir", MODELS) + (f"/{QUICK_SUBDIR}" if quick else "")
     data_dir = data.get("output_dir", notebook_parameters(SECTIONS["data"])["output_dir"])
     for model in models:
         params = {"data_dir": data_dir, **config.get("train", {}), **(per_model.get(model) or {}), "model": model}
         if quick:
-            params.update(QUICK["train"])
+            params.update(QUICK[SECTIONS["train"]])
         if quick or "models_dir" in config:
             params["output_dir"] = f"{models_dir}/{adapter_folder(resolve_name(model))}"
         steps.append(Step(f"02_train_lora-{resolve_name(model)}", SECTIONS["train"], params))
@@ -118,7 +108,7 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
         if section == "evaluate":
             params.setdefault("data_dir", data_dir)
         if quick:
-            params.update(QUICK[section])
+            params.update(QUICK[SECTIONS[section]])
         steps.append(Step(name, SECTIONS[section], params))
     for step in steps:
         check_parameters(step, f"{source} [{step.name}]")

@@ -183,3 +183,17 @@ def _save(fig, path):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def show(*figures) -> None:
+    """Display figures inline in a notebook whatever the matplotlib backend (this module uses Agg),
+    as PNG images; also after ``_save`` closed them."""
+    import io
+
+    from IPython.display import Image, display
+
+    for fig in figures:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        display(Image(data=buf.getvalue(), format="png"))

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import cards, chat, hardware, int8, models, system
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
-from .paths import PROCESSED, final_adapter, from_root
+from .paths import PROCESSED, final_adapter, from_root, require
 
 RUN_SCHEMA = 1
 
@@ -597,6 +597,32 @@ def _point_adapter_at_base(folder: Path, base: str) -> None:
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Stop before any work when the data splits are missing, naming the notebook that writes them."""
+    for split in ("train", "validation"):
+        require(from_root(cfg.data_dir) / f"{split}.jsonl", "01_data_prep.ipynb")
+
+
+def summary(run: dict) -> str:
+    """What a training run showed, in a few sentences (markdown), from its run record."""
+    val = run["loss_history"]["validation"]
+    start, best = (val[0]["loss"] if val else None), run["best_eval_loss"]
+    lines = [f"LoRA r={run['lora']['r']} on {', '.join(run['lora']['target_modules'])} trained "
+             f"**{run['trainable_params']:,} of {run['total_params']:,} parameters ({run['trainable_percent']:.2f}%, "
+             f"{100 - run['trainable_percent']:.2f}% fewer than full fine-tuning)** for {run['global_step']} steps "
+             f"({'8-bit' if run['load_in_8bit'] else 'full-precision'} base weights, {run['dtype']} compute)."]
+    if start is not None and best is not None:
+        change = "fell" if best < start else "did not fall"
+        lines.append(f"Validation loss {change} from {start:.3f} (the base model) to {best:.3f} "
+                     f"(best, {run['best_checkpoint']}).")
+    if run["random_init"]:
+        lines.append(f"**{models.RANDOM_WEIGHTS_LABEL}**: the losses say nothing about a real model.")
+    if run.get("train_tokens_per_s"):
+        lines.append(f"{run['train_tokens_per_s']:.0f} non-padding tokens/s on {run['dtype_probe']['cpu']}, "
+                     f"peak memory while training {run['peak_train_rss_mb']:.0f} MB.")
+    return " ".join(lines)
 
 
 def export_to_report(result: TrainResult, report_dir: Path) -> None:

@@ -58,7 +58,8 @@ def test_bad_input_fails_the_run_with_the_message_in_the_notebook(write_jsonl, t
     out = tmp_path / "processed"
     out.mkdir()
     (out / "train.jsonl").write_text("previous\n")
-    steps = [Step("01_data_prep", "01_data_prep.ipynb", {"input_path": str(src), "output_dir": str(out)})]
+    steps = [Step("01_data_prep", "01_data_prep.ipynb",
+                  {"input_path": str(src), "output_dir": str(out), "on_error": "raise"})]
     with pytest.raises(pipeline.StepFailed) as err:
         pipeline.run(steps, tmp_path / "reports", progress=False, run_id="r1")
     assert "step 01_data_prep failed" in str(err.value)
@@ -81,7 +82,7 @@ def test_cli_exits_non_zero_on_unknown_parameter(tmp_path):
 def test_cli_exits_non_zero_when_a_notebook_fails(write_jsonl, tmp_path, capsys):
     src = write_jsonl("bad.jsonl", ["[1, 2]"])
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  input_path: {src}\n  output_dir: {tmp_path / 'out'}\n")
+    cfg.write_text(f"data:\n  input_path: {src}\n  output_dir: {tmp_path / 'out'}\n  on_error: raise\n")
     assert pipeline.main(["--config", str(cfg), "--reports-dir", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
     assert "step 01_data_prep failed" in err and "bad.jsonl:1: line is a JSON list, not an object" in err

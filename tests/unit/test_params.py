@@ -143,7 +143,7 @@ def test_the_pipeline_config_states_only_what_differs_from_the_notebooks():
 def test_show_prints_every_parameter_and_marks_the_configs(capsys):
     assert pipeline.main(["--show"]) == 0
     out = capsys.readouterr().out
-    assert "  * on_error = 'skip'" in out and "    lora_r = 8" in out
+    assert "    on_error = 'skip'" in out and "    lora_r = 8" in out
     assert "  * learning_rate = 0.0005" in out  # gemma's override
     train = next(s for s in pipeline.plan(pipeline.load_config()) if s.notebook == "02_train_lora.ipynb")
     assert out.count("02_train_lora-") == 2 and all(f" {n} = " in out for n in params.defaults(train.notebook))
