@@ -142,7 +142,7 @@ def eval_items(cfg: EvalConfig) -> list[dict]:
         raise EvaluationError(f"suite={cfg.suite!r}; expected one of {list(SUITES)}")
     items = list(load_domain_suite()) if cfg.suite in ("both", "domain") else []
     if cfg.suite in ("both", "test"):
-        path = require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb")
+        path = require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb", EvaluationError)
         for row in pick_examples(read_jsonl(path), cfg.num_examples, cfg.seed):
             history, user, reference = chat.split_prompt(row)
             items.append({"id": row["id"], "category": TEST_CATEGORY, "prompt": user, "history": history,
@@ -154,9 +154,9 @@ def check_inputs(cfg: EvalConfig, log=print) -> None:
     """Stop before any work when the data splits are missing (naming the notebook that writes them);
     say which models have no trained adapter yet (their base model is evaluated alone)."""
     if cfg.suite in ("both", "test"):
-        require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb")
+        require(from_root(cfg.data_dir) / f"{cfg.split}.jsonl", "01_data_prep.ipynb", EvaluationError)
     if cfg.loss_examples:
-        require(from_root(cfg.data_dir) / "validation.jsonl", "01_data_prep.ipynb")
+        require(from_root(cfg.data_dir) / "validation.jsonl", "01_data_prep.ipynb", EvaluationError)
     untrained = [m for m in cfg.models if not has_adapter(adapter_root(models.resolve(m)["name"], cfg.models_dir))]
     if untrained:
         log(f"no trained adapter for {untrained} under {shown(from_root(cfg.models_dir))}: run "

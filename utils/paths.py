@@ -81,11 +81,12 @@ class MissingInput(FileNotFoundError):
     """An input a notebook needs is not there yet: the message names the notebook to run first."""
 
 
-def require(path: str | Path, notebook: str) -> Path:
-    """``path`` if it exists; else stop with "run notebooks/<notebook> first (no <path>)"."""
+def require(path: str | Path, notebook: str, error: type[Exception] = MissingInput) -> Path:
+    """``path`` if it exists; else stop with ``error("run notebooks/<notebook> first (no <path>)")``
+    (callers pass their own error class, so what they raised before is still what they raise)."""
     path = from_root(path)
     if not path.exists():
-        raise MissingInput(f"run notebooks/{notebook} first (no {shown(path)})")
+        raise error(f"run notebooks/{notebook} first (no {shown(path)})")
     return path
 
 

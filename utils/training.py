@@ -100,10 +100,7 @@ class TrainNotebook(TrainConfig):
 def _load_split(data_dir: Path, split: str, limit: int | None) -> list[dict]:
     from .data import read_jsonl
 
-    path = data_dir / f"{split}.jsonl"
-    if not path.exists():
-        raise TrainingError(f"{path} not found: run notebooks/01_data_prep.ipynb first (or `make pipeline`)")
-    rows = read_jsonl(path)
+    rows = read_jsonl(require(data_dir / f"{split}.jsonl", "01_data_prep.ipynb", TrainingError))
     return rows[:limit] if limit else rows
 
 
@@ -602,7 +599,7 @@ def _point_adapter_at_base(folder: Path, base: str) -> None:
 def check_inputs(cfg: TrainConfig) -> None:
     """Stop before any work when the data splits are missing, naming the notebook that writes them."""
     for split in ("train", "validation"):
-        require(from_root(cfg.data_dir) / f"{split}.jsonl", "01_data_prep.ipynb")
+        require(from_root(cfg.data_dir) / f"{split}.jsonl", "01_data_prep.ipynb", TrainingError)
 
 
 def summary(run: dict) -> str:

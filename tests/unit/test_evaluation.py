@@ -233,10 +233,12 @@ def test_verdict_sentences_say_where_the_data_cannot_tell():
 
 
 def test_missing_data_names_the_notebook(tmp_path):
-    with pytest.raises(
-        evaluation.EvaluationError, match="test.jsonl not found: run notebooks/01_data_prep.ipynb first"
-    ):
+    with pytest.raises(evaluation.EvaluationError,
+                       match=r"run notebooks/01_data_prep.ipynb first \(no .*test.jsonl\)"):
         evaluation.evaluate(evaluation.EvalConfig(data_dir=str(tmp_path)))
+    with pytest.raises(evaluation.EvaluationError,
+                       match=r"run notebooks/01_data_prep.ipynb first \(no .*test.jsonl\)"):
+        evaluation.check_inputs(evaluation.EvalConfig(data_dir=str(tmp_path)))
 
 
 def test_plain_format_stops_at_the_next_user_turn(setup, monkeypatch):

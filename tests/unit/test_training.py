@@ -270,8 +270,10 @@ def test_unknown_target_module_lists_linear_modules(tiny, tmp_path):
 
 
 def test_missing_processed_data_names_the_notebook(tiny, tmp_path):
-    with pytest.raises(TrainingError, match=r"train.jsonl not found: run notebooks/01_data_prep.ipynb first"):
-        training.train(_cfg(tiny, "llama", tmp_path / "o", data_dir=str(tmp_path / "nothing")))
+    cfg = _cfg(tiny, "llama", tmp_path / "o", data_dir=str(tmp_path / "nothing"))
+    for call in (training.train, training.check_inputs):
+        with pytest.raises(TrainingError, match=r"run notebooks/01_data_prep.ipynb first \(no .*train.jsonl\)"):
+            call(cfg)
 
 
 @pytest.mark.parametrize("kw, message", [
