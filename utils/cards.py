@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import models
-from .paths import ROOT, adapter_root, final_adapter, from_root
+from .paths import adapter_root, final_adapter, from_root, shown
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -69,8 +69,7 @@ def render_data_card(card: Mapping) -> str:
 def _card_root(run: dict) -> str:
     """The run folder as the card shows it: relative to the repository when inside it."""
     out = run["config"]["output_dir"]
-    root = from_root(out) if out else adapter_root(run["model"])
-    return str(root.relative_to(ROOT)) if root.is_relative_to(ROOT) else str(root)
+    return shown(from_root(out) if out else adapter_root(run["model"]))
 
 
 def model_card(run: dict, spec: dict) -> str:
