@@ -73,6 +73,8 @@ def _card_root(run: dict) -> str:
 
 
 def model_card(run: dict, spec: dict) -> str:
+    from . import training  # training writes model cards: imported here, not at the top
+
     card = spec.get("card", {})
     rows = [
         ("Model Type", card.get("type", "Decoder-only Transformer")),
@@ -80,8 +82,7 @@ def model_card(run: dict, spec: dict) -> str:
         ("Base", f"`{run['base_model']}`"),
         (
             "Fine-Tuning",
-            f"LoRA r={run['lora']['r']} alpha={run['lora']['alpha']} on {', '.join(run['lora']['target_modules'])}, "
-            + ("8-bit base weights" if run["load_in_8bit"] else "full-precision base weights"),
+            f"{training.method_text(run)}, {training.base_precision(run)} base weights",
         ),
         (
             "Trainable parameters",

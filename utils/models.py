@@ -283,11 +283,14 @@ def _return_freed_memory() -> None:
         pass
 
 
-def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0) -> LoadedModel:
-    """Load a preset, local folder or hub id as an fp32 (or 8-bit) causal LM with its tokenizer.
+def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0,
+               load_in_4bit: bool = False) -> LoadedModel:
+    """Load a preset, local folder or hub id as an fp32 (or 8-bit, or 4-bit NF4) causal LM with its
+    tokenizer.
 
     ``info`` records where the weights came from, whether they are random, whether 8-bit
-    was used (and why not, if it fell back), and how long loading took."""
+    was used (and why not, if it fell back), and how long loading took. 4-bit (QLoRA's NF4 with
+    double quantisation, fp32 compute) does not fall back: it is asked for by name."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -301,6 +304,19 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
 
     kwargs = {"dtype": torch.float32, "use_safetensors": True}
     model = None
+    if load_in_8bit and load_in_4bit:
+        raise ModelError("load_in_8bit and load_in_4bit are both set; expected at most one")
+    info["load_in_4bit"] = bool(load_in_4bit)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+        with quiet_bnb():
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, **kwargs)
+        _detach_from_weights_file(model)
+        _return_freed_memory()
+        info["load_in_8bit"] = False
     if load_in_8bit:
         try:
             from transformers import BitsAndBytesConfig

@@ -36,7 +36,9 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
         points = run["loss_history"][split]
         if points:
             ax.plot([p["step"] for p in points], [p["loss"] for p in points], style, label=split)
-    title = f"{run['model']} LoRA (r={run['lora']['r']}{', 8-bit' if run['load_in_8bit'] else ''})"
+    from .training import base_precision, method_text
+
+    title = f"{run['model']}: {method_text(run)}\n({base_precision(run)} base weights)"
     if run.get("random_init"):
         title += " - random weights"
     ax.set(title=title, xlabel="optimizer step", ylabel="loss (assistant tokens)")

@@ -5,6 +5,7 @@ grouping, validation every ``eval_steps`` with early stopping, resumable checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,16 @@ class TrainingError(ValueError):
 
 
 TRAIN_DTYPES = hardware.COMPUTE_DTYPES
+# What is trained: LoRA and its variants, IA3 (learned rescaling vectors), prefix tuning (learned
+# key/value prefixes in every layer), prompt tuning (learned input embeddings), all through PEFT;
+# "full" trains every weight of the model (the ceiling the others are compared with).
+PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "full")
+PROMPT_LEARNING = ("prefix", "prompt")
+TRACKERS = ("tensorboard", "none")
+# target_modules aliases (besides a list of names): the preset's default, attention projections, every linear
+TARGET_ALIASES = ("default", "attention", "all-linear")
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "query_key_value")
+TRACKING_SUBDIR = "tensorboard"  # TensorBoard's logs, inside each run's output folder (`make tracker` shows all)
 
 
 @dataclass
@@ -39,8 +50,12 @@ class TrainConfig:
     lora_r: int = 8  # rank of the update
     lora_alpha: int = 16  # scaling: the update is multiplied by alpha / r
     lora_dropout: float = 0.05  # dropout on the LoRA input (0 makes runs exactly repeatable)
-    target_modules: str | list[str] | None = None  # None: the preset's default; "all-linear"; or a list of names
+    target_modules: str | list[str] | None = None  # None: the preset's default; "attention"; "all-linear"; or names
+    peft_method: str = "lora"  # lora, dora, ia3, prefix, prompt (PEFT), or full (every weight; needs no 8-bit)
+    use_rslora: bool = False  # rank-stabilised LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r
+    num_virtual_tokens: int = 16  # prefix and prompt tuning: how many learned tokens
     load_in_8bit: bool = True  # 8-bit base weights (bitsandbytes); falls back to fp32, recorded, if it cannot run
+    load_in_4bit: bool = False  # 4-bit NF4 base weights instead (QLoRA); set load_in_8bit=False with it
     random_init: bool = False  # architecture-exact random weights (speed and size only)
     num_epochs: float = 1.0  # passes over the training split
     max_steps: int = -1  # > 0 overrides num_epochs
@@ -60,6 +75,7 @@ class TrainConfig:
     max_train_examples: int | None = None  # cut the data (smoke runs)
     max_eval_examples: int | None = None  # cut the validation split (smoke runs)
     logging_steps: int = 5  # train loss logged every this many steps
+    report_to: str = "tensorboard"  # the Trainer logs to TensorBoard in <output_dir>/tensorboard ("none": off)
 
     def validate(self) -> None:
         """Refuse impossible settings before any work is done."""
@@ -84,6 +100,16 @@ class TrainConfig:
         )
         need(self.padding in ("dynamic", "max_length"), f"padding={self.padding!r}; expected 'dynamic' or 'max_length'")
         need(self.dtype in TRAIN_DTYPES, f"dtype={self.dtype!r}; expected one of {list(TRAIN_DTYPES)}")
+        need(self.peft_method in PEFT_METHODS,
+             f"peft_method={self.peft_method!r}; expected one of {list(PEFT_METHODS)}")
+        need(not (self.load_in_8bit and self.load_in_4bit),
+             "load_in_8bit and load_in_4bit are both True; expected at most one")
+        need(self.peft_method != "full" or not (self.load_in_8bit or self.load_in_4bit),
+             f"peft_method='full' trains every weight, which 8-bit or 4-bit weights cannot hold; "
+             f"set load_in_8bit=False and load_in_4bit=False (got {self.load_in_8bit}, {self.load_in_4bit})")
+        need(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
+             f"num_virtual_tokens={self.num_virtual_tokens!r}; expected an integer > 0")
+        need(self.report_to in TRACKERS, f"report_to={self.report_to!r}; expected one of {list(TRACKERS)}")
 
 
 @dataclass
@@ -119,12 +145,13 @@ def checkpoint_is_complete(path: Path) -> bool:
     adapter weights are all there (a run killed mid-save leaves some of them out)."""
     from safetensors import safe_open
 
-    needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"]
+    weights = "model.safetensors" if (path / "model.safetensors").exists() else "adapter_model.safetensors"
+    needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt", weights]  # full fine-tuning: model.safetensors
     if not all((path / n).is_file() and (path / n).stat().st_size > 0 for n in needed):
         return False
     try:
         json.loads((path / "trainer_state.json").read_text())
-        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as fh:
+        with safe_open(str(path / weights), framework="pt") as fh:
             for key in fh.keys():
                 fh.get_tensor(key)
     except Exception:  # noqa: BLE001 - any read failure means torn
@@ -165,8 +192,12 @@ def resolve_targets(cfg: TrainConfig, spec: dict, model) -> list[str]:
         targets = spec.get("lora_targets")
         if targets is None:  # not a preset: attention projections if there are any
             targets = [t for t in ("q_proj", "v_proj", "c_attn", "query_key_value") if t in available] or available
+    elif targets == "default":
+        targets = spec.get("lora_targets") or [t for t in ("q_proj", "v_proj", "c_attn") if t in available]
     elif targets in ("all-linear", "all_linear"):
         targets = spec.get("all_linear") or available
+    elif targets == "attention":
+        targets = spec.get("attention") or [t for t in ATTENTION_NAMES if t in available]
     elif isinstance(targets, str):
         targets = [targets]
     missing = [t for t in targets if t not in available]
@@ -184,11 +215,39 @@ def lora_config(cfg: TrainConfig, targets: list[str], fan_in_fan_out: bool):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+                      use_dora=cfg.peft_method == "dora", use_rslora=cfg.use_rslora)
+
+
+# the layers that write a block's output back into the residual stream: IA3 scales their input
+FEEDFORWARD_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "w2", "o_proj")
+
+
+def peft_config(cfg: TrainConfig, targets: list[str] | None, fan_in_fan_out: bool):
+    """The PEFT config of ``cfg.peft_method`` (None for full fine-tuning)."""
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig
+
+    method = cfg.peft_method
+    if method in ("lora", "dora"):
+        return lora_config(cfg, targets, fan_in_fan_out)
+    if method == "ia3":
+        if targets is None:  # PEFT's own choice for the architecture (keys, values, feed-forward output)
+            return IA3Config(task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                         feedforward_modules=[t for t in targets if t in FEEDFORWARD_NAMES])
+    if method == "prefix":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    if method == "prompt":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    return None
 
 
 def count_parameters(model) -> dict:
-    trainable, total = model.get_nb_trainable_parameters()
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT: counts 4-bit packed weights at their real size
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # full fine-tuning: a plain model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": int(trainable), "total_params": int(total),
             "trainable_percent": round(100 * trainable / total, 4)}
 
@@ -227,6 +286,7 @@ class TrainResult:
     output_dir: Path
     final_dir: Path
     run: dict = field(default_factory=dict)
+    model: object = None  # the trained model in memory (the best checkpoint's weights)
 
 
 def _trainer_class():
@@ -270,7 +330,9 @@ def _trainer_class():
 
             causal = self.accelerator.unwrap_model(model)
             base = causal.get_base_model() if hasattr(causal, "get_base_model") else causal
-            if "labels" not in inputs or "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            prompt_learning = getattr(getattr(causal, "active_peft_config", None), "is_prompt_learning", False)
+            if ("labels" not in inputs or prompt_learning  # PEFT adds virtual tokens (and their labels) itself
+                    or "logits_to_keep" not in inspect.signature(base.forward).parameters):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # other architectures
             inputs = dict(inputs)
             labels = inputs.pop("labels")
@@ -398,14 +460,27 @@ def _encode(cfg: TrainConfig, rows: dict, tokenizer, fmt: str, log) -> tuple[lis
     return train_ds, val_ds, {"train": dropped_train, "validation": dropped_val}
 
 
+def method_targets(cfg: TrainConfig, spec: dict, model) -> list[str] | None:
+    """The modules the method adapts: None where it adapts none by name (prefix and prompt tuning,
+    full fine-tuning) or lets PEFT choose (IA3 without target_modules)."""
+    if cfg.peft_method in PROMPT_LEARNING + ("full",):
+        return None
+    if cfg.peft_method == "ia3" and cfg.target_modules is None:
+        return None
+    return resolve_targets(cfg, spec, model)
+
+
 def _add_lora(cfg: TrainConfig, spec: dict, loaded: models.LoadedModel):
-    """The base model made trainable: 8-bit preparation, checkpointing inputs, the LoRA layers."""
+    """The base model made trainable: 8-bit/4-bit preparation, checkpointing inputs, the PEFT layers
+    of ``cfg.peft_method`` (LoRA by default; full fine-tuning leaves the model as it is)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model = loaded.model
-    targets = resolve_targets(cfg, spec, model)
-    fan_in_fan_out = uses_conv1d(model, targets)
+    targets = method_targets(cfg, spec, model)
+    fan_in_fan_out = uses_conv1d(model, targets or [])
     slimmed = 0
+    if loaded.info.get("load_in_4bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if loaded.info["load_in_8bit"]:
         # casts norms to fp32; checkpointing is switched on (or not) by the Trainer below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -418,7 +493,17 @@ def _add_lora(cfg: TrainConfig, spec: dict, loaded: models.LoadedModel):
         # 8-bit matmul bypasses by holding its input on ctx: it saved no memory in 8-bit.) It needs
         # the layers' input to require grad, although the embeddings are frozen.
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(cfg, targets, fan_in_fan_out))
+    config = peft_config(cfg, targets, fan_in_fan_out)
+    if config is None:  # full fine-tuning
+        return model, targets, fan_in_fan_out, slimmed
+    try:
+        model = get_peft_model(model, config)
+    except (ValueError, TypeError, NotImplementedError, KeyError) as err:
+        raise TrainingError(f"peft_method={cfg.peft_method!r} cannot be applied to {spec['name']} "
+                            f"({type(model).__name__}): {str(err).splitlines()[0][:300]}") from err
+    if targets is None and hasattr(model, "peft_config"):  # the modules PEFT chose
+        chosen = getattr(model.peft_config["default"], "target_modules", None)
+        targets = sorted(chosen) if chosen else None
     return model, targets, fan_in_fan_out, slimmed
 
 
@@ -455,7 +540,8 @@ def training_arguments(cfg: TrainConfig, spec: dict, output_dir: Path, dtype: st
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=True,
         prediction_loss_only=True,  # evaluation keeps losses only, never every batch's logits
-        report_to=[],
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        run_name=output_dir.name,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
@@ -478,9 +564,11 @@ def run_record(cfg: TrainConfig, setup: _Setup, trainer, result, throughput, che
         "label": loaded.info.get("label"),
         "load_in_8bit": loaded.info["load_in_8bit"],
         "load_in_8bit_fallback": loaded.info.get("load_in_8bit_fallback"),
+        "load_in_4bit": loaded.info.get("load_in_4bit", False),
+        "peft_method": cfg.peft_method,
         "slim_8bit_layers": setup.slimmed,
         "chat_format": setup.fmt,
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "rslora": cfg.use_rslora,
                  "target_modules": setup.targets, "fan_in_fan_out": setup.fan_in_fan_out},
         **setup.params,
         "config": asdict(cfg),
@@ -532,7 +620,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
 
     set_seed(cfg.seed)
     rss_before = system.lifetime_peak_rss_mb()
-    loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init)
+    loaded = models.load_model(cfg.model, load_in_8bit=cfg.load_in_8bit, random_init=cfg.random_init,
+                               load_in_4bit=cfg.load_in_4bit)
     tokenizer = loaded.tokenizer
     # random-weight stand-ins come with a byte-level tokenizer, which has no chat template
     fmt = chat.chat_format({**spec, "chat_format": "auto"} if cfg.random_init else spec, tokenizer)
@@ -541,8 +630,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     model, targets, fan_in_fan_out, slimmed = _add_lora(cfg, spec, loaded)
     params = count_parameters(model)
     check_free_space(output_dir, params["trainable_params"])
-    log(f"LoRA on {targets}: {params['trainable_params']:,} trainable of {params['total_params']:,} "
-        f"parameters ({params['trainable_percent']:.3f}%)")
+    log(f"{cfg.peft_method} on {targets or 'its own parameters'}: {params['trainable_params']:,} trainable of "
+        f"{params['total_params']:,} parameters ({params['trainable_percent']:.3f}%)")
     dtype = hardware.pick_dtype(cfg.dtype, "training", allowed=TRAIN_DTYPES)
     how = "bf16 autocast, fp32 LoRA weights and optimizer state" if dtype == "bf16" else "fp32"
     log(f"compute dtype: {dtype} ({how}; requested {cfg.dtype!r}, CPU {hardware.cpu_model()})")
@@ -556,9 +645,10 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         max_length=cfg.max_seq_len if cfg.padding == "max_length" else None,
     )
     throughput, callbacks = _make_callbacks(cfg)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
-                               eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
-                               callbacks=callbacks + list(extra_callbacks))
+    with tracking_dir(cfg, output_dir):
+        trainer = _trainer_class()(model=model, args=args, train_dataset=Dataset.from_list(train_ds),
+                                   eval_dataset=Dataset.from_list(val_ds), data_collator=collator,
+                                   callbacks=callbacks + list(extra_callbacks))
 
     # Several processes (accelerate/torchrun): the main one looks first, and moves torn checkpoints
     # aside; the others then find the same complete checkpoint.
@@ -575,7 +665,8 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     def write_final(folder: Path) -> None:
         trainer.model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        _point_adapter_at_base(folder, run["base_model"])
+        if (folder / "adapter_config.json").exists():  # full fine-tuning writes a whole model instead
+            _point_adapter_at_base(folder, run["base_model"])
 
     if trainer.is_world_process_zero():  # one writer when several processes train
         write_directory_atomically(final_dir, write_final)
@@ -585,7 +676,24 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
 
         plots.plot_loss_curves(run, output_dir / "loss_curves.png")
     trainer.accelerator.wait_for_everyone()
-    return TrainResult(output_dir, final_dir, run)
+    return TrainResult(output_dir, final_dir, run, trainer.model)
+
+
+@contextlib.contextmanager
+def tracking_dir(cfg: TrainConfig, output_dir: Path):
+    """TensorBoard's log folder for this run, ``<output_dir>/tensorboard``: the Trainer's callback
+    reads it from the environment when the Trainer is built (restored afterwards)."""
+    key = "TENSORBOARD_LOGGING_DIR"
+    before = os.environ.get(key)
+    if cfg.report_to == "tensorboard":
+        os.environ[key] = str(output_dir / TRACKING_SUBDIR)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _point_adapter_at_base(folder: Path, base: str) -> None:
@@ -602,14 +710,38 @@ def check_inputs(cfg: TrainConfig) -> None:
         require(from_root(cfg.data_dir) / f"{split}.jsonl", "01_data_prep.ipynb", TrainingError)
 
 
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
+                "full": "full fine-tuning"}
+
+
+def method_text(run: dict) -> str:
+    """What was trained, in words: "LoRA r=8 on q_proj, v_proj", "prompt tuning (16 virtual tokens)"."""
+    method, lora = run.get("peft_method", "lora"), run["lora"]
+    name = METHOD_NAMES[method]
+    if method in ("lora", "dora"):
+        if run.get("load_in_4bit"):
+            name = f"QLoRA ({name} on 4-bit NF4 weights)"
+        scaling = ", rsLoRA" if lora.get("rslora") else ""
+        return f"{name} r={lora['r']} alpha={lora['alpha']}{scaling} on {', '.join(lora['target_modules'])}"
+    if method == "ia3":
+        return f"IA3 on {', '.join(lora['target_modules'] or ['PEFT default modules'])}"
+    if method in PROMPT_LEARNING:
+        return f"{name} ({run['config']['num_virtual_tokens']} virtual tokens)"
+    return name
+
+
+def base_precision(run: dict) -> str:
+    return "4-bit NF4" if run.get("load_in_4bit") else "8-bit" if run["load_in_8bit"] else "full-precision"
+
+
 def summary(run: dict) -> str:
     """What a training run showed, in a few sentences (markdown), from its run record."""
     val = run["loss_history"]["validation"]
     start, best = (val[0]["loss"] if val else None), run["best_eval_loss"]
-    lines = [f"LoRA r={run['lora']['r']} on {', '.join(run['lora']['target_modules'])} trained "
+    lines = [f"{method_text(run)} trained "
              f"**{run['trainable_params']:,} of {run['total_params']:,} parameters ({run['trainable_percent']:.2f}%, "
              f"{100 - run['trainable_percent']:.2f}% fewer than full fine-tuning)** for {run['global_step']} steps "
-             f"({'8-bit' if run['load_in_8bit'] else 'full-precision'} base weights, {run['dtype']} compute)."]
+             f"({base_precision(run)} base weights, {run['dtype']} compute)."]
     if start is not None and best is not None:
         change = "fell" if best < start else "did not fall"
         lines.append(f"Validation loss {change} from {start:.3f} (the base model) to {best:.3f} "

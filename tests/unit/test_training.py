@@ -282,6 +282,11 @@ def test_missing_processed_data_names_the_notebook(tiny, tmp_path):
     ({"save_steps": 3, "eval_steps": 2}, r"save_steps=3 must be a multiple of eval_steps=2"),
     ({"max_seq_len": 4}, r"max_seq_len=4; expected >= 8"),
     ({"dtype": "fp16"}, r"dtype='fp16'; expected one of \['auto', 'fp32', 'bf16'\]"),
+    ({"peft_method": "adapters"}, r"peft_method='adapters'; expected one of \['lora', 'dora', 'ia3', 'prefix'"),
+    ({"peft_method": "full", "load_in_8bit": True}, r"peft_method='full' trains every weight.*load_in_8bit=False"),
+    ({"load_in_8bit": True, "load_in_4bit": True}, r"load_in_8bit and load_in_4bit are both True"),
+    ({"peft_method": "prompt", "num_virtual_tokens": 0}, r"num_virtual_tokens=0; expected an integer > 0"),
+    ({"report_to": "wandb"}, r"report_to='wandb'; expected one of \['tensorboard', 'none'\]"),
 ])
 def test_impossible_settings_refused_before_work(tiny, tmp_path, kw, message):
     with pytest.raises(TrainingError, match=message):
@@ -465,3 +470,41 @@ def test_auto_dtype_follows_the_cpu(tiny, tmp_path, monkeypatch):
     res = training.train(_cfg(tiny, "llama", tmp_path / "auto", max_steps=2, eval_steps=2, save_steps=2),
                          log=lambda *a: None)
     assert res.run["config"]["dtype"] == "auto" and res.run["dtype"] == "fp32"
+
+
+METHODS = [  # (settings, what is trained, in words)
+    ({"peft_method": "lora"}, "LoRA r=8 alpha=16 on q_proj, v_proj"),
+    ({"peft_method": "lora", "use_rslora": True, "target_modules": "attention"},
+     "LoRA r=8 alpha=16, rsLoRA on q_proj, k_proj, v_proj, o_proj"),
+    ({"peft_method": "lora", "target_modules": "all-linear"}, "LoRA r=8 alpha=16 on "),
+    ({"peft_method": "dora"}, "DoRA r=8 alpha=16 on q_proj, v_proj"),
+    ({"peft_method": "lora", "load_in_4bit": True}, "QLoRA (LoRA on 4-bit NF4 weights) r=8"),
+    ({"peft_method": "ia3"}, "IA3 on down_proj, k_proj, v_proj"),
+    ({"peft_method": "prefix"}, "prefix tuning (16 virtual tokens)"),
+    ({"peft_method": "prompt"}, "prompt tuning (16 virtual tokens)"),
+    ({"peft_method": "full"}, "full fine-tuning"),
+]
+
+
+@pytest.mark.parametrize("kw,described", METHODS,
+                         ids=["lora", "rslora-attention", "lora-all-linear", "dora", "qlora", "ia3", "prefix", "prompt",
+                              "full"])
+def test_every_method_trains_counts_its_parameters_and_logs_to_tensorboard(tiny, tmp_path, kw, described):
+    from peft import PeftModel
+
+    res = training.train(_cfg(tiny, "llama", tmp_path / "out", max_steps=6, eval_steps=3, save_steps=3, **kw))
+    run = res.run
+    assert training.method_text(run).startswith(described)
+    assert run["peft_method"] == kw["peft_method"] and run["load_in_4bit"] == kw.get("load_in_4bit", False)
+    total = sum(p.numel() for p in models.load_model(str(tiny["llama"])).model.parameters())
+    trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
+    assert run["trainable_params"] == trainable > 0
+    if kw["peft_method"] == "full":
+        assert run["trainable_params"] == run["total_params"] == total
+        assert (res.final_dir / "model.safetensors").exists() and not (res.final_dir / "adapter_config.json").exists()
+    else:
+        assert run["trainable_params"] < total / 3  # tiny model: all-linear r=8 is 23% of it
+        assert isinstance(res.model, PeftModel) and (res.final_dir / "adapter_model.safetensors").exists()
+    val = [p["loss"] for p in run["loss_history"]["validation"]]
+    assert [p["step"] for p in run["loss_history"]["validation"]] == [0, 3, 6] and val[-1] < val[0]
+    assert list((tmp_path / "out" / training.TRACKING_SUBDIR).rglob("events.out.tfevents.*")), "no TensorBoard log"
