@@ -179,6 +179,40 @@ def plot_memory(bench: Mapping, path: Path | None = None):
     return _save(fig, path)
 
 
+def plot_pareto(sweep: Mapping, x: str, xlabel: str, path: Path | None = None, log_x: bool = False):
+    """Quality (the judge's overall grade with its 95% interval, or minus the held-out loss without a
+    judge) of every sweep trial against a cost; the trials on the Pareto front of this cost are
+    joined and filled, the others hollow."""
+    from .sweep import pareto_front, score_of
+
+    sns.set_theme(style="whitegrid")
+    trials = [t for t in sweep["trials"] if score_of(t) is not None and t.get(x) is not None]
+    judged = all(t.get("quality") for t in trials)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    front = pareto_front([(t[x], score_of(t)) for t in trials])
+    colours = dict(zip(sorted({t["method"] for t in trials}), sns.color_palette("tab10")))
+    for t, on in zip(trials, front):
+        y = score_of(t)
+        err = [[y - t["quality"]["low"]], [t["quality"]["high"] - y]] if judged else None
+        ax.errorbar(t[x], y, yerr=err, fmt="o", color=colours[t["method"]], mfc=colours[t["method"]] if on else "white",
+                    capsize=3, ms=7, label=t["method"])
+        ax.annotate(t["key"], (t[x], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    on_front = sorted((t[x], score_of(t)) for t, on in zip(trials, front) if on)
+    if on_front:
+        ax.step([p[0] for p in on_front], [p[1] for p in on_front], where="post", color="grey", lw=1, ls="--",
+                label="Pareto front")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    if log_x:
+        ax.set_xscale("log")
+    ylabel = "judge overall grade (1-5), 95% CI" if judged else "minus held-out loss (higher is better)"
+    ax.set(xlabel=xlabel, ylabel=ylabel,
+           title=f"{sweep['model']}: quality vs {xlabel.split(' (')[0]}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path):
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
