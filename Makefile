@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline lint test test-fast lab app benchmark strip clean
+.PHONY: venv pipeline lint test test-fast lab app benchmark sweep tracker strip clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,16 @@ app: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) -m utils.benchmark train $(ARGS)
 	$(PY) -m utils.benchmark decode
+
+# The PEFT sweep (configs/sweep.yaml: LoRA ranks and targets, DoRA, QLoRA, IA3, prefix, prompt, full
+# fine-tuning) into reports/sweep/; a rerun continues the same study. The small CI grid:
+# python -m utils.sweep --quick --out reports/sweep-quick (its own study, "<study>-quick").
+sweep: $(STAMP)
+	$(PY) -m utils.sweep --out reports/sweep $(ARGS)
+
+# TensorBoard on http://127.0.0.1:6006: the Trainer's logs of every run (pipeline and sweep trials)
+tracker: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir_spec pipeline:models,sweep:reports/sweep/trials --host 127.0.0.1 --port 6006
 
 # Strip outputs from the notebooks in git (cell tags such as `parameters` are kept).
 strip: $(STAMP)

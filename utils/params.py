@@ -33,6 +33,7 @@ CONFIGS = {
     "02_train_lora.ipynb": "utils.training:TrainNotebook",
     "03_evaluate.ipynb": "utils.evaluation:EvalConfig",
     "04_benchmark.ipynb": "utils.benchmark:BenchConfig",
+    "05_sweep.ipynb": "utils.sweep:SweepNotebook",
 }
 # papermill writes the parameters it is given into a new cell with exactly this first line; the
 # generated cells start differently, so they are never mistaken for injected ones.
@@ -50,6 +51,7 @@ QUICK = {
     "03_evaluate.ipynb": {"num_examples": 4, "max_new_tokens": 12, "batch_size": 4, "loss_examples": 8,
                           "suite": "test", "validity": False},
     "04_benchmark.ipynb": {"new_tokens": 6, "repeats": 1, "random_models": ["gpt2"], "agreement_prompts": 2},
+    "05_sweep.ipynb": {"quick": True, "out": "reports/sweep-quick"},
 }
 QUICK_SUBDIR = "quick"
 QUICK_ENV = "LORA_COMPARE_QUICK"

@@ -10,7 +10,7 @@ quality against trainable parameters; ``figures/`` holds the Pareto plots.
 The trials live in one Optuna study in an SQL database (SQLite in the output folder by default):
 the grid is queued once and every worker, on this machine or another one given the same
 ``--storage`` URL, pulls the next waiting trial. Workers send heartbeats; a trial whose worker
-stopped sending them is failed and queued again (Optuna's ``RetryFailedTrialCallback``). A
+stopped sending them is failed and queued again (Optuna's ``RetryHeartbeatStaleTrialCallback``). A
 trial that raises is recorded as failed with its error and the sweep goes on: finished trials
 are in the database and are never lost.
 
@@ -120,7 +120,8 @@ def load_config(path: str | Path = CONFIG, quick: bool = False) -> dict:
     unknown = set(cfg) - TOP_KEYS
     if unknown:
         raise SweepError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}")
-    if quick:
+    if quick:  # its own study: quick trials never stand in for the full grid's trials of the same name
+        cfg["study"] = f"{cfg.get('study', 'peft-sweep')}-quick"
         for key, value in (cfg.get("quick") or {}).items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):
                 cfg[key] = {**cfg[key], **value}
@@ -376,7 +377,8 @@ def open_study(cfg: dict, trials: Sequence[Trial], url: str):
     storage = optuna.storages.RDBStorage(
         url, engine_kwargs=kwargs, heartbeat_interval=int(w.get("heartbeat_s", 30)),
         grace_period=int(w.get("grace_s", 120)),
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=int(w.get("max_retry", 2))))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=int(w.get("max_retry", 2))))
     keys = [t.key for t in trials]
     study = optuna.create_study(study_name=cfg.get("study", "peft-sweep"), storage=storage, load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.GridSampler({"key": keys}, seed=0))
