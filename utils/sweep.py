@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import yaml
 
 from .io import write_json_atomically, write_text_atomically
-from .paths import from_root, shown
+from .paths import final_adapter, from_root, shown
 
 CONFIG = "configs/sweep.yaml"
 METHODS = ("lora", "dora", "qlora", "ia3", "prefix", "prompt", "full")
@@ -298,7 +298,7 @@ def train_trial(trial: Trial, cfg: dict, out: Path, log: Callable = print) -> di
     for checkpoint in folder.glob("checkpoint-*"):  # optimizer state and weights: 1.6 GB for full fine-tuning
         shutil.rmtree(checkpoint)
     if trial.method == "full":
-        shutil.rmtree(folder / "final")  # a whole model's weights (0.5 GB for SmolLM2); run.json stays
+        shutil.rmtree(final_adapter(folder))  # a whole model's weights (0.5 GB for SmolLM2); run.json stays
     return {
         "key": trial.key, "method": trial.method, "r": trial.r,
         "targets": run["lora"]["target_modules"] if trial.method in RANKED + ("ia3",) else None,

@@ -55,7 +55,7 @@ class TrainConfig:
     use_rslora: bool = False  # rank-stabilised LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r
     num_virtual_tokens: int = 16  # prefix and prompt tuning: how many learned tokens
     load_in_8bit: bool = True  # 8-bit base weights (bitsandbytes); falls back to fp32, recorded, if it cannot run
-    load_in_4bit: bool = False  # 4-bit NF4 base weights instead (QLoRA); set load_in_8bit=False with it
+    load_in_4bit: bool = False  # 4-bit NF4 base weights instead (QLoRA); turn load_in_8bit off with it
     random_init: bool = False  # architecture-exact random weights (speed and size only)
     num_epochs: float = 1.0  # passes over the training split
     max_steps: int = -1  # > 0 overrides num_epochs
