@@ -289,7 +289,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     for name, gens in replies.items():
         texts = [g.text for g in gens]
         scores = scorer.score(prompts, texts, references, notes,
-                              progress=lambda it, name=name: tqdm(it, desc=f"judging {name}", leave=False))
+                              progress=lambda it, name=name: tqdm(it, desc=f"judging {name}", leave=False),
+                              truncated=[g.truncated for g in gens])
         per_example[name] = [{"reply": g.text, "category": it["category"], "new_tokens": g.new_tokens,
                               "latency_s": g.latency_s / g.batch_size,
                               "crisis_flag": safety.crisis_flag(it["prompt"]) or safety.crisis_flag(g.text), **s}

@@ -18,6 +18,7 @@ class Generated:
     new_tokens: int
     latency_s: float  # wall time of the call that produced it (a batch's time, shared by its members)
     batch_size: int
+    truncated: bool = False  # stopped by max_new_tokens, not by an end-of-turn token: cut mid-reply
 
 
 def prompt_ids(tokenizer, messages: Sequence[dict], fmt: str, max_prompt_tokens: int | None = None) -> list[int]:
@@ -88,7 +89,7 @@ def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fm
             new = gen[row, width:].tolist()
             n = next((k for k, t in enumerate(new) if t in stops), len(new))
             text = tokenizer.decode(new[:n], skip_special_tokens=True).split(PLAIN_STOP)[0].strip()
-            results[i] = Generated(text, n, seconds, len(batch))
+            results[i] = Generated(text, n, seconds, len(batch), truncated=n == max_new_tokens)
     return [results[i] for i in range(len(conversations))]
 
 

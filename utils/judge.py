@@ -168,6 +168,19 @@ class JudgeError(ValueError):
     pass
 
 
+def complete_part(text: str) -> str:
+    """A reply cut by the length limit, up to its last complete sentence (all of it when it has
+    none). The judge grades a reply that stops mid-sentence as broken text: SmolLM2 replies cut at
+    48 tokens got 1.0-1.1 of 5 for overall, the same replies up to their last full stop 4.2-4.5
+    (measured with this judge on the sweep's replies). What the model did write is graded, not
+    the cap."""
+    import re
+
+    ends = [m.end() for m in re.finditer(r"[.!?][\"')\]]*(?=\s)", text + " ")
+            if not re.fullmatch(r"\s*\d+[.)]?", text[:m.end()].rsplit("\n", 1)[-1])]  # not a list marker "1."
+    return text[:ends[-1]].strip() if ends else text
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " [...]"
 

@@ -114,8 +114,10 @@ class Scorer:
     judge: object | None = None  # utils.judge.LLMJudge
 
     def score(self, prompts: Sequence[str], replies: Sequence[str], references: Sequence[str | None] | None = None,
-              notes: Sequence[str | None] | None = None, progress: Callable | None = None) -> list[dict]:
-        """Every score for each (prompt, reply[, reference][, category note])."""
+              notes: Sequence[str | None] | None = None, progress: Callable | None = None,
+              truncated: Sequence[bool] | None = None) -> list[dict]:
+        """Every score for each (prompt, reply[, reference][, category note]). A reply marked
+        ``truncated`` (cut by the length limit) is shown to the judge up to its last complete sentence."""
         n = len(replies)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts but {n} replies")
@@ -135,8 +137,12 @@ class Scorer:
                 rows[i].update(rouge_l=rouge_l(replies[i], references[i]), chrf=chrf(replies[i], references[i]))
         if self.judge is not None:
             items = range(n) if progress is None else progress(range(n))
+            from .judge import complete_part
+
+            cut = list(truncated) if truncated is not None else [False] * n
             for i in items:
-                rows[i].update(self.judge.grade(prompts[i], replies[i], references[i], notes[i]))
+                judged = complete_part(replies[i]) if cut[i] else replies[i]
+                rows[i].update(self.judge.grade(prompts[i], judged, references[i], notes[i]), truncated=cut[i])
         return rows
 
 

@@ -314,8 +314,8 @@ def train_trial(trial: Trial, cfg: dict, out: Path, log: Callable = print) -> di
         "heldout_loss": val[-1]["loss"] if val else None, "heldout_loss_start": val[0]["loss"] if val else None,
         "quality": None, "grades": [], "judge": (cfg.get("quality") or {}).get("judge"),
         "decode_tokens_per_s": round(n_decode / decode_s, 2), "decode_merged": trial.method not in ("prefix", "prompt"),
-        "replies": [{"id": it["id"], "prompt": it["prompt"], "reply": g.text, "reference": it.get("reference"),
-                     "note": it.get("note")} for it, g in zip(items, replies)],
+        "replies": [{"id": it["id"], "prompt": it["prompt"], "reply": g.text, "truncated": g.truncated,
+                     "reference": it.get("reference"), "note": it.get("note")} for it, g in zip(items, replies)],
         "dtype": run["dtype"], "cpu": run["dtype_probe"].get("cpu"), "pid": os.getpid(),
     }
 
@@ -326,6 +326,7 @@ def run_trial(trial: Trial, cfg: dict, out: Path, judge: _Judge) -> dict:
     import subprocess
 
     from . import metrics
+    from .judge import complete_part
 
     folder = out / "trials" / trial.key
     if folder.exists():  # an earlier attempt of this trial (a worker killed mid-trial): start again
@@ -341,8 +342,9 @@ def run_trial(trial: Trial, cfg: dict, out: Path, judge: _Judge) -> dict:
     record = json.loads((folder / "record.json").read_text())
     scorer = judge.get()
     if scorer is not None:
-        record["grades"] = [scorer.grade(r["prompt"], r["reply"], r.get("reference"), r.get("note"))["overall"]
-                            for r in record["replies"]]
+        record["grades"] = [  # a reply cut by max_new_tokens is graded up to its last complete sentence
+            scorer.grade(r["prompt"], complete_part(r["reply"]) if r["truncated"] else r["reply"], r.get("reference"),
+                         r.get("note"))["overall"] for r in record["replies"]]
         record["quality"] = metrics.bootstrap_ci(record["grades"], seed=cfg.get("seed", 42))
         record["judge_info"] = {k: scorer.info[k] for k in ("model", "dtype")}
     return record

@@ -265,3 +265,20 @@ def test_plain_format_stops_at_the_next_user_turn(setup, monkeypatch):
     # a reply without the stop string streams whole, and the stream ends
     scripted[:] = tok("All good, no more turns", add_special_tokens=False)["input_ids"]
     assert "".join(generation.stream(loaded.model, tok, convs[0], "plain")) == "All good, no more turns"
+
+
+def test_a_reply_stopped_by_the_length_cap_is_marked_truncated(setup, monkeypatch):
+    loaded = models.load_model(str(setup["llama"]))
+    tok = loaded.tokenizer
+    words = tok("ok then go", add_special_tokens=False)["input_ids"][:3]
+    stop = generation.stop_token_ids(tok, loaded.model)[0]
+    rows = {"finished": words[:2] + [stop, tok.pad_token_id], "cut": (words * 2)[:4]}
+
+    def fake_generate(input_ids=None, **kw):
+        assert kw["max_new_tokens"] == 4
+        return torch.cat([input_ids, torch.tensor([rows["finished"], rows["cut"]])], dim=1)
+
+    monkeypatch.setattr(loaded.model, "generate", fake_generate)
+    convs = [[{"role": "user", "content": "same length a"}], [{"role": "user", "content": "same length b"}]]
+    out = generation.generate_batch(loaded.model, tok, convs, "plain", max_new_tokens=4, batch_size=2, progress=False)
+    assert [(g.new_tokens, g.truncated) for g in out] == [(2, False), (4, True)]

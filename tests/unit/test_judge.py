@@ -129,3 +129,30 @@ def test_coherence_is_graded_on_the_reply_alone(tiny_judge):
     b = tiny_judge.grade("tell me about the weather in a long sentence", "cat cat cat", reference="sunny")
     assert a["coherence"] == b["coherence"] and a["coherence_probs"] == b["coherence_probs"]
     assert (a["relevance"], a["overall"]) != (b["relevance"], b["overall"])  # the question reaches the other two
+
+
+@pytest.mark.parametrize("text,judged", [
+    ("Drink a glass with each meal. Keep a bottle on your desk so that", "Drink a glass with each meal."),
+    ('He said "stop." Then he', 'He said "stop."'),
+    ("Use 2.5 cups of flour. Then", "Use 2.5 cups of flour."),
+    ("Two steps:\n\n1. Rinse it", "Two steps:\n\n1. Rinse it"),  # "1." is a list marker, not a sentence end
+    ("Intro. Steps:\n\n1. Rinse it", "Intro."),
+    ("no sentence ends here", "no sentence ends here"),
+])
+def test_a_cut_reply_is_judged_up_to_its_last_complete_sentence(text, judged):
+    assert J.complete_part(text) == judged
+
+
+def test_the_scorer_shows_the_judge_only_the_complete_part_of_a_truncated_reply():
+    from utils.metrics import Scorer
+
+    seen = []
+
+    class Recorder:
+        def grade(self, prompt, reply, reference=None, note=None):
+            seen.append(reply)
+            return {"overall": 3.0}
+
+    rows = Scorer(None, Recorder()).score(["q", "q"], ["Done. And th", "Done. And th"], truncated=[True, False])
+    assert seen == ["Done.", "Done. And th"]
+    assert [r["truncated"] for r in rows] == [True, False] and rows[0]["words"] == 3  # the cheap signals see it all
