@@ -208,7 +208,7 @@ def plot_pareto(sweep: Mapping, x: str, xlabel: str, path: Path | None = None, l
         ax.set_xscale("log")
     ylabel = "judge overall grade (1-5), 95% CI" if judged else "minus held-out loss (higher is better)"
     ax.set(xlabel=xlabel, ylabel=ylabel,
-           title=f"{sweep['model']}: quality vs {xlabel.split(' (')[0]}")
+           title=f"{sweep['model']}: quality vs {xlabel.split(' (')[0]} (filled: on the Pareto front)")
     fig.tight_layout()
     return _save(fig, path)
 
