@@ -183,11 +183,11 @@ def plot_pareto(sweep: Mapping, x: str, xlabel: str, path: Path | None = None, l
     """Quality (the judge's overall grade with its 95% interval, or minus the held-out loss without a
     judge) of every sweep trial against a cost; the trials on the Pareto front of this cost are
     joined and filled, the others hollow."""
-    from .sweep import pareto_front, score_of
+    from .sweep import is_judged, pareto_front, score_of
 
     sns.set_theme(style="whitegrid")
     trials = [t for t in sweep["trials"] if score_of(t) is not None and t.get(x) is not None]
-    judged = all(t.get("quality") for t in trials)
+    judged = bool(trials) and all(is_judged(t) for t in trials)
     fig, ax = plt.subplots(figsize=(8, 5))
     front = pareto_front([(t[x], score_of(t)) for t in trials])
     colours = dict(zip(sorted({t["method"] for t in trials}), sns.color_palette("tab10")))

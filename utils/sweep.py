@@ -312,7 +312,8 @@ def train_trial(trial: Trial, cfg: dict, out: Path, log: Callable = print) -> di
         "peak_memory_mb": round(run["peak_private_rss_mb"] - memory_before, 1),
         "peak_process_memory_mb": run["peak_private_rss_mb"],
         "heldout_loss": val[-1]["loss"] if val else None, "heldout_loss_start": val[0]["loss"] if val else None,
-        "quality": None, "grades": [], "judge": (cfg.get("quality") or {}).get("judge"),
+        "quality": {"mean": None, "low": None, "high": None, "n": 0}, "grades": [],  # the worker's judge fills them
+        "judge": (cfg.get("quality") or {}).get("judge"),
         "decode_tokens_per_s": round(n_decode / decode_s, 2), "decode_merged": trial.method not in ("prefix", "prompt"),
         "replies": [{"id": it["id"], "prompt": it["prompt"], "reply": g.text, "truncated": g.truncated,
                      "reference": it.get("reference"), "note": it.get("note")} for it, g in zip(items, replies)],
@@ -468,9 +469,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return front
 
 
+def is_judged(record: dict) -> bool:
+    return bool(record.get("quality")) and record["quality"].get("mean") is not None
+
+
 def score_of(record: dict) -> float | None:
     """What ranks the trials: the judge's mean overall grade, or minus the held-out loss without a judge."""
-    if record.get("quality") and record["quality"].get("mean") is not None:
+    if is_judged(record):
         return record["quality"]["mean"]
     return -record["heldout_loss"] if record.get("heldout_loss") is not None else None
 
@@ -493,11 +498,13 @@ def write_results(cfg: dict, study, out: Path) -> dict:
     """``sweep.json`` from every completed trial in the study (rewritten after each trial)."""
     records, failed = collect(study)
     scored = [r for r in records if score_of(r) is not None]
+    for r in records:
+        r["pareto"] = False
     front = pareto_front([(r["trainable_params"], score_of(r)) for r in scored])
     for r, on in zip(scored, front):
         r["pareto"] = bool(on)
     doc = {"schema": SCHEMA, "model": cfg["model"], "study": cfg.get("study"), "quick": cfg.get("_quick", False),
-           "ranked_by": "judge overall (1-5)" if any(r.get("quality") for r in records) else "held-out loss",
+           "ranked_by": "judge overall (1-5)" if any(is_judged(r) for r in records) else "held-out loss",
            "config": {k: v for k, v in cfg.items() if not k.startswith("_") and k != "quick"},
            "trials": records, "failed": [f for f in failed if f["key"] not in {r["key"] for r in records}]}
     write_json_atomically(out / "sweep.json", doc)
@@ -513,7 +520,7 @@ def verdict(doc: dict) -> list[str]:
     trials = doc["trials"]
     if not trials:
         return ["No trial finished."]
-    judged = [t for t in trials if t.get("quality") and t["quality"].get("mean") is not None]
+    judged = [t for t in trials if is_judged(t)]
     lines = []
     if judged:
         best = max(judged, key=lambda t: t["quality"]["mean"])

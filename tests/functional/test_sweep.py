@@ -85,3 +85,10 @@ def test_a_killed_workers_trial_is_retried_and_two_workers_run_every_trial_once(
     assert full["trainable_params"] == full["total_params"]
     assert all(0 < t["trainable_params"] < full["trainable_params"] for t in doc["trials"] if t is not full)
     assert any(t["pareto"] for t in doc["trials"])
+    for t in doc["trials"]:  # the interface's fields, also without a judge (quality then has n = 0)
+        assert {"method", "r", "targets", "trainable_params", "total_params", "train_seconds", "tokens_per_s",
+                "peak_memory_mb", "heldout_loss", "quality", "decode_tokens_per_s", "pareto"} <= set(t)
+        assert t["quality"] == {"mean": None, "low": None, "high": None, "n": 0}
+        assert t["train_seconds"] > 0 and t["tokens_per_s"] > 0 and t["decode_tokens_per_s"] > 0
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["pareto-memory.png", "pareto-params.png",
+                                                                   "pareto-time.png"]
