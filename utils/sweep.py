@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -292,7 +293,7 @@ def train_trial(trial: Trial, cfg: dict, out: Path, log: Callable = print) -> di
     n_decode = int(cfg.get("decode_tokens", 32))
     ids = generation.prompt_ids(tokenizer, items[0]["history"], fmt)
     generation.time_generation(model, tokenizer, ids, 2)  # warm-up
-    decode_s = generation.time_generation(model, tokenizer, ids, n_decode)
+    decode_s = statistics.median(generation.time_generation(model, tokenizer, ids, n_decode) for _ in range(3))
     del model, result
     gc.collect()
     for checkpoint in folder.glob("checkpoint-*"):  # optimizer state and weights: 1.6 GB for full fine-tuning
