@@ -189,14 +189,17 @@ def plot_pareto(sweep: Mapping, x: str, xlabel: str, path: Path | None = None, l
     trials = [t for t in sweep["trials"] if score_of(t) is not None and t.get(x) is not None]
     judged = bool(trials) and all(is_judged(t) for t in trials)
     fig, ax = plt.subplots(figsize=(8, 5))
-    front = pareto_front([(t[x], score_of(t)) for t in trials])
+    ranked = [t.get("ranked", True) for t in trials]
+    front = [on and r for on, r in zip(pareto_front([(t[x], score_of(t)) if r else (float("inf"), float("-inf"))
+                                                     for t, r in zip(trials, ranked)]), ranked)]
     colours = dict(zip(sorted({t["method"] for t in trials}), sns.color_palette("tab10")))
     for t, on in zip(trials, front):
         y = score_of(t)
         err = [[y - t["quality"]["low"]], [t["quality"]["high"] - y]] if judged else None
         ax.errorbar(t[x], y, yerr=err, fmt="o", color=colours[t["method"]], mfc=colours[t["method"]] if on else "white",
                     capsize=3, ms=7, label=t["method"])
-        ax.annotate(t["key"], (t[x], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        label = t["key"] if t.get("ranked", True) else f"{t['key']} (not ranked)"
+        ax.annotate(label, (t[x], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     on_front = sorted((t[x], score_of(t)) for t, on in zip(trials, front) if on)
     if on_front:
         ax.step([p[0] for p in on_front], [p[1] for p in on_front], where="post", color="grey", lw=1, ls="--",

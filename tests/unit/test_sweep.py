@@ -127,12 +127,16 @@ def test_the_verdict_names_what_the_data_cannot_tell_apart_and_measures_the_99_p
     doc = {"config": {"seed": 0}, "failed": [], "trials": [
         _record("full", "full", 100_000, good, pareto=True),
         _record("lora-r8-default", "lora", 1_000, [5, 4, 4, 5, 5, 4, 5, 4, 4, 5], r=8, pareto=True),
-        _record("prompt-16tok", "prompt", 10, [1, 1, 2, 1, 1, 1, 2, 1, 1, 1], pareto=True),
+        _record("ia3", "ia3", 10, [1, 1, 2, 1, 1, 1, 2, 1, 1, 1], pareto=True),
+        {**_record("prefix-16tok", "prefix", 50, [5] * 10), "ranked": False, "same_as_base": True,
+         "unranked_because": sweep.UNRANKED["prefix"]},
     ]}
     text = " ".join(sweep.verdict(doc))
     assert "Best judged quality: **full**" in text
     assert "not distinguishable from it on this suite: lora-r8-default." in text
-    assert "Below it: prompt-16tok." in text
+    assert "Below it: ia3." in text
+    assert ("Not ranked: prefix-16tok (judged 5.00 [5.00, 5.00], held-out loss 2.000): generate() did not apply "
+            "the learned prefix (replies identical to the base model's) (measured here: identical") in text
     assert "LoRA r=8 on q_proj, v_proj trains 1.00% of the parameters full fine-tuning trains (99.00% fewer)" in text
     # mean 4.5 vs 4.7: 0.96 of full fine-tuning's quality, with a bootstrap interval around it
     assert "reaches 0.96 [" in text
