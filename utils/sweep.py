@@ -265,10 +265,8 @@ def deployable(result, trial: Trial):
     from . import models
 
     if trial.method == "full":
-        model = result.model.eval()
-        from .models import load_tokenizer
-
-        return model, load_tokenizer(result.run["config"]["model"]), models.resolve(result.run["config"]["model"])
+        name = result.run["config"]["model"]
+        return result.model.eval(), models.load_tokenizer(name), models.resolve(name)
     loaded = models.load_finetuned(result.output_dir, merge=trial.method not in ("prefix", "prompt"))
     return loaded.model, loaded.tokenizer, loaded.spec
 

@@ -479,11 +479,10 @@ def _add_lora(cfg: TrainConfig, spec: dict, loaded: models.LoadedModel):
     targets = method_targets(cfg, spec, model)
     fan_in_fan_out = uses_conv1d(model, targets or [])
     slimmed = 0
-    if loaded.info.get("load_in_4bit"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if loaded.info["load_in_8bit"]:
+    if loaded.info["load_in_8bit"] or loaded.info.get("load_in_4bit"):
         # casts norms to fp32; checkpointing is switched on (or not) by the Trainer below
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if loaded.info["load_in_8bit"]:
         # bitsandbytes' CPU training matmul keeps every 8-bit layer's input although the frozen
         # weight needs no gradient; these layers keep nothing (same numbers, see utils/int8.py)
         slimmed = int8.slim_frozen_8bit(model)
