@@ -81,8 +81,18 @@ def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
             raise EvaluationError(f"{path}: prompts[{i}] has no prompt text")
         items.append({"id": f"domain-{cat}-{i}", "category": cat, "prompt": p["prompt"],
                       "history": [{"role": "user", "content": p["prompt"]}], "reference": p.get("reference"),
-                      "note": " ".join(doc["categories"][cat]["rubric"].split())})
+                      "note": rubric_note(doc["categories"][cat])})
     return items
+
+
+def rubric_note(category: dict) -> str:
+    return " ".join(category["rubric"].split())
+
+
+def category_notes(path: Path = DOMAIN_SUITE) -> dict[str, str]:
+    """Each domain-suite category's rubric line, as the judge is given it."""
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return {name: rubric_note(cat) for name, cat in doc["categories"].items()}
 
 
 def pick_examples(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
@@ -168,15 +178,33 @@ def summary(result: dict) -> str:
     """What this evaluation showed (markdown): the verdicts first, then how far the judge can be
     trusted on replies of known rank."""
     lines = [f"- {v}" for v in result["verdicts"]] or ["- One model variant only: nothing to compare."]
-    v = result.get("validity")
-    if v:
-        shares = ", ".join(f"{g} {100 * v['shares'][g]['share']:.0f}%" for g in ("relevance", "coherence", "overall"))
-        lines.append(f"- The judge ranks known-order replies right: {shares} of pairs "
-                     f"(good vs fluent-but-wrong {100 * v['shares']['good_vs_wrong']['share']:.0f}%).")
+    for key, how in VALIDITY_VIEWS.items():
+        v = result.get(key)
+        if v:
+            shares = ", ".join(f"{g} {100 * v['shares'][g]['share']:.0f}%"
+                               for g in ("relevance", "coherence", "overall"))
+            lines.append(f"- The judge ranks known-order replies right ({how}): {shares} of pairs "
+                         f"(good vs fluent-but-wrong {100 * v['shares']['good_vs_wrong']['share']:.0f}%).")
     n = next(iter(result["summary"].values()))["words"]["n"] if result["summary"] else 0
     lines.append(f"- {n} prompts per model ({', '.join(f'{k} {c}' for c, k in result['categories'].items())}); "
                  "differences whose interval includes 0 are not differences.")
     return "\n".join(lines)
+
+
+# The validity ladder graded as each part of the suite is graded: test-split prompts without a
+# rubric line ("validity"), domain-suite prompts with their category's line ("validity_notes").
+VALIDITY_VIEWS = {"validity": "graded as the test split is, no rubric line",
+                  "validity_notes": "graded as the domain suite is, with each category's rubric line"}
+
+
+def validity_needed(suite: str) -> dict[str, bool]:
+    """Which ladder views a suite's grades need: result key -> grade with notes."""
+    out = {}
+    if suite in ("both", "test"):
+        out["validity"] = False
+    if suite in ("both", "domain"):
+        out["validity_notes"] = True
+    return out
 
 
 def check_judge(cfg: EvalConfig) -> list[str]:
@@ -204,19 +232,24 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True) -> dict:
+def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False) -> dict:
     """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
-    compared in both orders), cached per judge fingerprint (weights, dtype, prompts) and ladder."""
+    compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
+    instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
+    prompts), ladder and suite rubric."""
     from . import validity
 
-    ladder_hash = hashlib.sha256(validity.LADDER.read_bytes()).hexdigest()[:16]
-    cache = (
-        (cache_root or models.cache_dir()) / "validity" / f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}.json"
-    )
+    parts = [validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else [])
+    ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+    name = f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
+    cache = (cache_root or models.cache_dir()) / "validity" / name
     if cache.exists():
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    result = validity.run(validity.judge_scorer(judge), pair_fn=validity.judge_pairs(judge) if pairwise else None)
+    rubric = category_notes() if notes else None
+    result = validity.run(validity.judge_scorer(judge, rubric),
+                          pair_fn=validity.judge_pairs(judge, rubric) if pairwise else None)
+    result["notes"] = bool(notes)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu")}, "timing": judge.timing_summary()}
     write_json_atomically(cache, result)
@@ -321,7 +354,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     by_category = {name: {c: {m: metrics.bootstrap_ci([r.get(m) for r in rows if r["category"] == c], seed=cfg.seed)
                               for m in metrics.GRADES + ("words",)} for c in categories(items)}
                    for name, rows in per_example.items()}
-    validity_result = validity_cached(judge) if judge is not None and cfg.validity else None
+    validity_results = ({key: validity_cached(judge, notes=notes) for key, notes in validity_needed(cfg.suite).items()}
+                        if judge is not None and cfg.validity else {})
 
     result = {
         "schema": 2,
@@ -343,7 +377,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "judge": ({**judge.info, "timing": judge.timing_summary(),
                    "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_call"]} if judge else None),
         "judge_is_compared": judged_self,
-        "validity": {k: v for k, v in validity_result.items() if k != "rows"} if validity_result else None,
+        **{key: ({k: v for k, v in validity_results[key].items() if k != "rows"} if key in validity_results else None)
+           for key in VALIDITY_VIEWS},
     }
     samples = [{"id": it["id"], "category": it["category"], "prompt": it["prompt"], "reference": it["reference"],
                 **{name: per_example[name][i]["reply"] for name in per_example},
@@ -357,8 +392,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         write_json_atomically(report_dir / "evaluation.json", result)
         write_text_atomically(report_dir / "samples.jsonl",
                               "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        if validity_result:
-            write_json_atomically(report_dir / "validity.json", validity_result)
+        for key, v in validity_results.items():
+            write_json_atomically(report_dir / f"{key}.json", v)
     return result
 
 

@@ -161,7 +161,12 @@ PAIR_SYSTEM = ("You compare two replies written by AI assistants to the same use
                "one. Do not prefer a reply because of its position or its length.")
 PAIR_QUESTION = "Which reply is better, A or B? Answer with the letter only."
 
-MAX_PROMPT_CHARS, MAX_REPLY_CHARS = 1500, 2000
+MAX_PROMPT_CHARS, MAX_REPLY_CHARS, MAX_NOTE_CHARS = 1500, 2000, 500
+# A category's rubric line goes into the grading instructions, never between the question and the
+# answer: any extra line there (a reference answer or a rubric line) made the judge grade that line
+# instead of the reply. On the validity ladder the question echoed back got 4.2-4.4 of 5 for overall
+# with a rubric line or a reference in the user turn, 1.1 without (measured with this judge, fp32).
+NOTE_LEAD = "For this kind of message, a good reply:"
 
 
 class JudgeError(ValueError):
@@ -185,15 +190,9 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " [...]"
 
 
-def reply_block(prompt: str, reply: str, reference: str | None = None, note: str | None = None) -> str:
-    """The user turn the judge grades: the message, optional reference and note, and the reply."""
-    text = f"Question: {_clip(prompt, MAX_PROMPT_CHARS)}\n"
-    if reference:
-        text += "Reference answer (one good answer; other correct answers are fine too): "
-        text += f"{_clip(reference, MAX_REPLY_CHARS)}\n"
-    if note:
-        text += f"A good reply to this kind of message: {note}\n"
-    return text + f"Answer: {_clip(reply, MAX_REPLY_CHARS)}"
+def reply_block(prompt: str, reply: str) -> str:
+    """The user turn the judge grades: the question and the answer, nothing between them."""
+    return f"Question: {_clip(prompt, MAX_PROMPT_CHARS)}\nAnswer: {_clip(reply, MAX_REPLY_CHARS)}"
 
 
 def pair_block(prompt: str, first: str, second: str, note: str | None = None) -> str:
@@ -230,6 +229,7 @@ class LLMJudge:
         self.grade_ids = [self._single_token(str(g)) for g in range(1, 6)]
         self.letter_ids = [self._single_token(c) for c in "AB"]
         self._grade_prefix = self._prefix(self.grade_messages())
+        self._note_prefixes: dict[str, dict] = {}
         self._coherence_prefix = self._prefix(self.coherence_messages())
         self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
         self.timing = {"grade": Timing(), "pair": Timing()}
@@ -250,11 +250,13 @@ class LLMJudge:
         from . import chat
 
         marker = "\x00CONTENT\x00"
-        if self.fmt != "template":  # plain format: no system role, it goes in front of the first turn
-            messages = [dict(m) for m in messages if m["role"] != "system"]
-            if messages:
-                messages[0]["content"] = f"{SYSTEM}\n\n{messages[0]['content']}"
-        text = chat.prompt_text(messages + [{"role": "user", "content": marker}], self.tokenizer, self.fmt)
+        messages = [dict(m) for m in messages] + [{"role": "user", "content": marker}]
+        if self.fmt != "template":  # plain format: no system role, its text goes in front of the first turn
+            system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+            messages = [m for m in messages if m["role"] != "system"]
+            if system:
+                messages[0]["content"] = f"{system}\n\n{messages[0]['content']}"
+        text = chat.prompt_text(messages, self.tokenizer, self.fmt)
         head, tail = text.split(marker)
         return head, tail
 
@@ -269,8 +271,9 @@ class LLMJudge:
         return {"ids": head_ids, "cache": out.cache, "tail": tail}
 
     @staticmethod
-    def grade_messages() -> list[dict]:
-        msgs = [{"role": "system", "content": SYSTEM}]
+    def grade_messages(note: str | None = None) -> list[dict]:
+        """The grading prefix: instructions (with a category's rubric line, if any) and the examples."""
+        msgs = [{"role": "system", "content": SYSTEM + (f"\n{NOTE_LEAD} {note}" if note else "")}]
         for q, a, *grades in EXAMPLES:
             by = dict(zip(GRADED, grades))
             msgs += [{"role": "user", "content": reply_block(q, a)},
@@ -294,9 +297,10 @@ class LLMJudge:
             logits = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
         return torch.softmax(logits[0, -1, list(option_ids)].float(), -1)
 
-    def grade(self, prompt: str, reply: str, reference: str | None = None, note: str | None = None) -> dict:
-        """Expected grade 1-5 per criterion (and the probability of each grade). An empty reply
-        gets 1 on every criterion without asking the judge."""
+    def grade(self, prompt: str, reply: str, note: str | None = None) -> dict:
+        """Expected grade 1-5 per criterion (and the probability of each grade); ``note`` is a
+        category's rubric line. A reference answer is not shown to the judge (see ``NOTE_LEAD``):
+        the reference metrics use it. An empty reply gets 1 on every criterion without asking the judge."""
         import torch
 
         if not reply.strip():
@@ -316,17 +320,23 @@ class LLMJudge:
         prefix = self._coherence_prefix
         written = read("coherence", self._encode(f"Text: {_clip(reply, MAX_REPLY_CHARS)}" + prefix["tail"] + "Grade: "),
                        copy.deepcopy(prefix["cache"]))
-        prefix = self._grade_prefix
+        prefix = self._grade_prefix_for(note)
         cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(
-            reply_block(prompt, reply, reference, note) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: "
-        )
+        feed = self._encode(reply_block(prompt, reply) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
         for criterion in CRITERIA[1:]:
             feed += self._encode(f"{written}\n{criterion.capitalize()}: ")
             written = read(criterion, feed, cache)
             feed = []
         out["judge_seconds"] = self._account("grade", start, tokens)
         return out
+
+    def _grade_prefix_for(self, note: str | None) -> dict:
+        """The grading prefix with ``note`` in the instructions (computed once per note and kept)."""
+        if not note:
+            return self._grade_prefix
+        if note not in self._note_prefixes:
+            self._note_prefixes[note] = self._prefix(self.grade_messages(_clip(note, MAX_NOTE_CHARS)))
+        return self._note_prefixes[note]
 
     def prefer(self, prompt: str, first: str, second: str, note: str | None = None) -> float:
         """Probability (the judge's) that ``first`` is the better reply, shown in the order first, second."""
@@ -370,7 +380,8 @@ class LLMJudge:
         import json
 
         src = json.dumps([self.info.get("gguf_sha256") or self.info.get("weights"), self.dtype, SYSTEM, EXAMPLES,
-                          CRITERIA, COHERENCE_SYSTEM, COHERENCE_EXAMPLES, PAIR_SYSTEM, PAIR_QUESTION, self.fmt],
+                          CRITERIA, COHERENCE_SYSTEM, COHERENCE_EXAMPLES, PAIR_SYSTEM, PAIR_QUESTION, NOTE_LEAD,
+                          self.fmt],
                          sort_keys=True)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
 

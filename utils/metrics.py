@@ -5,7 +5,9 @@ grade 1-5 under the judge's probabilities of "1".."5" after its rubric (one pass
 - ``relevance``: does the reply address what was asked (evasive, echoed or off-topic replies score low);
 - ``coherence``: is it well-formed, followable text (scrambled or looping text scores low);
 - ``overall``: correct, safe, helpful, on topic and well written (factual errors or unsafe advice cap it at 2).
-Where a reference answer exists the judge sees it; a category's rubric line (the domain suite) too.
+A category's rubric line (the domain suite) goes into the judge's instructions. A reference answer
+is not shown to the judge: this judge did not use one to check facts, and a reference (or any line)
+between question and answer made it grade that line: an echoed question rose from 1.1 to 4.3 of 5.
 An empty reply gets 1 on every grade without asking the judge.
 
 Cheap signals (never mixed into the grades):
@@ -142,7 +144,7 @@ class Scorer:
             cut = list(truncated) if truncated is not None else [False] * n
             for i in items:
                 judged = complete_part(replies[i]) if cut[i] else replies[i]
-                rows[i].update(self.judge.grade(prompts[i], judged, references[i], notes[i]), truncated=cut[i])
+                rows[i].update(self.judge.grade(prompts[i], judged, notes[i]), truncated=cut[i])
         return rows
 
 

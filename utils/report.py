@@ -111,7 +111,8 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         out["judge_model"] = evaluation["judge_model"]
         out["judge"] = evaluation.get("judge")
         out["judge_is_compared"] = evaluation.get("judge_is_compared", [])
-        out["validity"] = evaluation.get("validity")
+        for key in ("validity", "validity_notes"):
+            out[key] = evaluation.get(key)
         out["dtype"] = evaluation.get("dtype")
         out["dtype_probe"] = evaluation.get("dtype_probe")
 
@@ -378,29 +379,37 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
                 for k, d in m["grade_differences"].items()]
         parts += ["<h3>Paired grade differences (first minus second)</h3>",
                   _table(["comparison", "overall", "relevance", "coherence", "words"], rows)]
-    v = m.get("validity")
-    if v:
-        sh = v["shares"]
-        rows = [[g, f"{100 * sh[g]['share']:.0f}%", sh[g]["n"], "yes" if sh[g]["share"] >= v["target"] else "no"]
-                for g in ("relevance", "coherence", "overall")]
-        gw = sh["good_vs_wrong"]
-        rows.append(["overall: good vs fluent-but-wrong", f"{100 * gw['share']:.0f}%", gw["n"],
-                     "yes" if gw["share"] >= v["target"] else "no"])
-        if v.get("pairwise"):
-            p = v["pairwise"]
-            rows.append(["pairwise: good vs fluent-but-wrong (both orders agree)", f"{100 * p['share']:.0f}%", p["n"],
-                         "yes" if p["share"] >= v["target"] else "no"])
-        tiers = v["tier_means"]
-        parts += ["<h2>Score validity</h2>",
-                  f"<p>The validity ladder ({v['prompts']} prompts, {v['replies']} replies of known rank: "
-                  "good, terse, evasive, fluent-but-wrong, on-topic non-answer, echoed prompt, another question's "
-                  "answer, shuffled, looped, empty) scored by the same judge. Share of known-order pairs ranked "
-                  f"strictly right; target {100 * v['target']:.0f}%.</p>",
-                  _table(["score", "ranked right", "pairs", "meets target"], rows),
-                  _table(["tier", "overall", "relevance", "coherence"],
-                         [[t, _fmt(s.get("overall"), 2), _fmt(s.get("relevance"), 2), _fmt(s.get("coherence"), 2)]
-                          for t, s in tiers.items()])]
-    return parts
+    return parts + _validity_html(m)
+
+
+def _validity_html(m: dict) -> list[str]:
+    """One "Score validity" section per way the ladder was graded (without and with rubric lines)."""
+    from .evaluation import VALIDITY_VIEWS
+
+    return [part for key, how in VALIDITY_VIEWS.items() if m.get(key) for part in _validity_section(m[key], how)]
+
+
+def _validity_section(v: dict, how: str) -> list[str]:
+    sh = v["shares"]
+    rows = [[g, f"{100 * sh[g]['share']:.0f}%", sh[g]["n"], "yes" if sh[g]["share"] >= v["target"] else "no"]
+            for g in ("relevance", "coherence", "overall")]
+    gw = sh["good_vs_wrong"]
+    rows.append(["overall: good vs fluent-but-wrong", f"{100 * gw['share']:.0f}%", gw["n"],
+                 "yes" if gw["share"] >= v["target"] else "no"])
+    if v.get("pairwise"):
+        p = v["pairwise"]
+        rows.append(["pairwise: good vs fluent-but-wrong (both orders agree)", f"{100 * p['share']:.0f}%", p["n"],
+                     "yes" if p["share"] >= v["target"] else "no"])
+    tiers = v["tier_means"]
+    return [f"<h2>Score validity ({html.escape(how)})</h2>",
+            f"<p>The validity ladder ({v['prompts']} prompts, {v['replies']} replies of known rank: "
+            "good, terse, evasive, fluent-but-wrong, on-topic non-answer, echoed prompt, another question's "
+            "answer, shuffled, looped, empty) scored by the same judge. Share of known-order pairs ranked "
+            f"strictly right; target {100 * v['target']:.0f}%.</p>",
+            _table(["score", "ranked right", "pairs", "meets target"], rows),
+            _table(["tier", "overall", "relevance", "coherence"],
+                   [[t, _fmt(s.get("overall"), 2), _fmt(s.get("relevance"), 2), _fmt(s.get("coherence"), 2)]
+                    for t, s in tiers.items()])]
 
 
 def build_report(run_dir: Path, ratings_db: Path | None = None) -> Path:

@@ -351,7 +351,7 @@ def run_trial(trial: Trial, cfg: dict, out: Path, judge: _Judge) -> dict:
     scorer = judge.get()
     if scorer is not None:
         record["grades"] = [  # a reply cut by max_new_tokens is graded up to its last complete sentence
-            scorer.grade(r["prompt"], complete_part(r["reply"]) if r["truncated"] else r["reply"], r.get("reference"),
+            scorer.grade(r["prompt"], complete_part(r["reply"]) if r["truncated"] else r["reply"],
                          r.get("note"))["overall"] for r in record["replies"]]
         record["quality"] = metrics.bootstrap_ci(record["grades"], seed=cfg.get("seed", 42))
         record["judge_info"] = {k: scorer.info[k] for k in ("model", "dtype")}

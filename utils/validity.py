@@ -8,6 +8,7 @@ the score cannot tell them apart.
 
     python -m utils.validity                       # the judge on the ladder, shares to stdout
     python -m utils.validity --out reports/validity.json
+    python -m utils.validity --notes --pairwise     # with the domain suite's category rubric lines
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def ladder(path: Path = LADDER) -> list[dict]:
         other = prompts[(i + len(prompts) // 2) % len(prompts)]  # a far-away prompt's good answer
         replies = {**{t: p[t] for t in WRITTEN}, "echo": p["prompt"], "off_topic": other["good"],
                    "shuffled": shuffled(p["good"], seed=i), "looped": looped(p["good"]), "empty": ""}
-        rows += [{"id": p["id"], "prompt": p["prompt"], "tier": t, "reply": replies[t]} for t in TIERS]
+        rows += [{"id": p["id"], "prompt": p["prompt"], "category": p.get("category"), "tier": t, "reply": replies[t]}
+                 for t in TIERS]
     return rows
 
 
@@ -139,20 +141,35 @@ def run(score_fn: Callable[[list[dict]], list[dict]], path: Path = LADDER,
     return result
 
 
-def judge_scorer(judge) -> Callable[[list[dict]], list[dict]]:
+def rubric_for(row: dict, notes: dict[str, str] | None) -> str | None:
+    """The category rubric line for ``row`` (None when ``notes`` is None)."""
+    if notes is None:
+        return None
+    if row.get("category") not in notes:
+        raise LadderError(f"ladder prompt {row['id']!r} has category {row.get('category')!r}; grading with notes "
+                          f"needs one of {sorted(notes)} (data/eval/domain_suite.yaml)")
+    return notes[row["category"]]
+
+
+def judge_scorer(judge, notes: dict[str, str] | None = None) -> Callable[[list[dict]], list[dict]]:
+    """Grades by ``judge``; with ``notes`` (category -> rubric line) each reply is graded with its
+    prompt's category line, as the evaluation grades the domain suite."""
     from tqdm.auto import tqdm
 
     def score(rows):
-        return [judge.grade(r["prompt"], r["reply"]) for r in tqdm(rows, desc="validity ladder")]
+        for r in rows:
+            rubric_for(r, notes)  # a missing category stops before any grading
+        return [judge.grade(r["prompt"], r["reply"], rubric_for(r, notes)) for r in tqdm(rows, desc="validity ladder")]
 
     return score
 
 
-def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+def judge_pairs(judge, notes: dict[str, str] | None = None) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
     from tqdm.auto import tqdm
 
     def compare(pairs):
-        return [judge.compare(a["prompt"], a["reply"], b["reply"]) for a, b in tqdm(pairs, desc="validity pairs")]
+        return [judge.compare(a["prompt"], a["reply"], b["reply"], rubric_for(a, notes))
+                for a, b in tqdm(pairs, desc="validity pairs")]
 
     return compare
 
@@ -166,15 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ladder", default=str(LADDER))
     ap.add_argument("--out")
     ap.add_argument("--pairwise", action="store_true", help="also compare good vs fluent-but-wrong pairwise")
+    ap.add_argument("--notes", action="store_true",
+                    help="grade with each prompt's category rubric line (as the domain suite is graded)")
     args = ap.parse_args(argv)
     try:
         judge = J.LLMJudge(args.judge, dtype=args.dtype)
         if Path(args.ladder).resolve() == LADDER.resolve():  # the evaluation's cache: computed once per judge
             from .evaluation import validity_cached
 
-            result = validity_cached(judge, pairwise=args.pairwise)
+            result = validity_cached(judge, pairwise=args.pairwise, notes=args.notes)
         else:
-            result = run(judge_scorer(judge), Path(args.ladder), judge_pairs(judge) if args.pairwise else None)
+            from .evaluation import category_notes
+
+            rubric = category_notes() if args.notes else None
+            result = run(judge_scorer(judge, rubric), Path(args.ladder),
+                         judge_pairs(judge, rubric) if args.pairwise else None)
     except (LadderError, J.JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -74,3 +74,18 @@ def test_score_command_on_the_real_judge(judge, tmp_path):
     assert out[0]["overall"] > out[1]["overall"] + 1
     assert all(1 <= r[g] <= 5 for r in out for g in metrics.GRADES)
     assert "rouge_l" in out[1] and "rouge_l" not in out[0]
+
+
+def test_a_category_rubric_line_does_not_lift_an_echoed_question(judge):
+    # the domain suite is graded with its category's rubric line; placed between question and answer
+    # that line made this judge grade it instead of the reply (an echoed question: 4.2-4.4 of 5)
+    notes = evaluation.category_notes()
+    rows = validity.ladder()
+    ids = list(dict.fromkeys(r["id"] for r in rows))[:8]
+    by = {(r["id"], r["tier"]): judge.grade(r["prompt"], r["reply"], notes[r["category"]])
+          for r in rows if r["id"] in ids and r["tier"] in ("good", "echo")}
+    assert len(by) == 16
+    for i in ids:
+        good, echo = by[(i, "good")], by[(i, "echo")]
+        assert echo["overall"] < 2 < good["overall"] - 2, (i, echo["overall"], good["overall"])
+        assert echo["relevance"] < good["relevance"] - 1.5, (i, echo["relevance"], good["relevance"])

@@ -282,3 +282,33 @@ def test_a_reply_stopped_by_the_length_cap_is_marked_truncated(setup, monkeypatc
     convs = [[{"role": "user", "content": "same length a"}], [{"role": "user", "content": "same length b"}]]
     out = generation.generate_batch(loaded.model, tok, convs, "plain", max_new_tokens=4, batch_size=2, progress=False)
     assert [(g.new_tokens, g.truncated) for g in out] == [(2, False), (4, True)]
+
+
+def test_the_ladder_is_graded_the_way_each_part_of_the_suite_is():
+    from html import escape
+
+    from utils import report, validity as V
+
+    assert evaluation.validity_needed("both") == {"validity": False, "validity_notes": True}
+    assert evaluation.validity_needed("test") == {"validity": False}
+    assert evaluation.validity_needed("domain") == {"validity_notes": True}
+
+    def fake_ladder(rank_echo_high):
+        def score(rows):
+            return [{g: (5.0 if r["tier"] == "echo" and rank_echo_high else 4.0 if r["tier"] == "good" else 2.0)
+                     for g in ("relevance", "coherence", "overall")} for r in rows]
+        return V.run(score)
+
+    plain, noted = fake_ladder(False), fake_ladder(True)
+    result = {"verdicts": [], "summary": {}, "categories": {}, "validity": plain, "validity_notes": noted}
+    text = evaluation.summary(result)
+    for key, how in evaluation.VALIDITY_VIEWS.items():
+        assert how in text
+        rel = 100 * result[key]["shares"]["relevance"]["share"]
+        assert f"({how}): relevance {rel:.0f}%" in text
+    assert plain["shares"]["relevance"]["share"] > noted["shares"]["relevance"]["share"]
+    html = "".join(report._validity_html({"validity": plain, "validity_notes": noted}))
+    assert html.count("<h2>Score validity") == 2
+    assert escape(evaluation.VALIDITY_VIEWS["validity_notes"]) in html
+    only_suite = "".join(report._validity_html({"validity": None, "validity_notes": noted}))
+    assert only_suite.count("<h2>Score validity") == 1

@@ -45,7 +45,7 @@ def test_cached_prefix_and_chained_lines_equal_full_passes(tiny_judge):
 
 
 def test_grade_is_the_expectation_over_the_five_grades(tiny_judge):
-    g = tiny_judge.grade("say cat", "cat cat cat", reference="cat", note="be brief")
+    g = tiny_judge.grade("say cat", "cat cat cat", note="be brief")
     for c in J.CRITERIA:
         probs = g[f"{c}_probs"]
         assert sum(probs) == pytest.approx(1, abs=1e-3)
@@ -55,10 +55,20 @@ def test_grade_is_the_expectation_over_the_five_grades(tiny_judge):
     assert tiny_judge.timing_summary()["grade"]["calls"] >= 1
 
 
-def test_reference_and_note_reach_the_judge():
-    block = J.reply_block("q?", "a.", reference="the ref", note="be kind")
-    assert block.index("q?") < block.index("the ref") < block.index("be kind") < block.index("Answer: a.")
-    assert "Reference" not in J.reply_block("q?", "a.")
+def test_note_goes_into_the_instructions_and_nothing_sits_between_question_and_answer(tiny_judge):
+    # an extra line between question and answer made the real judge grade that line (an echoed
+    # question: 1.1 -> 4.3 of 5); the note goes into the instructions, in a prefix of its own
+    assert J.reply_block("q?", "a.") == "Question: q?\nAnswer: a."
+    with_note = tiny_judge._grade_prefix_for("be kind")
+    assert with_note is tiny_judge._grade_prefix_for("be kind")  # computed once per note
+    assert tiny_judge._grade_prefix_for(None) is tiny_judge._grade_prefix
+    text = tiny_judge.tokenizer.decode(with_note["ids"])
+    assert f"{J.NOTE_LEAD} be kind" in text and "be kind" not in tiny_judge.tokenizer.decode(
+        tiny_judge._grade_prefix["ids"])
+    assert text.index("be kind") < text.index(J.EXAMPLES[0][0])  # before the examples
+    plain, kind = tiny_judge.grade("say cat", "cat cat"), tiny_judge.grade("say cat", "cat cat", note="be kind")
+    assert plain["coherence"] == kind["coherence"]  # the note reaches relevance and overall only
+    assert (plain["relevance"], plain["overall"]) != (kind["relevance"], kind["overall"])
 
 
 def test_examples_are_on_prompts_outside_the_ladder_and_the_suite():
@@ -126,7 +136,7 @@ def test_dtype_choice_follows_the_cpu(monkeypatch):
 
 def test_coherence_is_graded_on_the_reply_alone(tiny_judge):
     a = tiny_judge.grade("say cat", "cat cat cat")
-    b = tiny_judge.grade("tell me about the weather in a long sentence", "cat cat cat", reference="sunny")
+    b = tiny_judge.grade("tell me about the weather in a long sentence", "cat cat cat", note="sunny")
     assert a["coherence"] == b["coherence"] and a["coherence_probs"] == b["coherence_probs"]
     assert (a["relevance"], a["overall"]) != (b["relevance"], b["overall"])  # the question reaches the other two
 
@@ -156,3 +166,15 @@ def test_the_scorer_shows_the_judge_only_the_complete_part_of_a_truncated_reply(
     rows = Scorer(None, Recorder()).score(["q", "q"], ["Done. And th", "Done. And th"], truncated=[True, False])
     assert seen == ["Done.", "Done. And th"]
     assert [r["truncated"] for r in rows] == [True, False] and rows[0]["words"] == 3  # the cheap signals see it all
+
+
+def test_each_pass_keeps_its_own_instructions_in_the_plain_format(tiny_judge):
+    # a model without a chat template has no system role: each prefix's own instructions go in
+    # front of its first turn (the coherence and pairwise passes once got the grading instructions,
+    # and the pairwise pass, which has no example turns, none at all)
+    assert tiny_judge.fmt == "plain"
+    decode = tiny_judge.tokenizer.decode
+    assert J.COHERENCE_SYSTEM[:60] in decode(tiny_judge._coherence_prefix["ids"])
+    assert J.SYSTEM[:60] not in decode(tiny_judge._coherence_prefix["ids"])
+    assert J.PAIR_SYSTEM[:60] in decode(tiny_judge._pair_prefix["ids"])
+    assert J.SYSTEM[:60] in decode(tiny_judge._grade_prefix["ids"])

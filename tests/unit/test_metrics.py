@@ -65,10 +65,9 @@ def test_paired_difference():
 class FakeJudge:
     """Grades by reply length, so the test can check where each grade lands."""
 
-    def grade(self, prompt, reply, reference=None, note=None):
+    def grade(self, prompt, reply, note=None):
         g = min(5.0, 1.0 + len(reply.split()))
-        return {"relevance": g, "coherence": g, "overall": g, "judge_seconds": 0.0,
-                "seen_reference": reference, "seen_note": note}
+        return {"relevance": g, "coherence": g, "overall": g, "judge_seconds": 0.0, "seen_note": note}
 
 
 def test_scorer_keeps_cheap_signals_apart_from_grades():
@@ -77,7 +76,9 @@ def test_scorer_keeps_cheap_signals_apart_from_grades():
     assert rows[0]["overall"] == 3 and rows[1]["overall"] == 5
     assert rows[0]["rouge_l"] == 1 and "rouge_l" not in rows[1]  # reference metrics only where a reference exists
     assert rows[1]["distinct_2"] == pytest.approx(1 / 3)
-    assert rows[0]["seen_reference"] == "one two" and rows[1]["seen_note"] == "be kind"
+    # the note reaches the judge; the reference feeds the reference metrics only (shown to this judge it was
+    # graded in place of the reply)
+    assert rows[0]["seen_note"] is None and rows[1]["seen_note"] == "be kind"
     no_judge = metrics.Scorer(None, None).score(["q"], ["r"])
     assert "overall" not in no_judge[0] and no_judge[0]["words"] == 1
 

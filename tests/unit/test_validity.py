@@ -47,3 +47,45 @@ def test_missing_reply_in_the_ladder_is_named(tmp_path):
     path.write_text("prompts:\n- {id: x, prompt: hi, good: a, terse: b, evasive: c, wrong: d}\n")
     with pytest.raises(V.LadderError, match=r"prompts\[0\] \(x\) lacks \['topical'\]"):
         V.ladder(path)
+
+
+class RecordingJudge:
+    """Records what each grade and comparison was given."""
+
+    def __init__(self):
+        self.notes, self.pair_notes = [], []
+
+    def grade(self, prompt, reply, note=None):
+        self.notes.append(note)
+        return {"relevance": 3.0, "coherence": 3.0, "overall": 3.0}
+
+    def compare(self, prompt, a, b, note=None):
+        self.pair_notes.append(note)
+        return {"verdict": "A", "p_a": 0.9}
+
+
+def test_with_notes_each_reply_is_graded_with_its_category_rubric_line():
+    from utils.evaluation import category_notes, load_domain_suite
+
+    notes = category_notes()
+    assert set(notes) == {it["category"] for it in load_domain_suite()}
+    assert {notes[it["category"]] for it in load_domain_suite()} == {it["note"] for it in load_domain_suite()}
+    rows = V.ladder()
+    assert all(r["category"] in notes for r in rows)  # every ladder prompt names a suite category
+    judge = RecordingJudge()
+    V.run(V.judge_scorer(judge, notes), pair_fn=V.judge_pairs(judge, notes))
+    assert judge.notes == [notes[r["category"]] for r in rows]
+    assert len(judge.pair_notes) == len({r["id"] for r in rows}) and None not in judge.pair_notes
+    plain = RecordingJudge()
+    V.run(V.judge_scorer(plain))
+    assert set(plain.notes) == {None}
+
+
+def test_grading_with_notes_needs_a_known_category_before_any_grade(tmp_path):
+    path = tmp_path / "ladder.yaml"
+    path.write_text("prompts:\n- {id: x, category: cooking, prompt: hi, good: a, terse: b, evasive: c, wrong: d, "
+                    "topical: e}\n")
+    judge = RecordingJudge()
+    with pytest.raises(V.LadderError, match=r"'x' has category 'cooking'; grading with notes needs one of"):
+        V.run(V.judge_scorer(judge, {"factual": "be right"}), path)
+    assert judge.notes == []
