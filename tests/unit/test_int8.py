@@ -100,3 +100,48 @@ def test_patching_twice_is_a_no_op(tiny_8bit):
     model = copy.deepcopy(tiny_8bit)
     first = int8.slim_frozen_8bit(model)
     assert first > 0 and int8.slim_frozen_8bit(model) == 0
+
+
+def test_int8_embedding_rows_are_within_half_a_step_and_keep_a_post_lookup_scale():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 16)
+    table.weight.data[3] *= 40  # rows of very different size: each has its own scale
+    q = int8.Int8Embedding(table)
+    assert q.weight.dtype == torch.int8 and not q.weight.requires_grad
+    ids = torch.tensor([[0, 3, 49], [7, 7, 1]])
+    exact = table(ids).detach()
+    step = (table.weight.abs().amax(dim=1) / 127)[ids].unsqueeze(-1)
+    assert ((q(ids) - exact).abs() <= step / 2 + 1e-6).all()
+    assert (q(ids) - exact).abs().max() > 0  # it really is rounded
+
+    class Scaled(torch.nn.Embedding):  # Gemma multiplies looked-up rows by sqrt(hidden size)
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.embed_scale = torch.tensor(4.0)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    scaled = Scaled(50, 16)
+    scaled.weight.data.copy_(table.weight.data)
+    torch.testing.assert_close(int8.Int8Embedding(scaled)(ids), 4.0 * q(ids))
+
+
+def test_8bit_load_quantises_an_untied_output_layer_and_input_table(tmp_path, tiny_8bit):
+    from bitsandbytes.nn import Linear8bitLt
+
+    assert isinstance(tiny_8bit.get_input_embeddings(), int8.Int8Embedding)
+    assert isinstance(tiny_8bit.get_output_embeddings(), Linear8bitLt)
+    fp32 = models.load_model(str(save_tiny_model(tmp_path / "llama", "llama")))
+    assert fp32.info["total_params"] == sum(p.numel() for p in tiny_8bit.parameters())  # counts unchanged
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = fp32.model(input_ids=ids).logits, tiny_8bit(input_ids=ids).logits
+    assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.99
+    # a LoRA step through the int8 table and output layer: gradients reach the adapters
+    model = _peft(_lora(tiny_8bit), slim=True)
+    loss, grads, _ = _step(model, ids)
+    assert torch.isfinite(loss) and all(g.abs().sum() > 0 for g in grads.values())
+    # a tied table is the output layer too: it stays a plain fp32 embedding
+    tied = models.load_model(str(save_tiny_model(tmp_path / "gpt2", "gpt2")), load_in_8bit=True)
+    assert type(tied.model.get_input_embeddings()) is torch.nn.Embedding and not tied.info["int8_embedding"]
