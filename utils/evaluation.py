@@ -248,7 +248,7 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
     start = time.perf_counter()
     rubric = category_notes() if notes else None
     result = validity.run(validity.judge_scorer(judge, rubric),
-                          pair_fn=validity.judge_pairs(judge, rubric) if pairwise else None)
+                          pair_fn=validity.judge_pairs(judge) if pairwise else None)
     result["notes"] = bool(notes)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu")}, "timing": judge.timing_summary()}
@@ -334,10 +334,9 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     if judge is not None and cfg.pairwise:
         for a, b in pairs:
             verdicts = [
-                judge.compare(p, x["reply"], y["reply"], n)
-                for p, n, x, y in tqdm(
-                    list(zip(prompts, notes, per_example[a], per_example[b])), desc=f"{a} vs {b}", leave=False
-                )
+                judge.compare(p, x["reply"], y["reply"])  # no rubric line: see judge.NOTE_LEAD
+                for p, x, y in tqdm(list(zip(prompts, per_example[a], per_example[b])), desc=f"{a} vs {b}",
+                                    leave=False)
             ]
             pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed),
                                        "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, items)
@@ -354,8 +353,10 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     by_category = {name: {c: {m: metrics.bootstrap_ci([r.get(m) for r in rows if r["category"] == c], seed=cfg.seed)
                               for m in metrics.GRADES + ("words",)} for c in categories(items)}
                    for name, rows in per_example.items()}
-    validity_results = ({key: validity_cached(judge, notes=notes) for key, notes in validity_needed(cfg.suite).items()}
-                        if judge is not None and cfg.validity else {})
+    needed = validity_needed(cfg.suite) if judge is not None and cfg.validity else {}
+    # pairwise verdicts never see a rubric line, so the ladder's pairwise check is the same in both views
+    validity_results = {key: validity_cached(judge, notes=notes, pairwise=not (notes and "validity" in needed))
+                        for key, notes in needed.items()}
 
     result = {
         "schema": 2,

@@ -165,7 +165,9 @@ MAX_PROMPT_CHARS, MAX_REPLY_CHARS, MAX_NOTE_CHARS = 1500, 2000, 500
 # A category's rubric line goes into the grading instructions, never between the question and the
 # answer: any extra line there (a reference answer or a rubric line) made the judge grade that line
 # instead of the reply. On the validity ladder the question echoed back got 4.2-4.4 of 5 for overall
-# with a rubric line or a reference in the user turn, 1.1 without (measured with this judge, fp32).
+# with a rubric line or a reference in the user turn, 1.1 without (this judge, fp32). Pairwise
+# verdicts get no rubric line at all: good beat fluent-but-wrong in both orders 22 times of 24
+# without one, 19 with it in the instructions and 16 with it between message and replies.
 NOTE_LEAD = "For this kind of message, a good reply:"
 
 
@@ -195,11 +197,9 @@ def reply_block(prompt: str, reply: str) -> str:
     return f"Question: {_clip(prompt, MAX_PROMPT_CHARS)}\nAnswer: {_clip(reply, MAX_REPLY_CHARS)}"
 
 
-def pair_block(prompt: str, first: str, second: str, note: str | None = None) -> str:
-    text = f"User message: {_clip(prompt, MAX_PROMPT_CHARS)}\n"
-    if note:
-        text += f"A good reply to this kind of message: {note}\n"
-    return (text + f"\nReply A: {_clip(first, MAX_REPLY_CHARS)}\n\nReply B: {_clip(second, MAX_REPLY_CHARS)}\n\n")
+def pair_block(prompt: str, first: str, second: str) -> str:
+    return (f"User message: {_clip(prompt, MAX_PROMPT_CHARS)}\n\nReply A: {_clip(first, MAX_REPLY_CHARS)}\n\n"
+            f"Reply B: {_clip(second, MAX_REPLY_CHARS)}\n\n")
 
 
 @dataclass
@@ -231,7 +231,7 @@ class LLMJudge:
         self._grade_prefix = self._prefix(self.grade_messages())
         self._note_prefixes: dict[str, dict] = {}
         self._coherence_prefix = self._prefix(self.coherence_messages())
-        self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
+        self._pair_prefix = self._prefix(self.pair_messages())
         self.timing = {"grade": Timing(), "pair": Timing()}
 
     # ------------------------------------------------------------------ prompt pieces
@@ -279,6 +279,10 @@ class LLMJudge:
             msgs += [{"role": "user", "content": reply_block(q, a)},
                      {"role": "assistant", "content": "\n".join(f"{c.capitalize()}: {by[c]}" for c in CRITERIA)}]
         return msgs
+
+    @staticmethod
+    def pair_messages() -> list[dict]:
+        return [{"role": "system", "content": PAIR_SYSTEM}]
 
     @staticmethod
     def coherence_messages() -> list[dict]:
@@ -338,22 +342,23 @@ class LLMJudge:
             self._note_prefixes[note] = self._prefix(self.grade_messages(_clip(note, MAX_NOTE_CHARS)))
         return self._note_prefixes[note]
 
-    def prefer(self, prompt: str, first: str, second: str, note: str | None = None) -> float:
+    def prefer(self, prompt: str, first: str, second: str) -> float:
         """Probability (the judge's) that ``first`` is the better reply, shown in the order first, second."""
         if not first.strip() and not second.strip():
             return 0.5
         start = time.perf_counter()
         prefix = self._pair_prefix
         cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(pair_block(prompt, first, second, note) + PAIR_QUESTION + prefix["tail"])
+        feed = self._encode(pair_block(prompt, first, second) + PAIR_QUESTION + prefix["tail"])
         probs = self._step(feed, cache, self.letter_ids)
         self._account("pair", start, len(feed))
         return float(probs[0])
 
-    def compare(self, prompt: str, a: str, b: str, note: str | None = None) -> dict:
-        """A vs B in both orders: ``p_a`` (mean probability that A is better) and the verdict."""
-        ab = self.prefer(prompt, a, b, note)
-        ba = 1.0 - self.prefer(prompt, b, a, note)
+    def compare(self, prompt: str, a: str, b: str) -> dict:
+        """A vs B in both orders: ``p_a`` (mean probability that A is better) and the verdict. No
+        category line (see ``NOTE_LEAD``): with one, good beat fluent-but-wrong less often."""
+        ab = self.prefer(prompt, a, b)
+        ba = 1.0 - self.prefer(prompt, b, a)
         verdict = "A" if ab > 0.5 and ba > 0.5 else "B" if ab < 0.5 and ba < 0.5 else "tie"
         return {"p_a": (ab + ba) / 2, "p_a_shown_first": ab, "p_a_shown_second": ba, "verdict": verdict}
 

@@ -164,12 +164,12 @@ def judge_scorer(judge, notes: dict[str, str] | None = None) -> Callable[[list[d
     return score
 
 
-def judge_pairs(judge, notes: dict[str, str] | None = None) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+    """Pairwise verdicts by ``judge``, as the evaluation asks for them (no rubric line)."""
     from tqdm.auto import tqdm
 
     def compare(pairs):
-        return [judge.compare(a["prompt"], a["reply"], b["reply"], rubric_for(a, notes))
-                for a, b in tqdm(pairs, desc="validity pairs")]
+        return [judge.compare(a["prompt"], a["reply"], b["reply"]) for a, b in tqdm(pairs, desc="validity pairs")]
 
     return compare
 
@@ -196,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .evaluation import category_notes
 
             rubric = category_notes() if args.notes else None
-            result = run(judge_scorer(judge, rubric), Path(args.ladder),
-                         judge_pairs(judge, rubric) if args.pairwise else None)
+            result = run(judge_scorer(judge, rubric), Path(args.ladder), judge_pairs(judge) if args.pairwise else None)
     except (LadderError, J.JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

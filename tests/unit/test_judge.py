@@ -66,6 +66,7 @@ def test_note_goes_into_the_instructions_and_nothing_sits_between_question_and_a
     assert f"{J.NOTE_LEAD} be kind" in text and "be kind" not in tiny_judge.tokenizer.decode(
         tiny_judge._grade_prefix["ids"])
     assert text.index("be kind") < text.index(J.EXAMPLES[0][0])  # before the examples
+    assert J.pair_block("q?", "a.", "b.") == "User message: q?\n\nReply A: a.\n\nReply B: b.\n\n"
     plain, kind = tiny_judge.grade("say cat", "cat cat"), tiny_judge.grade("say cat", "cat cat", note="be kind")
     assert plain["coherence"] == kind["coherence"]  # the note reaches relevance and overall only
     assert (plain["relevance"], plain["overall"]) != (kind["relevance"], kind["overall"])

@@ -53,14 +53,14 @@ class RecordingJudge:
     """Records what each grade and comparison was given."""
 
     def __init__(self):
-        self.notes, self.pair_notes = [], []
+        self.notes, self.pairs = [], []
 
     def grade(self, prompt, reply, note=None):
         self.notes.append(note)
         return {"relevance": 3.0, "coherence": 3.0, "overall": 3.0}
 
-    def compare(self, prompt, a, b, note=None):
-        self.pair_notes.append(note)
+    def compare(self, prompt, a, b):
+        self.pairs.append(prompt)
         return {"verdict": "A", "p_a": 0.9}
 
 
@@ -73,9 +73,9 @@ def test_with_notes_each_reply_is_graded_with_its_category_rubric_line():
     rows = V.ladder()
     assert all(r["category"] in notes for r in rows)  # every ladder prompt names a suite category
     judge = RecordingJudge()
-    V.run(V.judge_scorer(judge, notes), pair_fn=V.judge_pairs(judge, notes))
+    V.run(V.judge_scorer(judge, notes), pair_fn=V.judge_pairs(judge))
     assert judge.notes == [notes[r["category"]] for r in rows]
-    assert len(judge.pair_notes) == len({r["id"] for r in rows}) and None not in judge.pair_notes
+    assert len(judge.pairs) == len({r["id"] for r in rows})  # pairwise: no rubric line (judge.NOTE_LEAD)
     plain = RecordingJudge()
     V.run(V.judge_scorer(plain))
     assert set(plain.notes) == {None}
