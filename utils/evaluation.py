@@ -81,18 +81,13 @@ def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
             raise EvaluationError(f"{path}: prompts[{i}] has no prompt text")
         items.append({"id": f"domain-{cat}-{i}", "category": cat, "prompt": p["prompt"],
                       "history": [{"role": "user", "content": p["prompt"]}], "reference": p.get("reference"),
-                      "note": rubric_note(doc["categories"][cat])})
+                      "note": " ".join(doc["categories"][cat]["rubric"].split())})
     return items
-
-
-def rubric_note(category: dict) -> str:
-    return " ".join(category["rubric"].split())
 
 
 def category_notes(path: Path = DOMAIN_SUITE) -> dict[str, str]:
     """Each domain-suite category's rubric line, as the judge is given it."""
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    return {name: rubric_note(cat) for name, cat in doc["categories"].items()}
+    return {it["category"]: it["note"] for it in load_domain_suite(path)}
 
 
 def pick_examples(rows: Sequence[dict], n: int, seed: int) -> list[dict]:

@@ -231,7 +231,7 @@ class LLMJudge:
         self._grade_prefix = self._prefix(self.grade_messages())
         self._note_prefixes: dict[str, dict] = {}
         self._coherence_prefix = self._prefix(self.coherence_messages())
-        self._pair_prefix = self._prefix(self.pair_messages())
+        self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
         self.timing = {"grade": Timing(), "pair": Timing()}
 
     # ------------------------------------------------------------------ prompt pieces
@@ -279,10 +279,6 @@ class LLMJudge:
             msgs += [{"role": "user", "content": reply_block(q, a)},
                      {"role": "assistant", "content": "\n".join(f"{c.capitalize()}: {by[c]}" for c in CRITERIA)}]
         return msgs
-
-    @staticmethod
-    def pair_messages() -> list[dict]:
-        return [{"role": "system", "content": PAIR_SYSTEM}]
 
     @staticmethod
     def coherence_messages() -> list[dict]:

@@ -340,7 +340,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
             with quiet_bnb():
                 model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, **kwargs)
             _detach_from_weights_file(model)
-            info["int8_embedding"] = int8.quantise_input_embedding(model) if untied else False
+            info["int8_embedding"] = int8.quantise_input_embedding(model)  # False for a tied table
             info["int8_output_layer"] = untied
             _return_freed_memory()  # the fp32 copies quantisation dropped (0.6 GB for the 1.5B model)
             info["load_in_8bit"] = True

@@ -187,15 +187,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="grade with each prompt's category rubric line (as the domain suite is graded)")
     args = ap.parse_args(argv)
     try:
+        from .evaluation import category_notes
+
+        rubric = category_notes() if args.notes else None
+        for row in ladder(Path(args.ladder)):  # a bad ladder stops before the judge loads (about a minute)
+            try:
+                rubric_for(row, rubric)
+            except LadderError as err:
+                raise LadderError(f"{args.ladder}: {err}") from None
         judge = J.LLMJudge(args.judge, dtype=args.dtype)
         if Path(args.ladder).resolve() == LADDER.resolve():  # the evaluation's cache: computed once per judge
             from .evaluation import validity_cached
 
             result = validity_cached(judge, pairwise=args.pairwise, notes=args.notes)
         else:
-            from .evaluation import category_notes
-
-            rubric = category_notes() if args.notes else None
             result = run(judge_scorer(judge, rubric), Path(args.ladder), judge_pairs(judge) if args.pairwise else None)
     except (LadderError, J.JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
