@@ -58,9 +58,11 @@ def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) ->
                                                          [reference] * len(outputs) if reference else None)
 
 
-@st.cache_resource(show_spinner="loading the safety classifiers (once, about half a minute) ...")
+@st.cache_resource(show_spinner="loading the safety classifiers (the first time on a machine they are fitted: "
+                                "several minutes; then a few seconds) ...")
 def safety_models() -> bool:
-    """The crisis detector and the output filter, trained on their labelled data on first use."""
+    """The crisis detector and the output filter: fitted on their labelled data on first use on a
+    machine, then loaded from the cache (``utils.safety``)."""
     safety.detector(), safety.output_filter()
     return True
 

@@ -1,14 +1,17 @@
 """Safety for the dashboard and the evaluation outputs, measured on labelled data we wrote.
 
 - **Crisis detector** (``crisis_check``, ``crisis_flag``): does a message say that the writer, or
-  someone they describe, may be at risk of suicide or self-harm? A logistic regression on the
-  all-MiniLM-L6-v2 sentence embeddings the project already ships and character n-grams, trained on the train split of
-  ``data/eval/safety/crisis_messages.yaml`` (440 messages, ten kinds: explicit, implicit, indirect,
-  third-person; and hyperbole, alarming words in benign use, negated, quoted, sad but not in crisis,
-  everyday). Its threshold is the lowest whose false-positive rate in 5-fold cross-validation *on
-  the train split* stays at or below 5%; the regular expressions written earlier are OR-ed in only
-  if they add recall in that same cross-validation. The held-out test split is fixed by a hash of
-  each text (``split_of``) and is used only by ``evaluate``.
+  someone they describe, may be at risk of suicide or self-harm? The mean of two classifiers
+  (``BlendClassifier``): all-MiniLM-L6-v2, the sentence encoder the project already ships,
+  fine-tuned for the task, and a logistic regression on its frozen embeddings and character
+  n-grams; trained on the train split of ``data/eval/safety/crisis_messages.yaml`` (440 messages,
+  ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
+  use, negated, quoted, sad but not in crisis, everyday). Its threshold is the lowest whose
+  false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%; the
+  regular expressions written earlier are OR-ed in only if they add recall in that same
+  cross-validation within the same limit. The held-out test split is fixed by a hash of each text
+  (``split_of``) and is used only by ``evaluate``. Fitted once per machine (several minutes) and
+  cached under ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions.
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
   classifier (trained on ``data/eval/safety/unsafe_replies.yaml``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
@@ -17,6 +20,7 @@
 - Text the detector cannot judge (not English, binary) returns ``doubt``; the dashboard then shows
   the help notice rather than nothing.
 
+    python -m utils.safety fit                     # fit both (or load them: cached per machine)
     python -m utils.safety evaluate [--out FILE]   # recall per kind, false positives, 95% intervals
 """
 from __future__ import annotations
@@ -83,13 +87,17 @@ _IMPLICIT_RE = [re.compile(p, re.IGNORECASE) for p in _IMPLICIT]
 _HYPERBOLE_RE = [re.compile(p, re.IGNORECASE) for p in _HYPERBOLE]
 
 
-def pattern_flag(text: str) -> bool:
-    """The regular expressions: True when ``text`` matches an explicit or implicit phrasing
-    (hyperbole removed first). Kept as a measured extra layer of the learned detector."""
+PATTERN_SETS = {"explicit": _EXPLICIT_RE, "all": _EXPLICIT_RE + _IMPLICIT_RE}
+
+
+def pattern_flag(text: str, which: str = "all") -> bool:
+    """The regular expressions: True when ``text`` matches an explicit (or, with ``which="all"``,
+    also an implicit) phrasing, hyperbole removed first. A measured extra layer of the learned
+    detector (``CrisisDetector`` keeps a set only where cross-validation says it adds recall)."""
     cleaned = text
     for pattern in _HYPERBOLE_RE:
         cleaned = pattern.sub(" ", cleaned)
-    return any(p.search(cleaned) for p in _EXPLICIT_RE + _IMPLICIT_RE)
+    return any(p.search(cleaned) for p in PATTERN_SETS[which])
 
 
 @lru_cache(maxsize=4)
@@ -201,8 +209,7 @@ def embed(texts: list[str]) -> np.ndarray:
 class TextClassifier:
     """Logistic regression on two views of a text: its all-MiniLM-L6-v2 sentence embedding (what it
     is about) and TF-IDF of its character 2-5-grams within words (how it is said: "kill myself" vs
-    "killing me", typos). Chosen by 5-fold cross-validation on the crisis train split: AUC 0.91 for
-    both views, 0.90 embeddings alone, 0.85 n-grams alone, 0.81 the 1.5B judge asked Yes/No."""
+    "killing me", typos). Fits in seconds; one half of ``BlendClassifier``."""
 
     def __init__(self, c: float = 4.0):
         self.c = c
@@ -226,22 +233,188 @@ class TextClassifier:
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         return self.model.predict_proba(self._features(texts))
 
+    def save(self, folder: Path) -> None:
+        import pickle
 
-def _cv_scores(texts: list[str], y: np.ndarray, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-fold probability of the positive class (binary) for every training row."""
+        folder.mkdir(parents=True, exist_ok=True)  # the fitted scikit-learn objects only, not this class
+        (folder / "model.pkl").write_bytes(pickle.dumps({"c": self.c, "ngrams": self.ngrams, "model": self.model}))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TextClassifier":
+        import pickle
+
+        saved = pickle.loads((folder / "model.pkl").read_bytes())  # our own cache, written by ``save``
+        model = cls(saved["c"])
+        model.ngrams, model.model = saved["ngrams"], saved["model"]
+        model.classes_ = model.model.classes_
+        return model
+
+
+# How the encoder is fine-tuned (chosen by 5-fold cross-validation on the crisis train split:
+# 10 epochs beat 5, AUC 0.943 vs 0.932; a second seed gave 0.946). Part of the cache key.
+FINE_TUNE = {"epochs": 10, "lr": 4e-5, "head_lr": 1e-3, "batch_size": 16, "max_length": 128, "seed": 0}
+
+
+class EncoderClassifier:
+    """all-MiniLM-L6-v2 fine-tuned end to end for the task: a linear head on its normalised
+    mean-pooled output (how the sentence embeddings are made), class-weighted cross-entropy, all
+    weights trained (freezing the word table was worse: CV AUC 0.923 vs 0.943). A frozen embedding
+    plus a linear model cannot move a negated or quoted mention away from a real one; letting the
+    encoder's layers adapt can (train-split CV recall at 5% false positives: 64% -> 81-86% for the
+    crisis detector, two seeds). ``base`` is a folder with a BERT-like encoder and its tokenizer
+    (default: the shipped MiniLM)."""
+
+    def __init__(self, base: str | None = None, recipe: dict | None = None, desc: str | None = None):
+        self.base = base
+        self.recipe = {**FINE_TUNE, **(recipe or {})}
+        self.desc = desc
+
+    def _load(self):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        from .metrics import minilm_path
+
+        base = self.base or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.encoder = AutoModel.from_pretrained(base)
+
+    def _logits(self, texts: list[str]):
+        import torch
+
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.recipe["max_length"], return_tensors="pt")
+        hidden = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+        return self.head(pooled)
+
+    def fit(self, texts: list[str], labels) -> "EncoderClassifier":
+        import torch
+        from tqdm.auto import tqdm
+
+        r = self.recipe
+        labels = np.asarray(labels)
+        self.classes_, y = np.unique(labels, return_inverse=True)
+        torch.manual_seed(r["seed"])
+        self._load()
+        self.head = torch.nn.Linear(self.encoder.config.hidden_size, len(self.classes_))
+        optimiser = torch.optim.AdamW(
+            [{"params": self.encoder.parameters(), "lr": r["lr"]},
+             {"params": self.head.parameters(), "lr": r["head_lr"]}], weight_decay=0.01)
+        counts = np.bincount(y, minlength=len(self.classes_))
+        weight = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
+        target = torch.tensor(y)
+        order_rng = np.random.default_rng(r["seed"])
+        self.encoder.train()
+        for _ in tqdm(range(r["epochs"]), desc=self.desc or "fine-tuning the encoder", unit="epoch",
+                      leave=False, disable=self.desc is None):
+            order = order_rng.permutation(len(y))
+            for start in range(0, len(order), r["batch_size"]):
+                idx = order[start:start + r["batch_size"]]
+                loss = torch.nn.functional.cross_entropy(self._logits([texts[i] for i in idx]), target[idx],
+                                                         weight=weight)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        self.encoder.eval()
+        return self
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = [torch.softmax(self._logits(texts[i:i + 32]), -1).numpy() for i in range(0, len(texts), 32)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)))
+
+    def save(self, folder: Path) -> None:
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder / "encoder")
+        self.tokenizer.save_pretrained(folder / "encoder")
+        torch.save({"head": self.head.state_dict(), "classes": self.classes_.tolist(), "recipe": self.recipe},
+                   folder / "head.pt")
+
+    @classmethod
+    def load(cls, folder: Path) -> "EncoderClassifier":
+        import torch
+
+        saved = torch.load(folder / "head.pt", weights_only=True)
+        model = cls(str(folder / "encoder"), saved["recipe"])
+        model._load()
+        model.encoder.eval()
+        model.classes_ = np.array(saved["classes"])
+        model.head = torch.nn.Linear(model.encoder.config.hidden_size, len(model.classes_))
+        model.head.load_state_dict(saved["head"])
+        return model
+
+
+class BlendClassifier:
+    """The mean of the two classifiers' probabilities: the fine-tuned encoder and the logistic
+    regression on frozen embeddings + character n-grams. Chosen by 5-fold CV on the train splits
+    (AUC, crisis: 0.909 regression, 0.943 encoder, 0.951 blend; replies: 0.945, 0.955, 0.971): the
+    regression steadies the encoder where a small fine-tune goes astray."""
+
+    def __init__(self, base: str | None = None, desc: str | None = None):
+        self.parts = {"regression": TextClassifier(), "encoder": EncoderClassifier(base, desc=desc)}
+
+    def fit(self, texts: list[str], labels) -> "BlendClassifier":
+        for part in self.parts.values():
+            part.fit(texts, labels)
+        self.classes_ = self.parts["regression"].classes_
+        return self
+
+    def part_proba(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {name: part.predict_proba(texts) for name, part in self.parts.items()}
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        return np.mean(list(self.part_proba(texts).values()), axis=0)
+
+    def save(self, folder: Path) -> None:
+        for name, part in self.parts.items():
+            part.save(folder / name)
+
+    @classmethod
+    def load(cls, folder: Path) -> "BlendClassifier":
+        model = cls.__new__(cls)
+        model.parts = {"regression": TextClassifier.load(folder / "regression"),
+                       "encoder": EncoderClassifier.load(folder / "encoder")}
+        model.classes_ = model.parts["regression"].classes_
+        return model
+
+
+def _cv_scores(texts: list[str], y: np.ndarray, base: str | None = None, folds: int = 5,
+               seed: int = 0, what: str = "") -> dict[str, np.ndarray]:
+    """Out-of-fold probability of the positive class (binary) for every training row: of the blend
+    (``"blend"``) and of each of its parts."""
     from sklearn.model_selection import StratifiedKFold
+    from tqdm.auto import tqdm
 
-    out = np.zeros(len(y))
-    for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
-        model = TextClassifier().fit([texts[i] for i in train], y[train])
-        out[held] = model.predict_proba([texts[i] for i in held])[:, 1]
+    out: dict[str, np.ndarray] = {}
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    for train, held in tqdm(splits, desc=f"cross-validating the {what} on its train split".replace("  ", " "),
+                            unit="fold"):
+        model = BlendClassifier(base).fit([texts[i] for i in train], y[train])
+        parts = model.part_proba([texts[i] for i in held])
+        for name, p in {**parts, "blend": np.mean(list(parts.values()), axis=0)}.items():
+            out.setdefault(name, np.zeros(len(y)))[held] = p[:, 1]
     return out
 
 
-def pick_threshold(scores: np.ndarray, labels: np.ndarray, max_fp: float = MAX_FP_CV) -> float:
-    """The lowest threshold whose false-positive rate on these (cross-validated) scores is <= ``max_fp``."""
-    negatives = np.sort(scores[labels == 0])[::-1]
-    allowed = int(np.floor(max_fp * len(negatives)))  # negatives that may score at or above it
+def pick_threshold(scores: np.ndarray, labels: np.ndarray, max_fp: float = MAX_FP_CV,
+                   always: np.ndarray | None = None) -> float:
+    """The lowest threshold whose false-positive rate on these (cross-validated) scores is <= ``max_fp``.
+    ``always``: rows flagged whatever their score (another layer OR-ed in); their false positives
+    use up the budget first, and when they alone pass it the answer is ``inf`` (nothing fits)."""
+    always = np.zeros(len(labels), bool) if always is None else np.asarray(always, bool)
+    neg = labels == 0
+    allowed = int(np.floor(max_fp * neg.sum())) - int((always & neg).sum())  # negatives that may pass it
+    if allowed < 0:
+        return float("inf")
+    negatives = np.sort(scores[neg & ~always])[::-1]
     if allowed >= len(negatives):
         return 0.0
     return float(np.nextafter(negatives[allowed], 1.0))
@@ -253,6 +426,12 @@ def _rates(flags: np.ndarray, labels: np.ndarray) -> dict:
             "false_positive_rate": float(flags[neg].mean()) if neg.any() else None}
 
 
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return round(float(roc_auc_score(labels, scores)), 3)
+
+
 @dataclass
 class Verdict:
     flag: bool                 # the message needs the help notice (crisis) / the reply is blocked (filter)
@@ -262,24 +441,85 @@ class Verdict:
     seconds: float = 0.0
 
 
-class CrisisDetector:
-    """Embeddings + logistic regression, threshold and pattern use chosen on the train split."""
+METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
+          "embeddings + character n-grams")
+CACHE_VERSION = 2  # bump when what is saved, or how it is chosen, changes
 
-    def __init__(self, rows: list[dict] | None = None):
+
+def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
+    """Where a fitted classifier is kept: keyed by its training rows, the recipe, the encoder and
+    the library versions, so a change to any of them fits afresh (about five minutes) and an
+    unchanged set loads in seconds."""
+    import sklearn
+    import torch
+    import transformers
+
+    from .models import cache_dir
+
+    key = json.dumps({"rows": [[r["text"], r["kind"], r["label"]] for r in train], "recipe": FINE_TUNE,
+                      "base": str(base or "all-MiniLM-L6-v2"), "max_fp": MAX_FP_CV, "version": CACHE_VERSION,
+                      "libraries": [sklearn.__version__, torch.__version__, transformers.__version__]})
+    return cache_dir() / "safety" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _cached(folder: Path | None, fit, models: dict):
+    """``(meta, fitted models)``: loaded from ``folder`` when it holds them (``models`` maps each
+    name to its class), else ``fit()`` (which returns meta and the fitted models by name) and saved
+    there (written aside, then renamed into place, so a half-written fit is never loaded)."""
+    import os
+    import shutil
+
+    if folder is not None and (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        return meta, {name: kind.load(folder / name) for name, kind in models.items()}
+    meta, fitted = fit()
+    if folder is not None:
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, model in fitted.items():
+            model.save(tmp / name)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process saved the same fit first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta, fitted
+
+
+def _cv_summary(scores: dict[str, np.ndarray], y: np.ndarray) -> dict:
+    return {"auc": {name: _auc(p, y) for name, p in scores.items()}}
+
+
+class CrisisDetector:
+    """``BlendClassifier`` (fine-tuned MiniLM + logistic regression), threshold and pattern use
+    chosen by cross-validation on the train split; fitted once per machine and cached."""
+
+    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True):
         rows = rows if rows is not None else load_labelled(CRISIS_DATA, "positive")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         y = np.array([r["label"] for r in train])
-        scores = _cv_scores(texts, y)
-        self.threshold = pick_threshold(scores, y)
-        model_only = scores >= self.threshold
-        with_patterns = model_only | np.array([pattern_flag(r["text"]) for r in train])
-        cv = {"model": _rates(model_only, y), "model_or_patterns": _rates(with_patterns, y)}
-        # the patterns stay only if they add recall without taking false positives past the limit
-        self.use_patterns = (cv["model_or_patterns"]["recall"] > cv["model"]["recall"]
-                             and cv["model_or_patterns"]["false_positive_rate"] <= MAX_FP_CV)
-        self.cv = {**cv, "threshold": self.threshold, "use_patterns": self.use_patterns, "n_train": len(train)}
-        self.model = TextClassifier().fit(texts, y)
+
+        def fit():
+            scores = _cv_scores(texts, y, base, what="crisis detector")
+            # the regular expressions, OR-ed in, each set with the threshold that keeps the pair's
+            # false positives within the limit; kept only where that adds recall over the model alone
+            layers = {"none": np.zeros(len(y), bool),
+                      **{name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}}
+            options = {}
+            for name, flagged in layers.items():
+                threshold = pick_threshold(scores["blend"], y, always=flagged)
+                options[name] = {"threshold": threshold, **_rates((scores["blend"] >= threshold) | flagged, y)}
+            allowed = [n for n, o in options.items() if n == "none" or o["false_positive_rate"] <= MAX_FP_CV]
+            best = max(allowed, key=lambda n: (options[n]["recall"], n == "none"))  # a tie keeps the model alone
+            meta = {"options": options, **_cv_summary(scores, y), "threshold": options[best]["threshold"],
+                    "patterns": None if best == "none" else best, "n_train": len(train)}
+            return meta, {"model": BlendClassifier(base, desc="fitting the crisis detector").fit(texts, y)}
+
+        folder = _cache_folder("crisis", train, base) if cache else None
+        self.cv, fitted = _cached(folder, fit, {"model": BlendClassifier})
+        self.model = fitted["model"]
+        self.threshold, self.patterns = self.cv["threshold"], self.cv["patterns"]
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return self.model.predict_proba(texts)[:, 1]
@@ -291,25 +531,35 @@ class CrisisDetector:
             return Verdict(False, None, doubt, [], time.perf_counter() - start)
         p = float(self.probabilities(pieces(text)).max())
         reasons = ["classifier"] if p >= self.threshold else []
-        if self.use_patterns and pattern_flag(text):
-            reasons.append("patterns")
+        if self.patterns and pattern_flag(text, self.patterns):
+            reasons.append(f"patterns ({self.patterns})")
         return Verdict(bool(reasons), p, None, reasons, time.perf_counter() - start)
 
 
 class OutputFilter:
-    """Unsafe kinds of reply (multi-class over the kinds of ``unsafe_replies.yaml``), blocked when
-    the unsafe kinds together pass a threshold chosen like the detector's; plus the word list."""
+    """Unsafe or not (``BlendClassifier``, threshold chosen like the detector's), and which unsafe
+    kind of ``unsafe_replies.yaml`` to name as the reason (logistic regression over the kinds);
+    plus the word list. Fitted once per machine and cached."""
 
-    def __init__(self, rows: list[dict] | None = None):
+    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True):
         rows = rows if rows is not None else load_labelled(REPLY_DATA, "unsafe")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         kinds = np.array([r["kind"] if r["label"] else "safe" for r in train])
         y = np.array([r["label"] for r in train])
-        self.threshold = pick_threshold(_cv_scores(texts, y), y)
-        self.kind_model = TextClassifier().fit(texts, kinds)
-        self.unsafe_model = TextClassifier().fit(texts, y)
-        self.cv = {"threshold": self.threshold, "n_train": len(train)}
+
+        def fit():
+            scores = _cv_scores(texts, y, base, what="output filter")
+            threshold = pick_threshold(scores["blend"], y)
+            meta = {"model": _rates(scores["blend"] >= threshold, y), **_cv_summary(scores, y),
+                    "threshold": threshold, "n_train": len(train)}
+            return meta, {"unsafe": BlendClassifier(base, desc="fitting the output filter").fit(texts, y),
+                          "kinds": TextClassifier().fit(texts, kinds)}
+
+        folder = _cache_folder("replies", train, base) if cache else None
+        self.cv, fitted = _cached(folder, fit, {"unsafe": BlendClassifier, "kinds": TextClassifier})
+        self.unsafe_model, self.kind_model = fitted["unsafe"], fitted["kinds"]
+        self.threshold = self.cv["threshold"]
 
     def check(self, text, config: str | None = None) -> Verdict:
         start = time.perf_counter()
@@ -409,17 +659,14 @@ def evaluate(out: Path | None = None) -> dict:
             "split": "test = a quarter of the texts by sha1(text), never used for fitting or thresholds",
         },
         "crisis_detector": {
-            "method": "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams"
-            + (" OR regular expressions" if det.use_patterns else ""),
+            "method": METHOD + (f" OR regular expressions ({det.patterns})" if det.patterns else ""),
             "chosen_on_train_cv": det.cv,
             **_summary(flags, crisis_rows),
             "by_kind": kinds,
             "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
         },
         "output_filter": {
-            "method": (
-                "logistic regression on all-MiniLM-L6-v2 embeddings + character n-grams, plus configs/safety.yaml"
-            ),
+            "method": METHOD + ", plus configs/safety.yaml",
             "chosen_on_train_cv": flt.cv,
             **_summary(reply_flags, reply_rows),
             "by_kind": _kind_table(reply_flags, reply_rows),
@@ -456,7 +703,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="measure the detector and the output filter on their held-out splits")
     p.add_argument("--out", help="also write the figures to this JSON file")
+    sub.add_parser("fit", help="fit both classifiers on their train splits (or load them: cached per machine)")
     args = parser.parse_args(argv)
+    if args.command == "fit":
+        for name, model in (("crisis detector", detector()), ("output filter", output_filter())):
+            print(f"{name}: threshold {model.threshold:.3f}; train-split CV AUC {model.cv['auc']}")
+        return 0
     _print(evaluate(Path(args.out) if args.out else None))
     return 0
 

@@ -51,6 +51,79 @@ def test_threshold_keeps_the_false_positive_rate_it_promises():
     assert t <= 0.9 and (scores >= t)[labels == 1].sum() >= 2
 
 
+def test_threshold_leaves_room_for_a_layer_or_ed_in():
+    """False positives of a layer that flags rows regardless of score use up the budget first."""
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05] * 2)
+    labels = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0] * 2)
+    always = np.zeros(20, bool)
+    always[[9, 4]] = True  # one negative (0.05) and one positive flagged by the layer
+    alone = safety.pick_threshold(scores, labels, max_fp=0.15)
+    t = safety.pick_threshold(scores, labels, max_fp=0.15, always=always)
+    flagged = (scores >= t) | always
+    assert (flagged & (labels == 0)).sum() <= 0.15 * (labels == 0).sum() and t > alone
+    always[[5, 6, 7]] = True  # four negatives flagged: over the budget of two, whatever the threshold
+    assert safety.pick_threshold(scores, labels, max_fp=0.15, always=always) == float("inf")
+
+
+# --------------------------------------------------------------------------- the classifiers, on a tiny encoder
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A 2-layer random BERT with MiniLM's tokenizer, saved as a folder the classifiers can load."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from utils.metrics import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+TOY = ([f"the {w} was lovely today" for w in ("cake", "walk", "film", "party", "concert", "garden")] * 3,
+       [f"the {w} was awful today" for w in ("cake", "walk", "film", "party", "concert", "garden")] * 3)
+
+
+def test_encoder_classifier_learns_a_word_and_round_trips(tiny_encoder, tmp_path):
+    good, bad = TOY
+    model = safety.EncoderClassifier(tiny_encoder, {"epochs": 30, "lr": 2e-3}).fit(good + bad, [0] * 18 + [1] * 18)
+    p = model.predict_proba(["the dinner was lovely today", "the dinner was awful today"])
+    assert p.shape == (2, 2) and np.allclose(p.sum(1), 1)
+    assert p[1, 1] > 0.7 > 0.3 > p[0, 1]  # generalises to a noun it never saw
+    model.save(tmp_path / "saved")
+    again = safety.EncoderClassifier.load(tmp_path / "saved")
+    assert np.allclose(again.predict_proba(["the dinner was awful today"]), p[1:], atol=1e-6)
+
+
+def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_path, monkeypatch):
+    """Threshold and patterns chosen by CV on the train rows only; a second construction with the
+    same rows loads the saved fit (no fitting at all) and answers identically; other rows fit anew."""
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 2)
+    good, bad = TOY
+    rows = ([{"text": t, "kind": "everyday", "label": 0, "split": "train"} for t in dict.fromkeys(good)]
+            + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)]
+            + [{"text": "held out: never fitted", "kind": "explicit", "label": 1, "split": "test"}])
+    first = safety.CrisisDetector(rows, base=tiny_encoder)
+    assert first.cv["n_train"] == 12 and set(first.cv["auc"]) == {"regression", "encoder", "blend"}
+    saved = list((tmp_path / "safety").iterdir())
+    assert len(saved) == 1 and (saved[0] / "meta.json").exists()
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again although the cache holds this fit")
+
+    monkeypatch.setattr(safety.BlendClassifier, "fit", no_fit)
+    second = safety.CrisisDetector(rows, base=tiny_encoder)
+    texts = ["the dinner was awful today", "a quiet evening in"]
+    assert np.allclose(second.probabilities(texts), first.probabilities(texts), atol=1e-6)
+    assert second.threshold == first.threshold and second.patterns == first.patterns
+    with pytest.raises(AssertionError, match="fitted again"):
+        safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder)  # different train rows: a new fit
+
+
 # --------------------------------------------------------------------------- the learned detector
 
 @pytest.fixture(scope="module")
@@ -58,37 +131,57 @@ def evaluation():
     return safety.evaluate()
 
 
+EXAMPLE = json.loads((Path(__file__).parents[2] / "reports" / "example" / "safety.json").read_text())
+# Fine-tuning is deterministic on one machine, but its float sums differ between CPU kinds (AVX2,
+# AMX): a kind may move by one message there. Anything more is a change to data, recipe or
+# threshold, and must update reports/example/safety.json and the README table knowingly.
+SLACK = 1
+
+
+def _counts(part: dict) -> dict:
+    return {k: v["flagged"] for k, v in part["by_kind"].items()}
+
+
 @pytest.mark.slow
 def test_detector_held_out_counts(evaluation):
-    """Measured once on the held-out split and pinned: any change to data, features or threshold
-    that moves these must update them knowingly (and the README table)."""
-    kinds = {k: v["flagged"] for k, v in evaluation["crisis_detector"]["by_kind"].items()}
-    assert kinds == {"explicit": 13, "implicit": 15, "indirect": 3, "third_person": 6, "benign_alarming": 1,
-                     "everyday": 0, "hyperbole": 0, "negated": 3, "quoted": 0, "sad_not_crisis": 0}
+    """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2)."""
+    got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
+    assert recorded == {"explicit": 11, "implicit": 18, "indirect": 7, "third_person": 7, "benign_alarming": 1,
+                        "everyday": 0, "hyperbole": 1, "negated": 2, "quoted": 0, "sad_not_crisis": 0}
+    assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
-    assert (d["recall"]["count"], d["recall"]["n"]) == (37, 50)
-    assert (d["false_positive_rate"]["count"], d["false_positive_rate"]["n"]) == (4, 62)
+    assert d["recall"]["n"] == 50 and d["false_positive_rate"]["n"] == 62
     lo, hi = d["recall"]["ci95"]
-    assert lo < 37 / 50 < hi
+    assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
     assert d["recall"]["count"] > d["patterns_only"]["recall"]["count"]
     assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
+    # and the blend beats each of its parts in cross-validation on the train split (why it is a blend)
+    auc = d["chosen_on_train_cv"]["auc"]
+    assert auc["blend"] > max(auc["encoder"], auc["regression"])
 
 
 @pytest.mark.slow
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
-    kinds = {k: v["flagged"] for k, v in f["by_kind"].items()}
-    assert kinds == {"harassment": 9, "harmful_instructions": 0, "self_harm_encouragement": 8,
-                     "ordinary": 0, "sensitive_but_safe": 0}
+    got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
+    assert recorded == {"harassment": 10, "harmful_instructions": 3, "self_harm_encouragement": 10,
+                        "ordinary": 0, "sensitive_but_safe": 0}
+    assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
 
 
 @pytest.mark.slow
 def test_targets_are_reported_not_assumed(evaluation):
-    assert evaluation["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": False,
-                                     "false positives <= 5%": False,
-                                     "<= 50 ms per message (median)": evaluation["ms_per_message"]["median"] <= 50}
+    d = evaluation["crisis_detector"]
+    kinds = d["by_kind"]
+    assert evaluation["targets"] == {
+        "explicit recall = 100%": kinds["explicit"]["flagged"] == kinds["explicit"]["n"],
+        "implicit recall >= 90%": kinds["implicit"]["flagged"] >= 0.9 * kinds["implicit"]["n"],
+        "false positives <= 5%": d["false_positive_rate"]["count"] <= 0.05 * d["false_positive_rate"]["n"],
+        "<= 50 ms per message (median)": evaluation["ms_per_message"]["median"] <= 50}
+    assert EXAMPLE["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": True,
+                                  "false positives <= 5%": False, "<= 50 ms per message (median)": True}
 
 
 @pytest.mark.slow
