@@ -3,7 +3,11 @@
 What is stored, per vote: UTC time, the prompt, both outputs, the generation settings, the
 true identities of both sides, the vote (A / B / tie / both_bad) and optional 1-5 coherence and
 relevance ratings of each side, plus the judge's grades of each side (``utils.judge``) when a judge was loaded.
-Nothing about the person voting (no name, address or session id) is stored.
+Nothing about the person voting (no name, address or session id) is stored. Prompts and outputs
+are stored PII-redacted (``utils.pii``, the same redaction as the data).
+
+    python -m utils.ratings purge --before 2026-12-01 [--db FILE]   # delete older votes for good
+    python -m utils.ratings purge --all [--db FILE]                 # delete every vote
 """
 from __future__ import annotations
 
@@ -95,6 +99,28 @@ class RatingStore:
     def votes(self) -> list[dict]:
         with closing(self._connect()) as con:
             return [dict(r) for r in con.execute("SELECT * FROM votes ORDER BY id")]
+
+    def purge(self, before: datetime | None = None) -> int:
+        """Delete the votes stored before ``before`` (every vote when None) and compact the file,
+        so the deleted text does not linger in free pages. Returns how many were deleted."""
+        with closing(self._connect()) as con:
+            with con:
+                if before is None:
+                    cur = con.execute("DELETE FROM votes")
+                else:  # stored times are UTC ISO-8601 with seconds: they compare as strings
+                    cutoff = before.astimezone(timezone.utc).isoformat(timespec="seconds")
+                    cur = con.execute("DELETE FROM votes WHERE created_utc < ?", (cutoff,))
+            con.execute("VACUUM")
+            return cur.rowcount
+
+
+def parse_date(text: str, name: str = "--before") -> datetime:
+    """A date or date-time in ISO format (``2026-12-01``, ``2026-12-01T09:30``); without a zone it is UTC."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected an ISO date such as 2026-12-01 or 2026-12-01T09:30") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------- leaderboard maths
@@ -204,3 +230,34 @@ def agreement_text(agree: dict[str, dict]) -> str:
                    else f"{a['spearman']:.2f}")
             parts.append(f"{metric}: {rho} (n={a['n']})")
     return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m utils.ratings")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("purge", help="delete stored votes (prompts, replies, ratings) for good")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--before", help="delete votes stored before this UTC date / date-time (ISO format)")
+    which.add_argument("--all", action="store_true", help="delete every vote")
+    p.add_argument("--db", default=os.environ.get("LORA_COMPARE_RATINGS_DB", str(DEFAULT_DB)),
+                   help="the rating store (default: $LORA_COMPARE_RATINGS_DB or data/ratings.sqlite)")
+    args = parser.parse_args(argv)
+    try:
+        before = None if args.all else parse_date(args.before)
+    except ValueError as err:
+        parser.error(str(err))
+    if not Path(args.db).exists():
+        parser.error(f"--db {args.db}: no rating store there (nothing to delete)")
+    store = RatingStore(args.db)
+    deleted = store.purge(before)
+    print(f"{args.db}: deleted {deleted} vote(s); {len(store.votes())} remain")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -37,6 +37,35 @@ def test_store_keeps_no_pii_of_what_people_typed(tmp_path):
     assert row["output_a"] == "Write to <EMAIL>" and row["output_b"] == "Card <CARD> noted"
 
 
+def test_purge_deletes_older_votes_for_good(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    store = ratings.RatingStore(db)
+    store.add_vote("an old question about tulips", "m1", "m2", "x", "y", "A")
+    store.add_vote("a new question", "m1", "m2", "x", "y", "B")
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE votes SET created_utc = '2026-01-05T10:00:00+00:00' WHERE id = 1")
+    assert ratings.main(["purge", "--before", "2026-02-01", "--db", str(db)]) == 0
+    assert "deleted 1 vote(s); 1 remain" in capsys.readouterr().out
+    assert [v["prompt"] for v in store.votes()] == ["a new question"]
+    assert b"tulips" not in db.read_bytes()  # compacted: the deleted text is not left in free pages
+    assert ratings.main(["purge", "--all", "--db", str(db)]) == 0 and store.votes() == []
+
+
+def test_purge_refuses_a_bad_date_or_a_missing_store(tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    ratings.RatingStore(db).add_vote("q", "m1", "m2", "x", "y", "A")
+    with pytest.raises(SystemExit):
+        ratings.main(["purge", "--before", "last tuesday", "--db", str(db)])
+    assert "--before='last tuesday': expected an ISO date" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ratings.main(["purge", "--all", "--db", str(tmp_path / "none.sqlite")])
+    assert "no rating store there" in capsys.readouterr().err
+    assert len(ratings.RatingStore(db).votes()) == 1  # nothing lost
+    with pytest.raises(ValueError, match="expected an ISO date"):
+        ratings.parse_date("2026-13-45")
+    assert ratings.parse_date("2026-12-01").tzinfo is not None
+
+
 def test_store_refuses_bad_votes_and_ratings(tmp_path):
     store = ratings.RatingStore(tmp_path / "r.sqlite")
     with pytest.raises(ValueError, match=r"vote='C'; expected one of \['A', 'B', 'tie', 'both_bad'\]"):
