@@ -448,9 +448,8 @@ CACHE_VERSION = 2  # bump when what is saved, or how it is chosen, changes
 
 def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
     """Where a fitted classifier is kept: keyed by its training rows, the recipe, the encoder and
-    the library versions, so a change to any of them fits afresh (crisis 7 min, replies 5 min on 2 AVX2
-    cores) and an
-    unchanged set loads in seconds."""
+    the library versions, so a change to any of them fits afresh (crisis 7 min, replies 5 min on 2
+    AVX2 cores) and an unchanged set loads in seconds."""
     import sklearn
     import torch
     import transformers
