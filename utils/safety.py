@@ -470,8 +470,12 @@ def _cached(folder: Path | None, fit, models: dict):
     import shutil
 
     if folder is not None and (folder / "meta.json").exists():
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        return meta, {name: kind.load(folder / name) for name, kind in models.items()}
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            return meta, {name: kind.load(folder / name) for name, kind in models.items()}
+        except Exception as err:  # a damaged cache is not refitted over silently: say where and what to do
+            raise RuntimeError(f"{folder}: the saved safety classifier cannot be read ({type(err).__name__}: {err}); "
+                               f"delete that folder and run `make safety` to fit it again") from err
     meta, fitted = fit()
     if folder is not None:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")

@@ -120,6 +120,11 @@ def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_pa
     texts = ["the dinner was awful today", "a quiet evening in"]
     assert np.allclose(second.probabilities(texts), first.probabilities(texts), atol=1e-6)
     assert second.threshold == first.threshold and second.patterns == first.patterns
+    damaged = saved[0] / "model" / "encoder" / "head.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="(?s)cannot be read.*delete that folder and run `make safety`"):
+        safety.CrisisDetector(rows, base=tiny_encoder)
+    assert (saved[0] / "meta.json").exists()  # nothing deleted behind the user's back
     with pytest.raises(AssertionError, match="fitted again"):
         safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder)  # different train rows: a new fit
 
