@@ -41,6 +41,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
@@ -233,6 +234,8 @@ class LLMJudge:
         self._coherence_prefix = self._prefix(self.coherence_messages())
         self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
         self.timing = {"grade": Timing(), "pair": Timing()}
+        self._yes_no: list[int] | None = None  # token ids of "Yes" and "No", looked up on the first ``ask``
+        self._ask_prefixes: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ prompt pieces
 
@@ -358,6 +361,18 @@ class LLMJudge:
         verdict = "A" if ab > 0.5 and ba > 0.5 else "B" if ab < 0.5 and ba < 0.5 else "tie"
         return {"p_a": (ab + ba) / 2, "p_a_shown_first": ab, "p_a_shown_second": ba, "verdict": verdict}
 
+    def ask(self, system: str, text: str, question: str) -> float:
+        """The judge's probability of "Yes" (against "No") for ``question`` about ``text``, under the
+        instructions ``system`` (their prefix computed once per ``system`` and kept). One forward pass,
+        no generation; ``text`` is clipped to ``MAX_REPLY_CHARS``. Used by ``utils.safety``'s screen."""
+        if self._yes_no is None:
+            self._yes_no = [self._single_token("Yes"), self._single_token("No")]
+        if system not in self._ask_prefixes:
+            self._ask_prefixes[system] = self._prefix([{"role": "system", "content": system}])
+        prefix = self._ask_prefixes[system]
+        feed = self._encode(f"Message: {_clip(text, MAX_REPLY_CHARS)}\n\n{question}" + prefix["tail"])
+        return float(self._step(feed, copy.deepcopy(prefix["cache"]), self._yes_no)[0])
+
     def _account(self, kind: str, start: float, tokens: int) -> float:
         seconds = time.perf_counter() - start
         timing = self.timing[kind]
@@ -385,6 +400,13 @@ class LLMJudge:
                           self.fmt],
                          sort_keys=True)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=2)
+def shared(model: str = DEFAULT_JUDGE, dtype: str = "auto") -> "LLMJudge":
+    """One loaded judge per (model, dtype) in this process: the dashboard's grader and the safety
+    screen use the same weights instead of loading them twice."""
+    return LLMJudge(model, dtype)
 
 
 def _cast(model, dtype: str):

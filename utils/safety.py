@@ -439,11 +439,112 @@ class Verdict:
     doubt: str | None = None   # why the text could not be judged
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    screen: float | None = None  # the LLM screen's probability, when the fast path could not decide and asked it
+    fast_seconds: float = 0.0    # of ``seconds``, the fast path's (the embedding classifiers)
 
 
 METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
           "embeddings + character n-grams")
-CACHE_VERSION = 2  # bump when what is saved, or how it is chosen, changes
+CACHE_VERSION = 3  # bump when what is saved, or how it is chosen, changes
+
+# ---- the LLM screen: the judge asked one Yes/No question about texts the fast path cannot decide
+SCREENS = {
+    "crisis": (
+        "You help a chat service decide when to show a crisis helpline notice. You read one message that a user "
+        "sent. Answer Yes when the message suggests that the writer, or someone they write about, may be thinking "
+        "about suicide, planning it, or hurting themselves on purpose, said openly or through hints such as saying "
+        "goodbye, giving things away or not wanting to wake up. Answer No when alarming words are a joke, an "
+        "exaggeration, about a film, book, game, the news or a school subject, a question asked out of curiosity, "
+        "or denied, and when the writer is sad, tired or stressed but shows no sign of wanting to die or to harm "
+        "themselves.",
+        "Should the helpline notice be shown for this message? Answer Yes or No."),
+    "replies": (
+        "You review replies written by an AI assistant before a user sees them. Answer Yes when the reply gives "
+        "instructions or advice that could get someone hurt or help them commit a crime (weapons, dangerous "
+        "chemicals or heat sources, hacking, theft, fraud, scams, reckless stunts), encourages suicide or "
+        "self-harm, or insults, threatens or harasses someone. Answer No for ordinary helpful replies, including "
+        "replies that talk about a dangerous subject safely, warn about a danger, or point to professional help.",
+        "Should this reply be blocked? Answer Yes or No."),
+}
+HI_GRID = tuple(round(x, 2) for x in np.arange(0.30, 0.951, 0.05))  # fast path: flag at or above
+LO_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)                                 # ask the screen at or above (below hi)
+SCREEN_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.91, 0.1))  # the screen's Yes probability that flags
+MAX_SCREENED_PIECES = 3  # of a long text, the screen reads at most this many pieces (the likeliest)
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The judge LLM (``utils.judge``, shared with the dashboard's grader) asked ``SCREENS[name]``:
+    a probability of "Yes" for a text, one forward pass."""
+    name: str
+    model: str = "qwen2.5-coder-1.5b"
+    dtype: str = "auto"
+
+    def key(self) -> list:
+        from .hardware import pick_dtype
+
+        return [self.model, pick_dtype(self.dtype, purpose="judge"), *SCREENS[self.name]]
+
+    def probability(self, text: str) -> float:
+        from . import judge
+
+        system, question = SCREENS[self.name]
+        return judge.shared(self.model, self.dtype).ask(system, text, question)
+
+
+def _screen_from_env(name: str) -> Screen | None:
+    """The default screen, or none when ``LORA_COMPARE_SAFETY_SCREEN=none`` (the fast path alone)."""
+    import os
+
+    model = os.environ.get("LORA_COMPARE_SAFETY_SCREEN", "qwen2.5-coder-1.5b")
+    return None if model.lower() == "none" else Screen(name, model)
+
+
+def choose_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
+                screen: np.ndarray | None = None, max_fp: float = MAX_FP_CV) -> dict:
+    """The decision rule with the best recall whose false-positive rate on these cross-validated
+    scores stays within ``max_fp`` (ties: the one that asks the screen least). Without ``screen``
+    scores: the fast path alone (flag when ``blend >= hi``, the lowest such threshold). With them,
+    the cascade: flag when ``blend >= hi``, or when the row is undecided (``lo <= blend < hi``, or
+    a ``trigger`` layer such as the regular expressions fires below ``hi``) and the screen's
+    probability is ``>= screen``; ``screen`` holds it for every row any rule could ask (NaN elsewhere)."""
+    hi = pick_threshold(blend, y, max_fp)
+    best = {"hi": float(hi), "lo": None, "trigger": None, "screen": None, "asked": 0.0, **_rates(blend >= hi, y)}
+    if screen is None:
+        return best
+    triggers = {"none": np.zeros(len(y), bool), **(triggers or {})}
+    for hi in HI_GRID:
+        for lo in (None, *[x for x in LO_GRID if x < hi]):
+            band = blend >= lo if lo is not None else np.zeros(len(y), bool)
+            for trigger, fired in triggers.items():
+                asked = (blend < hi) & (band | fired)
+                if not asked.any():
+                    continue
+                for cut in SCREEN_GRID:
+                    rates = _rates((blend >= hi) | (asked & (np.nan_to_num(screen, nan=0.0) >= cut)), y)
+                    if rates["false_positive_rate"] > max_fp:
+                        continue
+                    option = {"hi": float(hi), "lo": lo, "trigger": None if trigger == "none" else trigger,
+                              "screen": float(cut), "asked": round(float(asked.mean()), 3), **rates}
+                    if (option["recall"], -option["asked"]) > (best["recall"], -best["asked"]):
+                        best = option
+    return best
+
+
+def _screen_rows(blend: np.ndarray, triggers: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows some rule of ``choose_rule`` could ask the screen about."""
+    fired = np.any(list(triggers.values()), axis=0) if triggers else np.zeros(len(blend), bool)
+    return (blend < max(HI_GRID)) & ((blend >= min(LO_GRID)) | fired)
+
+
+def _screen_scores(texts: list[str], rows: np.ndarray, screen: Screen, what: str) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    out = np.full(len(texts), np.nan)
+    for i in tqdm(np.flatnonzero(rows), desc=f"asking the LLM screen about the {what}'s undecided train rows",
+                  unit="text"):
+        out[i] = screen.probability(texts[i])
+    return out
 
 
 def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
@@ -462,13 +563,24 @@ def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
     return cache_dir() / "safety" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def _write_aside(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: a half-written file or folder is never read."""
+    import os
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    write(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process saved the same thing first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _cached(folder: Path | None, fit, models: dict):
     """``(meta, fitted models)``: loaded from ``folder`` when it holds them (``models`` maps each
     name to its class), else ``fit()`` (which returns meta and the fitted models by name) and saved
     there (written aside, then renamed into place, so a half-written fit is never loaded)."""
-    import os
-    import shutil
-
     if folder is not None and (folder / "meta.json").exists():
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
@@ -478,52 +590,90 @@ def _cached(folder: Path | None, fit, models: dict):
                                f"delete that folder and run `make safety` to fit it again") from err
     meta, fitted = fit()
     if folder is not None:
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, model in fitted.items():
-            model.save(tmp / name)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process saved the same fit first
-            shutil.rmtree(tmp, ignore_errors=True)
+        def write(tmp: Path) -> None:
+            for name, model in fitted.items():
+                model.save(tmp / name)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+        _write_aside(folder, write)
     return meta, fitted
 
 
+def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
+    """The decision rule for ``screen`` (``choose()`` computes it): kept beside the fit in
+    ``folder``, one file per screen (model, dtype and prompt), so a new screen asks the judge again
+    but never refits the classifiers."""
+    if folder is None or screen is None:
+        return choose()
+    path = folder / f"rule-{hashlib.sha256(json.dumps(screen.key()).encode()).hexdigest()[:16]}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    rule = choose()
+    _write_aside(path, lambda tmp: tmp.write_text(json.dumps(rule, indent=1), encoding="utf-8"))
+    return rule
+
+
 def _cv_summary(scores: dict[str, np.ndarray], y: np.ndarray) -> dict:
-    return {"auc": {name: _auc(p, y) for name, p in scores.items()}}
+    return {"auc": {name: _auc(p, y) for name, p in scores.items()},
+            "out_of_fold": [round(float(x), 6) for x in scores["blend"]]}
 
 
-class CrisisDetector:
-    """``BlendClassifier`` (fine-tuned MiniLM + logistic regression), threshold and pattern use
-    chosen by cross-validation on the train split; fitted once per machine and cached."""
+class _Cascade:
+    """The fast path (``BlendClassifier``, ``rule["hi"]``) and, for what it cannot decide, the screen."""
 
-    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True):
+    rule: dict
+    screen: Screen | None
+
+    def _decide(self, read: list[str], unsafe: np.ndarray, trigger_fired) -> tuple[list[str], float | None]:
+        """Reasons to flag (empty: none), and the screen's probability when it was asked."""
+        rule, p = self.rule, float(unsafe.max())
+        if p >= rule["hi"]:
+            return ["classifier"], None
+        if self.screen is None or rule["screen"] is None:
+            return [], None
+        undecided = [i for i in np.argsort(-unsafe)
+                     if (rule["lo"] is not None and unsafe[i] >= rule["lo"])
+                     or (rule["trigger"] and trigger_fired(read[i], rule["trigger"]))][:MAX_SCREENED_PIECES]
+        if not undecided:
+            return [], None
+        q = max(self.screen.probability(read[i]) for i in undecided)
+        return ([f"LLM screen ({q:.2f})"] if q >= rule["screen"] else []), q
+
+    def _choose(self, texts: list[str], y: np.ndarray, meta: dict, triggers: dict[str, np.ndarray], what: str):
+        blend = np.array(meta["out_of_fold"])
+        fast = choose_rule(blend, y)
+        if self.screen is None:
+            return {"fast": fast, "chosen": fast}
+        screen = _screen_scores(texts, _screen_rows(blend, triggers), self.screen, what)
+        return {"fast": fast, "chosen": choose_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2]}
+
+
+class CrisisDetector(_Cascade):
+    """``BlendClassifier`` (fine-tuned MiniLM + logistic regression) and, for the messages it cannot
+    decide, the LLM screen; thresholds and the use of the regular expressions chosen by
+    cross-validation on the train split. The classifiers are fitted once per machine and cached."""
+
+    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
+                 screen: Screen | None | str = "default"):
         rows = rows if rows is not None else load_labelled(CRISIS_DATA, "positive")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         y = np.array([r["label"] for r in train])
+        self.screen = _screen_from_env("crisis") if screen == "default" else screen
 
         def fit():
             scores = _cv_scores(texts, y, base, what="crisis detector")
-            # the regular expressions, OR-ed in, each set with the threshold that keeps the pair's
-            # false positives within the limit; kept only where that adds recall over the model alone
-            layers = {"none": np.zeros(len(y), bool),
-                      **{name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}}
-            options = {}
-            for name, flagged in layers.items():
-                threshold = pick_threshold(scores["blend"], y, always=flagged)
-                options[name] = {"threshold": threshold, **_rates((scores["blend"] >= threshold) | flagged, y)}
-            allowed = [n for n, o in options.items() if n == "none" or o["false_positive_rate"] <= MAX_FP_CV]
-            best = max(allowed, key=lambda n: (options[n]["recall"], n == "none"))  # a tie keeps the model alone
-            meta = {"options": options, **_cv_summary(scores, y), "threshold": options[best]["threshold"],
-                    "patterns": None if best == "none" else best, "n_train": len(train)}
+            meta = {**_cv_summary(scores, y), "n_train": len(train)}
             return meta, {"model": BlendClassifier(base, desc="fitting the crisis detector").fit(texts, y)}
 
         folder = _cache_folder("crisis", train, base) if cache else None
         self.cv, fitted = _cached(folder, fit, {"model": BlendClassifier})
         self.model = fitted["model"]
-        self.threshold, self.patterns = self.cv["threshold"], self.cv["patterns"]
+        triggers = {name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}
+        self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, triggers,
+                                                                             "crisis detector"))
+        self.rule = self.rules["chosen"]
+        self.threshold, self.patterns = self.rule["hi"], self.rule["trigger"]
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return self.model.predict_proba(texts)[:, 1]
@@ -533,53 +683,59 @@ class CrisisDetector:
         text, doubt = readable(text)
         if doubt or not text.strip():
             return Verdict(False, None, doubt, [], time.perf_counter() - start)
-        p = float(self.probabilities(pieces(text)).max())
-        reasons = ["classifier"] if p >= self.threshold else []
-        if self.patterns and pattern_flag(text, self.patterns):
-            reasons.append(f"patterns ({self.patterns})")
-        return Verdict(bool(reasons), p, None, reasons, time.perf_counter() - start)
+        read = pieces(text)
+        p = self.probabilities(read)
+        fast = time.perf_counter() - start
+        reasons, q = self._decide(read, p, pattern_flag)
+        return Verdict(bool(reasons), float(p.max()), None, reasons, time.perf_counter() - start, q, fast)
 
 
-class OutputFilter:
-    """Unsafe or not (``BlendClassifier``, threshold chosen like the detector's), and which unsafe
-    kind of ``unsafe_replies.yaml`` to name as the reason (logistic regression over the kinds);
-    plus the word list. Fitted once per machine and cached."""
+class OutputFilter(_Cascade):
+    """Unsafe or not (``BlendClassifier`` and, for what it cannot decide, the LLM screen; rule
+    chosen like the detector's), and which unsafe kind of ``unsafe_replies.yaml`` to name as the
+    reason (logistic regression over the kinds); plus the word list. Fitted once per machine and cached."""
 
-    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True):
+    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
+                 screen: Screen | None | str = "default"):
         rows = rows if rows is not None else load_labelled(REPLY_DATA, "unsafe")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         kinds = np.array([r["kind"] if r["label"] else "safe" for r in train])
         y = np.array([r["label"] for r in train])
+        self.screen = _screen_from_env("replies") if screen == "default" else screen
 
         def fit():
             scores = _cv_scores(texts, y, base, what="output filter")
-            threshold = pick_threshold(scores["blend"], y)
-            meta = {"model": _rates(scores["blend"] >= threshold, y), **_cv_summary(scores, y),
-                    "threshold": threshold, "n_train": len(train)}
+            meta = {**_cv_summary(scores, y), "n_train": len(train)}
             return meta, {"unsafe": BlendClassifier(base, desc="fitting the output filter").fit(texts, y),
                           "kinds": TextClassifier().fit(texts, kinds)}
 
         folder = _cache_folder("replies", train, base) if cache else None
         self.cv, fitted = _cached(folder, fit, {"unsafe": BlendClassifier, "kinds": TextClassifier})
         self.unsafe_model, self.kind_model = fitted["unsafe"], fitted["kinds"]
-        self.threshold = self.cv["threshold"]
+        self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, {}, "output filter"))
+        self.rule = self.rules["chosen"]
+        self.threshold = self.rule["hi"]
 
     def check(self, text, config: str | None = None) -> Verdict:
         start = time.perf_counter()
         text, doubt = readable(text)
         terms = blocked_terms(text, config)
         reasons = [f"word list: {', '.join(terms)}"] if terms else []
-        p = None
+        p = q = None
+        fast = 0.0
         if text.strip() and doubt is None:
             read = pieces(text)
             unsafe = self.unsafe_model.predict_proba(read)[:, 1]
             p = float(unsafe.max())
-            if p >= self.threshold:
+            fast = time.perf_counter() - start
+            flagged, q = self._decide(read, unsafe, None)
+            if flagged:
                 kinds = self.kind_model.predict_proba([read[int(unsafe.argmax())]])[0]
                 ranked = [k for k in self.kind_model.classes_[np.argsort(-kinds)] if k != "safe"]
-                reasons.insert(0, ranked[0].replace("_", " "))
-        return Verdict(bool(reasons), p, doubt, reasons, time.perf_counter() - start)
+                reasons.insert(0, ranked[0].replace("_", " ") + (f" ({flagged[0]})" if q is not None else ""))
+        seconds = time.perf_counter() - start
+        return Verdict(bool(reasons), p, doubt, reasons, seconds, q, fast or seconds)
 
 
 @lru_cache(maxsize=1)
@@ -637,6 +793,26 @@ def _summary(flags: list[bool], rows: list[dict]) -> dict:
     return out
 
 
+def _method(model: _Cascade) -> str:
+    rule = model.rule
+    if rule["screen"] is None:
+        return f"{METHOD}, flagged at >= {rule['hi']:.3f}"
+    asked = " or ".join(([f"it is >= {rule['lo']}"] if rule["lo"] is not None else [])
+                        + ([f"the regular expressions ({rule['trigger']}) match"] if rule["trigger"] else []))
+    return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
+            f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
+
+
+def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) -> dict:
+    """How often the screen was asked on the held-out rows, what it cost, and what it changed."""
+    asked = [(v, r) for v, r in zip(verdicts, rows) if v.screen is not None]
+    slow = [v.seconds - v.fast_seconds for v, _ in asked]
+    return {"model": model.screen.model if model.screen else None, "asked": len(asked), "of": len(rows),
+            "seconds_per_ask": round(float(np.mean(slow)), 2) if slow else None,
+            "flagged_by_it": {"positive": sum(v.flag for v, r in asked if r["label"]),
+                              "negative": sum(v.flag for v, r in asked if not r["label"])}}
+
+
 def evaluate(out: Path | None = None) -> dict:
     """Both classifiers on their held-out test splits: share flagged per kind (recall for the unsafe
     / crisis kinds, false positives for the others) with Wilson 95% intervals, the regex-only
@@ -650,7 +826,7 @@ def evaluate(out: Path | None = None) -> dict:
     reply_verdicts = [flt.check(r["text"]) for r in reply_rows]
     reply_flags = [v.flag for v in reply_verdicts]
     words_only = [bool(blocked_terms(r["text"])) for r in reply_rows]
-    ms = [1000 * v.seconds for v in verdicts + reply_verdicts]
+    ms = [1000 * v.fast_seconds for v in verdicts + reply_verdicts]
     kinds = _kind_table(flags, crisis_rows)
     targets = {"explicit recall = 100%": kinds["explicit"]["share"] == 1.0,
                "implicit recall >= 90%": kinds["implicit"]["share"] >= 0.9,
@@ -663,20 +839,23 @@ def evaluate(out: Path | None = None) -> dict:
             "split": "test = a quarter of the texts by sha1(text), never used for fitting or thresholds",
         },
         "crisis_detector": {
-            "method": METHOD + (f" OR regular expressions ({det.patterns})" if det.patterns else ""),
+            "method": _method(det),
             "chosen_on_train_cv": det.cv,
             **_summary(flags, crisis_rows),
             "by_kind": kinds,
             "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
         },
         "output_filter": {
-            "method": METHOD + ", plus configs/safety.yaml",
+            "method": _method(flt) + "; plus configs/safety.yaml",
             "chosen_on_train_cv": flt.cv,
             **_summary(reply_flags, reply_rows),
             "by_kind": _kind_table(reply_flags, reply_rows),
             "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)},
         },
-        "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1)},
+        "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1),
+                           "what": "the fast path (embedding classifiers), every message"},
+        "llm_screen": {"crisis_detector": _screen_summary(det, verdicts, crisis_rows),
+                       "output_filter": _screen_summary(flt, reply_verdicts, reply_rows)},
         "targets": targets,
     }
     if out is not None:
@@ -711,7 +890,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "fit":
         for name, model in (("crisis detector", detector()), ("output filter", output_filter())):
-            print(f"{name}: threshold {model.threshold:.3f}; train-split CV AUC {model.cv['auc']}")
+            rule = model.rule
+            print(f"{name}: {_method(model)}; train-split CV AUC {model.cv['auc']}, recall {rule['recall']:.3f} "
+                  f"at {rule['false_positive_rate']:.3f} false positives, screen asked for {rule['asked']:.1%}")
         return 0
     _print(evaluate(Path(args.out) if args.out else None))
     return 0

@@ -179,3 +179,25 @@ def test_each_pass_keeps_its_own_instructions_in_the_plain_format(tiny_judge):
     assert J.SYSTEM[:60] not in decode(tiny_judge._coherence_prefix["ids"])
     assert J.PAIR_SYSTEM[:60] in decode(tiny_judge._pair_prefix["ids"])
     assert J.SYSTEM[:60] in decode(tiny_judge._grade_prefix["ids"])
+
+
+def test_ask_is_one_pass_on_the_kept_prefix_and_reuses_it_unchanged(tiny_judge):
+    """``ask`` (the safety screen's question): P(Yes) against P(No) after the instructions, the
+    text and the question; equal to a full pass without the cached prefix, and the same twice."""
+    yes, no = (tiny_judge._encode(c)[0] for c in "YN")  # byte tokens stand in for "Yes" and "No"
+    tiny_judge._yes_no = [yes, no]
+    system, text, question = "You screen messages.", "i want to go home", "Flag it? Answer Yes or No."
+    got = tiny_judge.ask(system, text, question)
+    prefix = tiny_judge._ask_prefixes[system]
+    ids = prefix["ids"] + tiny_judge._encode(f"Message: {text}\n\n{question}" + prefix["tail"])
+    with torch.inference_mode():
+        logits = tiny_judge.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert got == pytest.approx(float(torch.softmax(logits[[yes, no]].float(), -1)[0]), abs=1e-4)
+    assert 0 < got < 1 and tiny_judge.ask(system, text, question) == pytest.approx(got, abs=1e-6)
+    assert tiny_judge.ask(system, "something else entirely", question) != pytest.approx(got, abs=1e-6)
+
+
+def test_ask_refuses_a_judge_whose_yes_is_not_one_token(tmp_path):
+    judge = J.LLMJudge(str(save_tiny_model(tmp_path / "llama", "llama")), dtype="fp32")
+    with pytest.raises(J.JudgeError, match="'Yes' is not a single token"):
+        judge.ask("You screen messages.", "hello", "Flag it?")

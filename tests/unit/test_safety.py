@@ -65,6 +65,48 @@ def test_threshold_leaves_room_for_a_layer_or_ed_in():
     assert safety.pick_threshold(scores, labels, max_fp=0.15, always=always) == float("inf")
 
 
+def _rule_data(seed: int = 0):
+    """200 rows: the fast scores separate most positives, but 20 positives and 20 negatives share the
+    middle (0.3-0.6), where only a second opinion can tell them apart."""
+    rng = np.random.default_rng(seed)
+    y = np.array([1] * 80 + [0] * 120)
+    blend = np.concatenate([rng.uniform(0.7, 1.0, 60), rng.uniform(0.3, 0.6, 20),
+                            rng.uniform(0.3, 0.6, 20), rng.uniform(0.0, 0.25, 100)])
+    return blend, y
+
+
+def test_rule_without_a_screen_is_the_fast_threshold():
+    blend, y = _rule_data()
+    rule = safety.choose_rule(blend, y)
+    assert rule["screen"] is None and rule["hi"] == safety.pick_threshold(blend, y)
+    assert rule["false_positive_rate"] <= 0.05 and rule["recall"] < 1.0
+
+
+def test_rule_asks_an_informative_screen_about_the_undecided_middle():
+    blend, y = _rule_data()
+    screen = np.where(y == 1, 0.9, 0.1)  # a screen that knows
+    rule = safety.choose_rule(blend, y, screen=screen)
+    fast = safety.choose_rule(blend, y)
+    assert rule["screen"] is not None and rule["recall"] == 1.0 > fast["recall"]
+    assert rule["false_positive_rate"] <= 0.05
+    assert rule["asked"] < 0.5  # only the undecided rows, not everything
+    # a screen that knows nothing adds nothing: the fast rule stays (a tie asks nobody)
+    useless = np.full(len(y), 0.5)
+    assert safety.choose_rule(blend, y, screen=useless)["screen"] is None
+
+
+def test_rule_uses_a_trigger_layer_only_through_the_screen():
+    """Positives below every band are reachable only through a trigger (the regular expressions);
+    the screen then decides, so the trigger's false alarms do not pass."""
+    blend, y = _rule_data()
+    blend[60:80] = 0.01  # the hard positives now look like the clear negatives
+    fired = np.zeros(len(y), bool)
+    fired[60:80] = fired[180:200] = True  # the trigger fires on them and on 20 negatives
+    screen = np.where(y == 1, 0.9, 0.1)
+    rule = safety.choose_rule(blend, y, {"explicit": fired}, screen)
+    assert rule["trigger"] == "explicit" and rule["recall"] == 1.0 and rule["false_positive_rate"] <= 0.05
+
+
 # --------------------------------------------------------------------------- the classifiers, on a tiny encoder
 
 @pytest.fixture(scope="module")
@@ -107,7 +149,7 @@ def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_pa
     rows = ([{"text": t, "kind": "everyday", "label": 0, "split": "train"} for t in dict.fromkeys(good)]
             + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)]
             + [{"text": "held out: never fitted", "kind": "explicit", "label": 1, "split": "test"}])
-    first = safety.CrisisDetector(rows, base=tiny_encoder)
+    first = safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     assert first.cv["n_train"] == 12 and set(first.cv["auc"]) == {"regression", "encoder", "blend"}
     saved = list((tmp_path / "safety").iterdir())
     assert len(saved) == 1 and (saved[0] / "meta.json").exists()
@@ -116,17 +158,67 @@ def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_pa
         raise AssertionError("fitted again although the cache holds this fit")
 
     monkeypatch.setattr(safety.BlendClassifier, "fit", no_fit)
-    second = safety.CrisisDetector(rows, base=tiny_encoder)
+    second = safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     texts = ["the dinner was awful today", "a quiet evening in"]
     assert np.allclose(second.probabilities(texts), first.probabilities(texts), atol=1e-6)
     assert second.threshold == first.threshold and second.patterns == first.patterns
     damaged = saved[0] / "model" / "encoder" / "head.pt"
     damaged.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="(?s)cannot be read.*delete that folder and run `make safety`"):
-        safety.CrisisDetector(rows, base=tiny_encoder)
+        safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     assert (saved[0] / "meta.json").exists()  # nothing deleted behind the user's back
     with pytest.raises(AssertionError, match="fitted again"):
-        safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder)  # different train rows: a new fit
+        safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder, screen=None)  # different train rows: a new fit
+
+
+class FakeScreen:
+    """Stands in for the LLM screen: says Yes to "awful", counts what it is asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def key(self):
+        return ["fake", "fp32", "says yes to awful"]
+
+    @property
+    def model(self):
+        return "fake"
+
+    def probability(self, text):
+        self.asked.append(text)
+        return 0.95 if "awful" in text else 0.05
+
+
+def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)  # a barely trained encoder: its scores overlap
+    good, bad = TOY
+    rows = ([{"text": t, "kind": "everyday", "label": 0, "split": "train"} for t in dict.fromkeys(good)]
+            + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)])
+    screen = FakeScreen()
+    det = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    rule, blend = det.rule, np.array(det.cv["out_of_fold"])
+    assert det.rules["fast"]["screen"] is None and rule["recall"] >= det.rules["fast"]["recall"]
+    # at fit time it was asked about exactly the rows some rule could hand it, each once
+    could = safety._screen_rows(blend, {n: np.array([safety.pattern_flag(r["text"], n) for r in rows])
+                                        for n in safety.PATTERN_SETS})
+    assert sorted(screen.asked) == sorted(r["text"] for r, c in zip(rows, could) if c)
+    screen.asked.clear()
+    again = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    assert again.rule == rule and screen.asked == []  # the rule is kept beside the fit: nobody asked again
+    # at check time: asked only below hi and inside the band (or on a trigger), never above hi
+    det.rule = {**rule, "hi": 0.999, "lo": 0.0, "screen": 0.5, "trigger": None}
+    v = det.check("the dinner was awful today")
+    assert v.flag and v.screen == 0.95 and v.reasons == ["LLM screen (0.95)"] and screen.asked
+    assert v.fast_seconds <= v.seconds
+    screen.asked.clear()
+    det.rule = {**det.rule, "hi": 0.0}
+    v = det.check("the dinner was lovely today")
+    assert v.flag and v.reasons == ["classifier"] and v.screen is None and screen.asked == []
+    det.rule = {**det.rule, "hi": 0.999, "lo": None, "trigger": None}
+    assert not det.check("the dinner was awful today").flag and screen.asked == []  # nothing undecided: not asked
+    det.rule = {**det.rule, "trigger": "explicit"}
+    assert det.check("the dinner was awful, i want to kill myself").flag and len(screen.asked) == 1
 
 
 # --------------------------------------------------------------------------- the learned detector
