@@ -46,7 +46,7 @@ def embedder() -> metrics.Embedder:
 @st.cache_resource(show_spinner=False)
 def judge() -> J.LLMJudge | None:
     """The same judge as the evaluation, loaded on first use (Qwen2.5-Coder-1.5B: ~7 GB in fp32, 3.5 GB in bf16)."""
-    return None if JUDGE.lower() == "none" else J.LLMJudge(JUDGE)
+    return None if JUDGE.lower() == "none" else J.shared(JUDGE)  # the safety screen's judge, when it is the same
 
 
 def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) -> list[dict] | None:
@@ -58,12 +58,13 @@ def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) ->
                                                          [reference] * len(outputs) if reference else None)
 
 
-@st.cache_resource(show_spinner="loading the safety classifiers (the first time on a machine they are fitted: "
-                                "several minutes; then a few seconds) ...")
+@st.cache_resource(show_spinner="loading the safety classifiers and their LLM screen (the first time on a machine "
+                                "the classifiers are fitted: several minutes; then under a minute) ...")
 def safety_models() -> bool:
     """The crisis detector and the output filter: fitted on their labelled data on first use on a
-    machine, then loaded from the cache (``utils.safety``)."""
-    safety.detector(), safety.output_filter()
+    machine, then loaded from the cache; and the judge LLM that screens what they cannot decide
+    (``utils.safety``), loaded now so that no message waits for it."""
+    safety.preload()
     return True
 
 

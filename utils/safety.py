@@ -7,16 +7,22 @@
   n-grams; trained on the train split of ``data/eval/safety/crisis_messages.yaml`` (440 messages,
   ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
   use, negated, quoted, sad but not in crisis, everyday). Its threshold is the lowest whose
-  false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%; the
-  regular expressions written earlier are OR-ed in only if they add recall in that same
-  cross-validation within the same limit. The held-out test split is fixed by a hash of each text
+  false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%.
+- **LLM screen** (``Screen``, a cascade): what that fast path cannot decide (its probability in a
+  band below the threshold, or a match of the regular expressions written earlier) is put to the
+  judge LLM as one Yes/No question (``SCREENS``; one forward pass, ``utils.judge.LLMJudge.ask``).
+  The fast threshold, the band, whether the regular expressions send a message to the screen, and
+  the screen's cut are chosen together (``choose_rule``) for the best recall within 5% false
+  positives in that same cross-validation; without a screen (``LORA_COMPARE_SAFETY_SCREEN=none``)
+  the fast threshold alone is used. The held-out test split is fixed by a hash of each text
   (``split_of``) and is used only by ``evaluate``. Fitted once per machine (several minutes) and
-  cached under ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions.
+  cached under ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions;
+  the rule is kept beside it, one file per screen.
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
   classifier (trained on ``data/eval/safety/unsafe_replies.yaml``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
-  topics) puts it in an unsafe kind, or when the configurable word list (``configs/safety.yaml``,
-  ``blocked_terms``) matches: an extra, explicit layer.
+  topics), or its LLM screen for replies it cannot decide, puts it in an unsafe kind, or when the
+  configurable word list (``configs/safety.yaml``, ``blocked_terms``) matches: an extra, explicit layer.
 - Text the detector cannot judge (not English, binary) returns ``doubt``; the dashboard then shows
   the help notice rather than nothing.
 
@@ -493,10 +499,9 @@ class Screen:
 
 
 def _screen_from_env(name: str) -> Screen | None:
-    """The default screen, or none when ``LORA_COMPARE_SAFETY_SCREEN=none`` (the fast path alone)."""
-    import os
-
-    model = os.environ.get("LORA_COMPARE_SAFETY_SCREEN", "qwen2.5-coder-1.5b")
+    """The judge model ``LORA_COMPARE_SAFETY_SCREEN`` names (default: the project's judge), or no
+    screen when it is ``none`` (the fast path alone)."""
+    model = _screen_setting()
     return None if model.lower() == "none" else Screen(name, model)
 
 
@@ -738,14 +743,39 @@ class OutputFilter(_Cascade):
         return Verdict(bool(reasons), p, doubt, reasons, seconds, q, fast or seconds)
 
 
-@lru_cache(maxsize=1)
-def detector() -> CrisisDetector:
+def _screen_setting() -> str:
+    import os
+
+    return os.environ.get("LORA_COMPARE_SAFETY_SCREEN", "qwen2.5-coder-1.5b")
+
+
+@lru_cache(maxsize=2)
+def _detector(setting: str) -> CrisisDetector:
     return CrisisDetector()
 
 
-@lru_cache(maxsize=1)
-def output_filter() -> OutputFilter:
+@lru_cache(maxsize=2)
+def _output_filter(setting: str) -> OutputFilter:
     return OutputFilter()
+
+
+def detector() -> CrisisDetector:
+    """The crisis detector, with the screen ``LORA_COMPARE_SAFETY_SCREEN`` names (one per setting)."""
+    return _detector(_screen_setting())
+
+
+def output_filter() -> OutputFilter:
+    return _output_filter(_screen_setting())
+
+
+def preload() -> None:
+    """Fit or load both classifiers, and load the screen's judge LLM (when there is one), so that a
+    later message never waits for it (the dashboard calls this behind a spinner)."""
+    for model in (detector(), output_filter()):
+        if model.screen is not None and model.rule["screen"] is not None:
+            from . import judge
+
+            judge.shared(model.screen.model, model.screen.dtype)
 
 
 def crisis_check(text) -> Verdict:

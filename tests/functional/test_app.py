@@ -37,6 +37,9 @@ def app(world, monkeypatch, tmp_path):
         monkeypatch.setenv("LORA_COMPARE_RATINGS_DB", str(tmp_path / "ratings.sqlite"))
         monkeypatch.setenv("LORA_COMPARE_BASES", str(world["base"]))
         monkeypatch.setenv("LORA_COMPARE_JUDGE", str(world["base"]))  # the tiny model stands in for the judge
+        # the safety classifiers without their LLM screen (tested in tests/unit/test_safety.py): loading
+        # the 1.5B judge would only slow these tests of how the dashboard draws what they decide
+        monkeypatch.setenv("LORA_COMPARE_SAFETY_SCREEN", "none")
         st.cache_resource.clear()
         at = AppTest.from_file(APP, default_timeout=120)
         at.run()
