@@ -472,8 +472,10 @@ SCREENS = {
         "replies that talk about a dangerous subject safely, warn about a danger, or point to professional help.",
         "Should this reply be blocked? Answer Yes or No."),
 }
-HI_GRID = tuple(round(x, 2) for x in np.arange(0.30, 0.951, 0.05))  # fast path: flag at or above
-LO_GRID = (0.05, 0.1, 0.2, 0.3, 0.5)                                 # ask the screen at or above (below hi)
+# Grids of the rule. The band stays narrow because every text in it waits for the judge (about 2.5 s
+# on 2 AVX2 cores); fitting asks it about every train row some rule could send it (crisis: 151 of 328).
+HI_GRID = tuple(round(x, 2) for x in np.arange(0.40, 0.901, 0.05))  # fast path: flag at or above
+LO_GRID = (0.2, 0.3, 0.4)                                            # ask the screen at or above (below hi)
 SCREEN_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.91, 0.1))  # the screen's Yes probability that flags
 MAX_SCREENED_PIECES = 3  # of a long text, the screen reads at most this many pieces (the likeliest)
 
@@ -642,7 +644,7 @@ class _Cascade:
         if not undecided:
             return [], None
         q = max(self.screen.probability(read[i]) for i in undecided)
-        return ([f"LLM screen ({q:.2f})"] if q >= rule["screen"] else []), q
+        return ([f"LLM screen, P(Yes) {q:.2f}"] if q >= rule["screen"] else []), q
 
     def _choose(self, texts: list[str], y: np.ndarray, meta: dict, triggers: dict[str, np.ndarray], what: str):
         blend = np.array(meta["out_of_fold"])
@@ -650,7 +652,8 @@ class _Cascade:
         if self.screen is None:
             return {"fast": fast, "chosen": fast}
         screen = _screen_scores(texts, _screen_rows(blend, triggers), self.screen, what)
-        return {"fast": fast, "chosen": choose_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2]}
+        return {"fast": fast, "chosen": choose_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2],
+                "screen_on_train": [None if np.isnan(x) else round(float(x), 4) for x in screen]}
 
 
 class CrisisDetector(_Cascade):
@@ -739,6 +742,7 @@ class OutputFilter(_Cascade):
                 kinds = self.kind_model.predict_proba([read[int(unsafe.argmax())]])[0]
                 ranked = [k for k in self.kind_model.classes_[np.argsort(-kinds)] if k != "safe"]
                 reasons.insert(0, ranked[0].replace("_", " ") + (f" ({flagged[0]})" if q is not None else ""))
+                # e.g. "harassment", or "harmful instructions (LLM screen, P(Yes) 0.91)"
         seconds = time.perf_counter() - start
         return Verdict(bool(reasons), p, doubt, reasons, seconds, q, fast or seconds)
 
@@ -833,6 +837,21 @@ def _method(model: _Cascade) -> str:
             f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
 
 
+def _chosen(model: _Cascade) -> dict:
+    """What cross-validation on the train split chose: AUCs, the rule and the fast path's own rule."""
+    return {**{k: v for k, v in model.cv.items() if k != "out_of_fold"}, "rule": model.rule,
+            "fast_rule": model.rules["fast"], "screen": model.rules.get("screen_model")}
+
+
+def _fast_only(model: _Cascade, verdicts: list[Verdict], rows: list[dict], extra: list[bool] | None = None) -> dict:
+    """The same held-out rows flagged by the fast path alone, at its own cross-validated threshold
+    (``rules["fast"]``): what the cascade is measured against."""
+    hi = model.rules["fast"]["hi"]
+    flags = [(v.probability is not None and v.probability >= hi) or bool(extra and extra[i])
+             for i, v in enumerate(verdicts)]
+    return {"threshold": hi, **_summary(flags, rows), "by_kind": _kind_table(flags, rows)}
+
+
 def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) -> dict:
     """How often the screen was asked on the held-out rows, what it cost, and what it changed."""
     asked = [(v, r) for v, r in zip(verdicts, rows) if v.screen is not None]
@@ -850,6 +869,7 @@ def evaluate(out: Path | None = None) -> dict:
     crisis_rows = [r for r in load_labelled(CRISIS_DATA, "positive") if r["split"] == "test"]
     reply_rows = [r for r in load_labelled(REPLY_DATA, "unsafe") if r["split"] == "test"]
     det, flt = detector(), output_filter()
+    preload()  # the screen's judge loaded before anything is timed (the dashboard loads it at start-up)
     verdicts = [det.check(r["text"]) for r in crisis_rows]
     flags = [v.flag for v in verdicts]
     patterns = [pattern_flag(r["text"]) for r in crisis_rows]
@@ -870,17 +890,19 @@ def evaluate(out: Path | None = None) -> dict:
         },
         "crisis_detector": {
             "method": _method(det),
-            "chosen_on_train_cv": det.cv,
+            "chosen_on_train_cv": _chosen(det),
             **_summary(flags, crisis_rows),
             "by_kind": kinds,
             "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
+            "fast_path_only": _fast_only(det, verdicts, crisis_rows),
         },
         "output_filter": {
             "method": _method(flt) + "; plus configs/safety.yaml",
-            "chosen_on_train_cv": flt.cv,
+            "chosen_on_train_cv": _chosen(flt),
             **_summary(reply_flags, reply_rows),
             "by_kind": _kind_table(reply_flags, reply_rows),
             "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)},
+            "fast_path_only": _fast_only(flt, reply_verdicts, reply_rows, words_only),
         },
         "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1),
                            "what": "the fast path (embedding classifiers), every message"},
@@ -907,6 +929,10 @@ def _print(report: dict) -> None:
             x = r[name]
             print(f"  {name:37s} {x['count']:3d}/{x['n']:<3d} = {100 * x['share']:5.1f}%  "
                   f"[{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]")
+        fast, screen = r["fast_path_only"], report["llm_screen"][part]
+        print(f"  the fast path alone: recall {fast['recall']['count']}/{fast['recall']['n']}, false positives "
+              f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']}; the LLM screen was asked "
+              f"about {screen['asked']} of {screen['of']} ({screen['seconds_per_ask']} s each)")
     print(f"\ntime per message: {report['ms_per_message']}")
     print("targets:", json.dumps(report["targets"], indent=1))
 

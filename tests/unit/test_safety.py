@@ -209,7 +209,7 @@ def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_enco
     # at check time: asked only below hi and inside the band (or on a trigger), never above hi
     det.rule = {**rule, "hi": 0.999, "lo": 0.0, "screen": 0.5, "trigger": None}
     v = det.check("the dinner was awful today")
-    assert v.flag and v.screen == 0.95 and v.reasons == ["LLM screen (0.95)"] and screen.asked
+    assert v.flag and v.screen == 0.95 and v.reasons == ["LLM screen, P(Yes) 0.95"] and screen.asked
     assert v.fast_seconds <= v.seconds
     screen.asked.clear()
     det.rule = {**det.rule, "hi": 0.0}
@@ -243,7 +243,7 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 11, "implicit": 18, "indirect": 7, "third_person": 7, "benign_alarming": 1,
+    assert recorded == {"explicit": 14, "implicit": 18, "indirect": 7, "third_person": 8, "benign_alarming": 1,
                         "everyday": 0, "hyperbole": 1, "negated": 2, "quoted": 0, "sad_not_crisis": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
@@ -252,6 +252,13 @@ def test_detector_held_out_counts(evaluation):
     assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
     assert d["recall"]["count"] > d["patterns_only"]["recall"]["count"]
+    # the LLM screen was asked only about what the fast path could not decide, and every held-out
+    # crisis message the cascade catches that the fast path alone (its own threshold) misses, it caught
+    screen = evaluation["llm_screen"]["crisis_detector"]
+    assert 0 < screen["asked"] < 0.25 * screen["of"]
+    fast, now = d["fast_path_only"]["by_kind"], d["by_kind"]
+    caught = sum(len(set(fast[k]["errors"]) - set(now[k]["errors"])) for k in now if now[k]["label"])
+    assert 0 < caught <= screen["flagged_by_it"]["positive"]
     assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
     # and the blend beats each of its parts in cross-validation on the train split (why it is a blend)
     auc = d["chosen_on_train_cv"]["auc"]
@@ -262,7 +269,7 @@ def test_detector_held_out_counts(evaluation):
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"harassment": 10, "harmful_instructions": 3, "self_harm_encouragement": 10,
+    assert recorded == {"harassment": 10, "harmful_instructions": 4, "self_harm_encouragement": 10,
                         "ordinary": 0, "sensitive_but_safe": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
