@@ -473,9 +473,10 @@ SCREENS = {
         "Should this reply be blocked? Answer Yes or No."),
 }
 # Grids of the rule. The band stays narrow because every text in it waits for the judge (about 2.5 s
-# on 2 AVX2 cores); fitting asks it about every train row some rule could send it (crisis: 151 of 328).
+# on 2 AVX2 cores), and fitting asks it about every train row some rule could send it (a band from
+# 0.2 meant 151 of the 328 crisis rows, and no rule with it beat the ones kept here in CV).
 HI_GRID = tuple(round(x, 2) for x in np.arange(0.40, 0.901, 0.05))  # fast path: flag at or above
-LO_GRID = (0.2, 0.3, 0.4)                                            # ask the screen at or above (below hi)
+LO_GRID = (0.3, 0.4, 0.5)                                            # ask the screen at or above (below hi)
 SCREEN_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.91, 0.1))  # the screen's Yes probability that flags
 MAX_SCREENED_PIECES = 3  # of a long text, the screen reads at most this many pieces (the likeliest)
 
@@ -608,11 +609,12 @@ def _cached(folder: Path | None, fit, models: dict):
 
 def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
     """The decision rule for ``screen`` (``choose()`` computes it): kept beside the fit in
-    ``folder``, one file per screen (model, dtype and prompt), so a new screen asks the judge again
-    but never refits the classifiers."""
+    ``folder``, one file per screen (model, dtype and prompt) and grids, so a new screen asks the
+    judge again but never refits the classifiers."""
     if folder is None or screen is None:
         return choose()
-    path = folder / f"rule-{hashlib.sha256(json.dumps(screen.key()).encode()).hexdigest()[:16]}.json"
+    key = [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV]
+    path = folder / f"rule-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     rule = choose()
