@@ -231,10 +231,13 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
     """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
     compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
     instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
-    prompts), ladder and suite rubric."""
+    prompts), ladder, suite rubric and the grading code (``utils/validity.py``, ``utils/judge.py``)."""
     from . import validity
 
-    parts = [validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else [])
+    # the ladder (and suite), and the code that grades and counts it: a cached result is only ever
+    # one that this judge, this data and this code would compute again
+    code = [Path(validity.__file__).read_bytes(), Path(validity.__file__).with_name("judge.py").read_bytes()]
+    parts = [validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
     ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
     name = f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
     cache = (cache_root or models.cache_dir()) / "validity" / name

@@ -16,9 +16,12 @@ def judge():
 
 
 @pytest.fixture(scope="module")
-def ladder_result(judge, tmp_path_factory):
-    # a fresh cache: the ladder is scored now, in this test, never read from an earlier run
-    result = evaluation.validity_cached(judge, cache_root=tmp_path_factory.mktemp("validity"))
+def ladder_result(judge):
+    # scored once per machine, like the safety classifiers (about 22-40 minutes on 2 AVX2 cores), then
+    # read from ~/.cache/lora-compare/validity/: the file is keyed by the judge's weights, dtype and
+    # prompts, the ladder and the grading code, so any change to what the shares depend on scores it
+    # afresh; delete that folder to force a new scoring
+    result = evaluation.validity_cached(judge)
     shares = result["shares"]
     print("validity:", {s: round(shares[s]["share"], 3) for s in ("relevance", "coherence", "overall")},
           "good>wrong:", shares["good_vs_wrong"]["share"], "pairwise:", result["pairwise"]["share"],
