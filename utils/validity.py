@@ -13,6 +13,7 @@ the score cannot tell them apart.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -151,7 +152,17 @@ def rubric_for(row: dict, notes: dict[str, str] | None) -> str | None:
     return notes[row["category"]]
 
 
-def judge_scorer(judge, notes: dict[str, str] | None = None) -> Callable[[list[dict]], list[dict]]:
+def _memoised(memo: dict | None, key: str, compute: Callable[[], dict]) -> dict:
+    """``memo[key]`` when an earlier, interrupted run already computed it, else ``compute()`` (and
+    ``memo`` is told: see ``evaluation.validity_cached``, which keeps it in a file as it grows)."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def judge_scorer(judge, notes: dict[str, str] | None = None, memo: dict | None = None) -> Callable:
     """Grades by ``judge``; with ``notes`` (category -> rubric line) each reply is graded with its
     prompt's category line, as the evaluation grades the domain suite."""
     from tqdm.auto import tqdm
@@ -159,17 +170,21 @@ def judge_scorer(judge, notes: dict[str, str] | None = None) -> Callable[[list[d
     def score(rows):
         for r in rows:
             rubric_for(r, notes)  # a missing category stops before any grading
-        return [judge.grade(r["prompt"], r["reply"], rubric_for(r, notes)) for r in tqdm(rows, desc="validity ladder")]
+        return [_memoised(memo, json.dumps(["grade", r["prompt"], r["reply"], rubric_for(r, notes)]),
+                          lambda r=r: judge.grade(r["prompt"], r["reply"], rubric_for(r, notes)))
+                for r in tqdm(rows, desc="validity ladder")]
 
     return score
 
 
-def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+def judge_pairs(judge, memo: dict | None = None) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
     """Pairwise verdicts by ``judge``, as the evaluation asks for them (no rubric line)."""
     from tqdm.auto import tqdm
 
     def compare(pairs):
-        return [judge.compare(a["prompt"], a["reply"], b["reply"]) for a, b in tqdm(pairs, desc="validity pairs")]
+        return [_memoised(memo, json.dumps(["pair", a["prompt"], a["reply"], b["reply"]]),
+                          lambda a=a, b=b: judge.compare(a["prompt"], a["reply"], b["reply"]))
+                for a, b in tqdm(pairs, desc="validity pairs")]
 
     return compare
 

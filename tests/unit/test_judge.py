@@ -201,3 +201,51 @@ def test_ask_refuses_a_judge_whose_yes_is_not_one_token(tmp_path):
     judge = J.LLMJudge(str(save_tiny_model(tmp_path / "llama", "llama")), dtype="fp32")
     with pytest.raises(J.JudgeError, match="'Yes' is not a single token"):
         judge.ask("You screen messages.", "hello", "Flag it?")
+
+
+class CountingJudge:
+    """Grades from the reply's length; counts its calls; can be told to fail after some."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+        self.info, self.dtype = {"model": "counting"}, "fp32"
+
+    def fingerprint(self):
+        return "counting"
+
+    def timing_summary(self):
+        return {}
+
+    def _tick(self):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("stopped")
+
+    def grade(self, prompt, reply, note=None):
+        self._tick()
+        g = 1 + min(4, len(reply) / 60)
+        return {c: g for c in J.CRITERIA}
+
+    def compare(self, prompt, a, b):
+        self._tick()
+        p = 0.9 if len(a) > len(b) else 0.1
+        return {"p_a": p, "verdict": "A" if p > 0.5 else "B"}
+
+
+def test_validity_scoring_resumes_where_a_stopped_run_left_off(tmp_path):
+    """A stopped scoring keeps what it graded (a side file); the next run grades only the rest and
+    gets the same result as one uninterrupted run; the side file goes once the result is written."""
+    from utils import evaluation
+
+    whole = evaluation.validity_cached(CountingJudge(), cache_root=tmp_path / "a")
+    first = CountingJudge(fail_after=100)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.validity_cached(first, cache_root=tmp_path / "b")
+    side = list((tmp_path / "b" / "validity").glob("*.partial.jsonl"))
+    assert len(side) == 1 and len(side[0].read_text().splitlines()) == 100
+    second = CountingJudge()
+    resumed = evaluation.validity_cached(second, cache_root=tmp_path / "b")
+    n = whole["replies"] + whole["pairwise"]["n"]
+    assert second.calls == n - 100
+    assert resumed["shares"] == whole["shares"] and resumed["pairwise"] == whole["pairwise"]
+    assert not list((tmp_path / "b" / "validity").glob("*.partial.jsonl"))
