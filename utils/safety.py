@@ -616,7 +616,11 @@ def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
     key = [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV]
     path = folder / f"rule-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise RuntimeError(f"{path}: the saved safety rule cannot be read ({err}); delete that file and run "
+                               f"`make safety` to choose it again") from err
     rule = choose()
     _write_aside(path, lambda tmp: tmp.write_text(json.dumps(rule, indent=1), encoding="utf-8"))
     return rule
