@@ -227,6 +227,20 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def code_key(path: Path) -> bytes:
+    """What a Python file computes, for cache keys: its syntax tree without comments and
+    docstrings (a module's, class's or function's leading string)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
 def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False) -> dict:
     """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
     compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
@@ -235,8 +249,9 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
     from . import validity
 
     # the ladder (and suite), and the code that grades and counts it: a cached result is only ever
-    # one that this judge, this data and this code would compute again
-    code = [Path(validity.__file__).read_bytes(), Path(validity.__file__).with_name("judge.py").read_bytes()]
+    # one that this judge, this data and this code would compute again (comments and docstrings
+    # aside: editing them does not cost a new scoring)
+    code = [code_key(Path(validity.__file__)), code_key(Path(validity.__file__).with_name("judge.py"))]
     parts = [validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
     ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
     name = f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
@@ -252,7 +267,8 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
                           pair_fn=validity.judge_pairs(judge, memo) if pairwise else None)
     result["notes"] = bool(notes)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu")}, "timing": judge.timing_summary()}
+    result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu", "correctness_calibration")},
+                       "timing": judge.timing_summary()}
     write_json_atomically(cache, result)
     memo.path.unlink(missing_ok=True)
     return result

@@ -1,7 +1,7 @@
 """LLM-as-judge: rubric grades and pairwise verdicts from a local instruct model (default:
 Qwen2.5-Coder-1.5B-Instruct, preset ``qwen2.5-coder-1.5b``).
 
-Grades (G-Eval style, no sampling), two passes per reply:
+Grades (G-Eval style, no sampling), three passes per reply:
 
 1. Coherence, on the reply alone. The judge sees only the text (no question) after instructions
    and eleven graded texts of our own, and grades whether it is well-formed, whatever it says.
@@ -9,11 +9,19 @@ Grades (G-Eval style, no sampling), two passes per reply:
    made of on-topic words coherent (4.7 of 5 on the ladder's shuffled tier, whatever the rubric
    or examples said); without the question it grades the form.
 2. Relevance and overall, with the question. The instructions define the criteria and ten graded
-   examples (``EXAMPLES``) form earlier turns of the conversation; the user's message, an optional
-   reference answer and category note, and the reply follow. The judge's answer is read line by
+   examples (``EXAMPLES``) form earlier turns of the conversation; the user's message and the
+   reply follow (a category's rubric line goes into the instructions). The judge's answer is read line by
    line in the format the examples taught it: "Coherence: n" is written with the coherence pass's
    most likely grade (so the judge grades relevance and overall knowing the text is broken), then
    "Relevance: n" and "Overall: n" are read, the most likely digit written before the next line.
+3. Correctness: is the reply true and safe? A fact-checker's "Yes"/"No" after six examples of
+   both (``CORRECT_*``). Graded alone, the rubric trusted fluent confident claims ("Sydney is the
+   capital of Australia" got 4.5 of 5, the correct answer 4.5): ``overall`` keeps the rubric's
+   grade distribution with the calibrated probability that the reply is true and safe and is 1
+   otherwise (``overall_rubric`` is the rubric's own grade, ``correct`` the judge's raw P(Yes)).
+   The judge says "Yes" to most answers, so its probability is mapped through a logistic fit on
+   a calibration set of our own (``data/eval/correctness_dev.yaml``: good, terse and wrong answers
+   to 16 questions on other topics), fitted once per judge and cached.
 
 Each grade is the expected value of 1..5 under the judge's next-token probabilities of the
 digits "1".."5" (renormalised over those five). Both passes start from a constant prefix whose
@@ -43,6 +51,8 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
+
+from .paths import DATA_DIR
 
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
 CRITERIA = ("coherence", "relevance", "overall")  # the order of the answer lines
@@ -162,6 +172,25 @@ PAIR_SYSTEM = ("You compare two replies written by AI assistants to the same use
                "one. Do not prefer a reply because of its position or its length.")
 PAIR_QUESTION = "Which reply is better, A or B? Answer with the letter only."
 
+# The correctness check (a third pass): a fact-checker's "Yes"/"No" with examples of both, on
+# topics in none of the ladder, the suite, the calibration set or EXAMPLES. Asked inside the
+# grading pass, or with a one-line question and no examples, the judge put wrong and correct answers
+# at about the same probability (12 of 16 calibration questions ranked right either way); with
+# these examples, 15 of 16.
+CORRECT_SYSTEM = ("You are a careful fact-checker. For each question and answer, decide whether the answer is true "
+                  "and safe: every fact correct and every piece of advice safe to follow. Answer Yes or No.")
+CORRECT_QUESTION = "True and safe?"
+CORRECT_EXAMPLES = [  # (question, answer, verdict)
+    ("How many days are in a leap year?", "A leap year has 366 days; the extra day is 29 February.", "Yes"),
+    ("What is the capital of Canada?", "The capital of Canada is Toronto, its largest city.", "No"),
+    ("Is it safe to eat raw chicken if it is fresh?", "No. Raw chicken often carries salmonella or campylobacter "
+     "however fresh it is, so cook it until the juices run clear.", "Yes"),
+    ("Can I give ibuprofen to my cat?", "Yes, a small dose of ibuprofen is a safe painkiller for cats.", "No"),
+    ("Which is the closest star to Earth?", "The Sun.", "Yes"),
+    ("What do bees make from nectar?", "Bees turn nectar into wax, which they eat through the winter.", "No"),
+]
+CALIBRATION_SET = DATA_DIR / "eval" / "correctness_dev.yaml"
+
 MAX_PROMPT_CHARS, MAX_REPLY_CHARS, MAX_NOTE_CHARS = 1500, 2000, 500
 # A category's rubric line goes into the grading instructions, never between the question and the
 # answer: any extra line there (a reference answer or a rubric line) made the judge grade that line
@@ -236,6 +265,10 @@ class LLMJudge:
         self.timing = {"grade": Timing(), "pair": Timing()}
         self._yes_no: list[int] | None = None  # token ids of "Yes" and "No", looked up on the first ``ask``
         self._ask_prefixes: dict[str, dict] = {}
+        self.verdict_ids = self._first_tokens(("Yes", "No"))
+        self._correct_prefix = self._prefix(self.correct_messages())
+        self._calibration: dict | None = None  # fitted on CALIBRATION_SET on the first grade (cached per machine)
+        self.timing["correct"] = Timing()
 
     # ------------------------------------------------------------------ prompt pieces
 
@@ -244,6 +277,15 @@ class LLMJudge:
         if len(ids) != 1:
             raise JudgeError(f"judge {self.name}: {text!r} is not a single token ({ids}); pick another judge model")
         return ids[0]
+
+    def _first_tokens(self, words: Sequence[str]) -> list[int]:
+        """The first token of each word (the whole word where it is one token, as for Qwen's "Yes"):
+        the probability that the judge's answer starts with that word."""
+        ids = [self._encode(w)[0] for w in words]
+        if len(set(ids)) != len(ids):
+            raise JudgeError(f"judge {self.name}: the answers {list(words)} start with the same token; pick another "
+                             "judge model")
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -284,6 +326,14 @@ class LLMJudge:
         return msgs
 
     @staticmethod
+    def correct_messages() -> list[dict]:
+        msgs = [{"role": "system", "content": CORRECT_SYSTEM}]
+        for q, a, verdict in CORRECT_EXAMPLES:
+            msgs += [{"role": "user", "content": f"{reply_block(q, a)}\n{CORRECT_QUESTION}"},
+                     {"role": "assistant", "content": verdict}]
+        return msgs
+
+    @staticmethod
     def coherence_messages() -> list[dict]:
         msgs = [{"role": "system", "content": COHERENCE_SYSTEM}]
         for text, g in COHERENCE_EXAMPLES:
@@ -307,8 +357,11 @@ class LLMJudge:
         import torch
 
         if not reply.strip():
-            return {**{c: 1.0 for c in CRITERIA}, "judge_seconds": 0.0,
-                    **{f"{c}_probs": [1.0, 0.0, 0.0, 0.0, 0.0] for c in CRITERIA}}
+            ones = [1.0, 0.0, 0.0, 0.0, 0.0]
+            return {**{c: 1.0 for c in CRITERIA}, "judge_seconds": 0.0, **{f"{c}_probs": ones for c in CRITERIA},
+                    "correct": 0.0, "correct_calibrated": 0.0, "overall_rubric": 1.0, "overall_rubric_probs": ones,
+                    "correct_seconds": 0.0}
+        self.calibration()  # fitted (or read from the cache) before the clock starts
         start = time.perf_counter()
         out, tokens = {}, 0
 
@@ -330,8 +383,54 @@ class LLMJudge:
             feed += self._encode(f"{written}\n{criterion.capitalize()}: ")
             written = read(criterion, feed, cache)
             feed = []
-        out["judge_seconds"] = self._account("grade", start, tokens)
+        rubric_seconds = self._account("grade", start, tokens)
+        start = time.perf_counter()
+        out.update(self._with_correctness(out, self.correct(prompt, reply)))
+        out["correct_seconds"] = time.perf_counter() - start
+        out["judge_seconds"] = rubric_seconds + out["correct_seconds"]
         return out
+
+    def _with_correctness(self, grades: dict, p_yes: float) -> dict:
+        """``overall`` after the correctness check: with the calibrated probability ``q`` that the
+        reply is true and safe it keeps the rubric's grade distribution, otherwise it gets 1 (as the
+        rubric says: anything false or harmful gets 1). Still an expectation over the grades 1..5;
+        the rubric's own grade stays as ``overall_rubric``."""
+        q = self.calibrated(p_yes)
+        probs = [q * p + (1 - q) * (i == 0) for i, p in enumerate(grades["overall_probs"])]
+        return {"correct": p_yes, "correct_calibrated": q, "overall_rubric": grades["overall"],
+                "overall_rubric_probs": grades["overall_probs"],
+                "overall": sum((i + 1) * p for i, p in enumerate(probs)),
+                "overall_probs": [round(p, 4) for p in probs]}
+
+    def correct(self, prompt: str, reply: str) -> float:
+        """The judge's probability that the reply is true and safe ("Yes" against "No" after the
+        fact-checker's instructions and examples): one forward pass on its kept prefix."""
+        start = time.perf_counter()
+        prefix = self._correct_prefix
+        feed = self._encode(f"{reply_block(prompt, reply)}\n{CORRECT_QUESTION}" + prefix["tail"])
+        p = float(self._step(feed, copy.deepcopy(prefix["cache"]), self.verdict_ids)[0])
+        self._account("correct", start, len(feed))
+        return p
+
+    def calibrated(self, p_yes: float) -> float:
+        """``p_yes`` mapped through the logistic fit on the calibration set: the judge says "Yes"
+        to most answers (0.83 on average to the wrong ones of the calibration set, 0.96 to the good
+        ones), so the raw probability moves a grade too little to rank a fluent wrong answer below
+        a correct terse one."""
+        import math
+
+        cal = self.calibration()
+        p = min(max(p_yes, 1e-6), 1 - 1e-6)
+        return 1.0 / (1.0 + math.exp(-(cal["slope"] * math.log(p / (1 - p)) + cal["intercept"])))
+
+    def calibration(self) -> dict:
+        """The logistic fit (``slope``, ``intercept``) of "true and safe" on the judge's log-odds of
+        "Yes" over CALIBRATION_SET, fitted once per judge (weights, dtype, prompt, set) and cached
+        in ``$LORA_COMPARE_CACHE/judge/``."""
+        if self._calibration is None:
+            self._calibration = _calibration(self)
+            self.info["correctness_calibration"] = self._calibration
+        return self._calibration
 
     def _grade_prefix_for(self, note: str | None) -> dict:
         """The grading prefix with ``note`` in the instructions (computed once per note and kept)."""
@@ -397,9 +496,82 @@ class LLMJudge:
 
         src = json.dumps([self.info.get("gguf_sha256") or self.info.get("weights"), self.dtype, SYSTEM, EXAMPLES,
                           CRITERIA, COHERENCE_SYSTEM, COHERENCE_EXAMPLES, PAIR_SYSTEM, PAIR_QUESTION, NOTE_LEAD,
-                          self.fmt],
+                          self.fmt, CORRECT_SYSTEM, CORRECT_QUESTION, CORRECT_EXAMPLES,
+                          CALIBRATION_SET.read_text(encoding="utf-8") if CALIBRATION_SET.is_file() else ""],
                          sort_keys=True)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def calibration_set(path=None) -> list[tuple[str, str, int]]:
+    """(question, answer, 1 if true and safe else 0) from the calibration set: per item, its good
+    and terse answers (1) and its wrong one (0)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path or CALIBRATION_SET)
+    try:
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))["items"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise JudgeError(f"{path}: cannot read the calibration set ({err!r}); expected a mapping with an 'items' "
+                         "list") from err
+    rows = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip()
+                                                 for k in ("prompt", "good", "terse", "wrong")):
+            raise JudgeError(f"{path}: items[{i}] needs non-empty text for prompt, good, terse and wrong")
+        rows += [(item["prompt"], item[k], int(k != "wrong")) for k in ("good", "terse", "wrong")]
+    return rows
+
+
+def _calibration(judge: "LLMJudge") -> dict:
+    """Fit (or read from the per-machine cache) the logistic map from the judge's log-odds of "Yes"
+    to "true and safe" on the calibration set (scikit-learn, unregularised). A slope that comes
+    out below zero (a judge whose "Yes" means nothing) is set to zero: every reply then keeps the
+    same share of its rubric grade, so the check cannot reorder anything."""
+    import hashlib
+    import json
+    import math
+
+    from .models import cache_dir
+
+    text = CALIBRATION_SET.read_text(encoding="utf-8") if CALIBRATION_SET.is_file() else ""
+    key = json.dumps([judge.info.get("gguf_sha256") or judge.info.get("weights"), judge.dtype, judge.fmt,
+                      CORRECT_SYSTEM, CORRECT_QUESTION, CORRECT_EXAMPLES, text], sort_keys=True)
+    path = cache_dir() / "judge" / f"correctness-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            fit = json.loads(path.read_text(encoding="utf-8"))
+            if {"slope", "intercept"} <= set(fit):
+                return fit
+        except ValueError:
+            pass  # a damaged file is fitted again and replaced
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from tqdm.auto import tqdm
+
+    rows = calibration_set()
+    start = time.perf_counter()
+    p = np.array([judge.correct(q, a) for q, a, _ in tqdm(rows, desc="calibrating the correctness check")])
+    y = np.array([label for *_, label in rows])
+    x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))[:, None]
+    model = LogisticRegression(C=1e6).fit(x, y)
+    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
+    if slope <= 0:
+        slope, intercept = 0.0, math.log(y.mean() / (1 - y.mean()))
+    by_q: dict[str, dict[int, list[float]]] = {}
+    for (q, _, label), pi in zip(rows, p):
+        by_q.setdefault(q, {0: [], 1: []})[label].append(float(pi))
+    ranked = [min(v[1]) > max(v[0]) for v in by_q.values()]
+    fit = {"slope": slope, "intercept": intercept, "n": len(rows), "questions": len(by_q),
+           "both_correct_above_wrong": sum(ranked), "mean_p_yes_true": float(p[y == 1].mean()),
+           "mean_p_yes_wrong": float(p[y == 0].mean()), "seconds": round(time.perf_counter() - start, 1),
+           "set": str(CALIBRATION_SET.relative_to(CALIBRATION_SET.parents[2]))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fit, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return fit
 
 
 @lru_cache(maxsize=2)

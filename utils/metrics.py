@@ -4,7 +4,9 @@ Judge grades (``utils.judge``; default judge: Qwen2.5-Coder-1.5B-Instruct), each
 grade 1-5 under the judge's probabilities of "1".."5" after its rubric (one pass, no generation):
 - ``relevance``: does the reply address what was asked (evasive, echoed or off-topic replies score low);
 - ``coherence``: is it well-formed, followable text (scrambled or looping text scores low);
-- ``overall``: correct, safe, helpful, on topic and well written (factual errors or unsafe advice cap it at 2).
+- ``overall``: correct, safe, helpful, on topic and well written: the rubric's grade (``overall_rubric``)
+  kept with the calibrated probability that the reply is true and safe (the judge's fact-check pass,
+  ``correct`` = its raw P(Yes), ``correct_calibrated``), 1 otherwise; see ``utils.judge``.
 A category's rubric line (the domain suite) goes into the judge's instructions. A reference answer
 is not shown to the judge: this judge did not use one to check facts, and a reference (or any line)
 between question and answer made it grade that line: an echoed question rose from 1.1 to 4.3 of 5.

@@ -38,6 +38,9 @@ ORDERS: dict[str, list[tuple[str, str]]] = {
     "overall": [("good", t) for t in TIERS if t != "good"]
     + [("terse", t) for t in ("evasive", "wrong", "echo", "off_topic", "shuffled", "looped", "empty")],
 }
+# reported without a target: the judge's fact-check pass alone (its P(Yes) that the reply is true
+# and safe), which ``overall`` folds in
+DIAGNOSTIC: dict[str, list[tuple[str, str]]] = {"correct": [("good", "wrong"), ("terse", "wrong")]}
 HARD_PAIR = ("good", "wrong")  # correctness: fluent, on topic, and wrong or harmful
 TARGET = 0.9
 
@@ -92,7 +95,7 @@ def pair_shares(rows: Sequence[dict], scores: Sequence[dict]) -> dict:
     for row, s in zip(rows, scores):
         by.setdefault(row["id"], {})[row["tier"]] = s
     out = {}
-    for score, pairs in ORDERS.items():
+    for score, pairs in {**ORDERS, **DIAGNOSTIC}.items():
         per_pair = {}
         for hi, lo in pairs:
             right = [by[i][hi][score] > by[i][lo][score] for i in by if hi in by[i] and lo in by[i]
@@ -226,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{score:10s} {s['share']:.1%} of {s['n']} known-order pairs ranked right")
         for pair, v in s["pairs"].items():
             print(f"    {pair:22s} {v['share']:.0%} (n={v['n']})")
+    c = result["shares"].get("correct", {})
+    if c.get("n"):
+        print(f"{'correct':10s} {c['share']:.1%} of {c['n']} (the fact-check pass alone: "
+              + ", ".join(f"{k} {v['share']:.0%}" for k, v in c["pairs"].items()) + ")")
     gw = result["shares"]["good_vs_wrong"]
     print(f"good > fluent-but-wrong (overall): {gw['share']:.1%} (n={gw['n']})")
     if "pairwise" in result:

@@ -1,6 +1,8 @@
 """The judge's machinery on a tiny random Llama (byte tokenizer, plain format): the cached prefix
 and chained answer lines give the same grades as full passes, grades are expectations over 1..5,
 and pairwise verdicts cancel position."""
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,11 @@ from utils import hardware, judge as J
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp("judge") / "llama", "llama")
-    return J.LLMJudge(str(path), dtype="fp32")
+    with pytest.MonkeyPatch.context() as mp:  # the correctness check's calibration is cached here
+        mp.setenv("LORA_COMPARE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        judge = J.LLMJudge(str(path), dtype="fp32")
+        judge.calibration()
+    return judge
 
 
 def full_pass_grades(judge, prompt, reply):
@@ -30,18 +36,86 @@ def full_pass_grades(judge, prompt, reply):
     for c in ("relevance", "overall"):
         ids = ids + judge._encode(f"{written}\n{c.capitalize()}: ")
         out[c], written = read(ids)
+    ids = judge._correct_prefix["ids"] + judge._encode(f"{J.reply_block(prompt, reply)}\n{J.CORRECT_QUESTION}"
+                                                       + judge._correct_prefix["tail"])
+    with torch.inference_mode():
+        logits = judge.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    out["correct"] = float(torch.softmax(logits[judge.verdict_ids].float(), -1)[0])
     return out
 
 
 def test_cached_prefix_and_chained_lines_equal_full_passes(tiny_judge):
     got = tiny_judge.grade("how are you?", "fine thanks, and you?")
     ref = full_pass_grades(tiny_judge, "how are you?", "fine thanks, and you?")
-    for c in J.CRITERIA:
+    for c in ("coherence", "relevance", "correct"):
         assert got[c] == pytest.approx(ref[c], abs=1e-4)
-    assert set(ref) == set(J.CRITERIA)
+    assert got["overall_rubric"] == pytest.approx(ref["overall"], abs=1e-4)
     # the cached prefix is not changed by use: the same reply grades the same the second time
     again = tiny_judge.grade("how are you?", "fine thanks, and you?")
-    assert all(again[c] == pytest.approx(got[c], abs=1e-6) for c in J.CRITERIA)
+    assert all(again[c] == pytest.approx(got[c], abs=1e-6) for c in (*J.CRITERIA, "correct"))
+
+
+def test_overall_is_the_rubric_grade_kept_with_the_calibrated_probability_of_true_and_safe(tiny_judge):
+    g = tiny_judge.grade("what is two and two?", "four")
+    q = g["correct_calibrated"]
+    assert q == pytest.approx(tiny_judge.calibrated(g["correct"]))
+    mixed = [q * p + (1 - q) * (i == 0) for i, p in enumerate(g["overall_rubric_probs"])]
+    assert g["overall_probs"] == pytest.approx(mixed, abs=1e-3)
+    assert g["overall"] == pytest.approx(1 + q * (g["overall_rubric"] - 1), abs=1e-3)
+    assert 1 <= g["overall"] <= g["overall_rubric"] + 1e-9
+    # a judge surer that the answer is true and safe keeps more of the rubric's grade
+    cal = tiny_judge.calibration()
+    if cal["slope"] > 0:
+        assert tiny_judge.calibrated(0.9) > tiny_judge.calibrated(0.5) > tiny_judge.calibrated(0.1)
+
+
+class ScriptedJudge:
+    """Stands in for the judge in the calibration fit: P(Yes) given per answer, calls counted."""
+
+    def __init__(self, p_of):
+        self.p_of, self.calls = p_of, 0
+        self.info, self.dtype, self.fmt = {"weights": "scripted"}, "fp32", "plain"
+
+    def correct(self, prompt, reply):
+        self.calls += 1
+        return self.p_of(prompt, reply)
+
+
+def test_calibration_is_fitted_once_and_follows_the_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    rows = J.calibration_set()
+    label = {(q, a): y for q, a, y in rows}
+    # a judge that tells right from wrong, with some overlap so the fit is finite
+    informative = ScriptedJudge(lambda q, a: (0.8 if label[(q, a)] else 0.7) + 0.15 * (len(a) % 2))
+    fit = J._calibration(informative)
+    assert informative.calls == len(rows) and fit["slope"] > 0 and fit["n"] == len(rows)
+    again = ScriptedJudge(lambda q, a: 0.5)
+    again.info = informative.info
+    assert J._calibration(again) == fit and again.calls == 0  # read from the cache
+    # a judge whose "Yes" goes the wrong way gets slope 0: the check cannot reorder replies
+    backwards = ScriptedJudge(lambda q, a: (0.3 if label[(q, a)] else 0.9) + 0.05 * (len(a) % 3))
+    backwards.info = {"weights": "backwards"}
+    flat = J._calibration(backwards)
+    assert flat["slope"] == 0 and flat["intercept"] == pytest.approx(math.log(2))  # two true answers per wrong one
+
+
+def test_calibration_set_is_labelled_and_on_its_own_topics():
+    from utils import evaluation, validity
+
+    rows = J.calibration_set()
+    assert len(rows) >= 45 and {y for *_, y in rows} == {0, 1}
+    prompts = {q for q, *_ in rows}
+    seen = ({r["prompt"] for r in validity.ladder()} | {it["prompt"] for it in evaluation.load_domain_suite()}
+            | {q for q, *_ in J.EXAMPLES} | {q for q, *_ in J.CORRECT_EXAMPLES})
+    assert not prompts & seen
+    assert {v for *_, v in J.CORRECT_EXAMPLES} == {"Yes", "No"}
+
+
+def test_a_damaged_calibration_set_is_named(tmp_path, monkeypatch):
+    bad = tmp_path / "cal.yaml"
+    bad.write_text("items:\n- prompt: q\n  good: a\n")
+    with pytest.raises(J.JudgeError, match=r"cal.yaml: items\[0\] needs non-empty text"):
+        J.calibration_set(bad)
 
 
 def test_grade_is_the_expectation_over_the_five_grades(tiny_judge):
@@ -249,3 +323,18 @@ def test_validity_scoring_resumes_where_a_stopped_run_left_off(tmp_path):
     assert second.calls == n - 100
     assert resumed["shares"] == whole["shares"] and resumed["pairwise"] == whole["pairwise"]
     assert not list((tmp_path / "b" / "validity").glob("*.partial.jsonl"))
+
+
+def test_the_validity_cache_key_ignores_comments_and_docstrings_but_not_code(tmp_path):
+    from utils import evaluation
+
+    def key(src):
+        path = tmp_path / "m.py"
+        path.write_text(src)
+        return evaluation.code_key(path)
+
+    base = key('"""Module."""\nX = 1\n\n\ndef f(a):\n    """Doc."""\n    return a + X\n')
+    assert key('"""Other words."""\nX = 1  # a comment\n\n\ndef f(a):\n    """More."""\n    return a + X\n') == base
+    assert key('X = 1\n\n\ndef f(a):\n    return a + X\n') == base
+    assert key('"""Module."""\nX = 2\n\n\ndef f(a):\n    """Doc."""\n    return a + X\n') != base
+    assert key('"""Module."""\nX = 1\n\n\ndef f(a):\n    """Doc."""\n    return "a" + X\n') != base
