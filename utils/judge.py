@@ -425,8 +425,8 @@ class LLMJudge:
 
     def calibration(self) -> dict:
         """The logistic fit (``slope``, ``intercept``) of "true and safe" on the judge's log-odds of
-        "Yes" over CALIBRATION_SET, fitted once per judge (weights, dtype, prompt, set) and cached
-        in ``$LORA_COMPARE_CACHE/judge/``."""
+        "Yes" over CALIBRATION_SET, fitted once per judge (weights, dtype, prompt, set) and, for the
+        shipped GGUF, cached in ``$LORA_COMPARE_CACHE/judge/``."""
         if self._calibration is None:
             self._calibration = _calibration(self)
             self.info["correctness_calibration"] = self._calibration
@@ -538,12 +538,17 @@ def _calibration(judge: "LLMJudge") -> dict:
     text = CALIBRATION_SET.read_text(encoding="utf-8") if CALIBRATION_SET.is_file() else ""
     key = json.dumps([judge.info.get("gguf_sha256") or judge.info.get("weights"), judge.dtype, judge.fmt,
                       CORRECT_SYSTEM, CORRECT_QUESTION, CORRECT_EXAMPLES, text], sort_keys=True)
-    path = cache_dir() / "judge" / f"correctness-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if key in _FITS:
+        return _FITS[key]
+    # on disk only for weights known by their content (the shipped GGUF's sha256); a judge read from
+    # a folder is fitted once per process (its path says nothing about what is in it)
+    path = cache_dir() / "judge" / f"correctness-{key}.json" if judge.info.get("gguf_sha256") else None
+    if path is not None and path.is_file():
         try:
             fit = json.loads(path.read_text(encoding="utf-8"))
             if {"slope", "intercept"} <= set(fit):
-                return fit
+                return _FITS.setdefault(key, fit)
         except ValueError:
             pass  # a damaged file is fitted again and replaced
     import numpy as np
@@ -567,11 +572,15 @@ def _calibration(judge: "LLMJudge") -> dict:
            "both_correct_above_wrong": sum(ranked), "mean_p_yes_true": float(p[y == 1].mean()),
            "mean_p_yes_wrong": float(p[y == 0].mean()), "seconds": round(time.perf_counter() - start, 1),
            "set": str(CALIBRATION_SET.relative_to(CALIBRATION_SET.parents[2]))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fit, indent=1), encoding="utf-8")
-    tmp.replace(path)
-    return fit
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fit, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    return _FITS.setdefault(key, fit)
+
+
+_FITS: dict[str, dict] = {}  # calibration fits made or read in this process
 
 
 @lru_cache(maxsize=2)

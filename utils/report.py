@@ -407,9 +407,9 @@ def _validity_section(v: dict, how: str) -> list[str]:
             "answer, shuffled, looped, empty) scored by the same judge. Share of known-order pairs ranked "
             f"strictly right; target {100 * v['target']:.0f}%.</p>",
             _table(["score", "ranked right", "pairs", "meets target"], rows),
-            _table(["tier", "overall", "relevance", "coherence"],
-                   [[t, _fmt(s.get("overall"), 2), _fmt(s.get("relevance"), 2), _fmt(s.get("coherence"), 2)]
-                    for t, s in tiers.items()])]
+            _table(["tier", "overall", "overall (rubric alone)", "P(true and safe)", "relevance", "coherence"],
+                   [[t, _fmt(s.get("overall"), 2), _fmt(s.get("overall_rubric"), 2), _fmt(s.get("correct"), 2),
+                     _fmt(s.get("relevance"), 2), _fmt(s.get("coherence"), 2)] for t, s in tiers.items()])]
 
 
 def build_report(run_dir: Path, ratings_db: Path | None = None) -> Path:

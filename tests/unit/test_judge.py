@@ -13,11 +13,7 @@ from utils import hardware, judge as J
 @pytest.fixture(scope="module")
 def tiny_judge(tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp("judge") / "llama", "llama")
-    with pytest.MonkeyPatch.context() as mp:  # the correctness check's calibration is cached here
-        mp.setenv("LORA_COMPARE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        judge = J.LLMJudge(str(path), dtype="fp32")
-        judge.calibration()
-    return judge
+    return J.LLMJudge(str(path), dtype="fp32")
 
 
 def full_pass_grades(judge, prompt, reply):
@@ -87,16 +83,21 @@ def test_calibration_is_fitted_once_and_follows_the_labels(tmp_path, monkeypatch
     label = {(q, a): y for q, a, y in rows}
     # a judge that tells right from wrong, with some overlap so the fit is finite
     informative = ScriptedJudge(lambda q, a: (0.8 if label[(q, a)] else 0.7) + 0.15 * (len(a) % 2))
+    informative.info = {"gguf_sha256": "ab" * 32}  # weights known by content: the fit goes to disk
     fit = J._calibration(informative)
     assert informative.calls == len(rows) and fit["slope"] > 0 and fit["n"] == len(rows)
+    assert len(list((tmp_path / "judge").glob("correctness-*.json"))) == 1
+    monkeypatch.setattr(J, "_FITS", {})  # a new process: read from the file, not asked again
     again = ScriptedJudge(lambda q, a: 0.5)
     again.info = informative.info
-    assert J._calibration(again) == fit and again.calls == 0  # read from the cache
+    assert J._calibration(again) == fit and again.calls == 0
     # a judge whose "Yes" goes the wrong way gets slope 0: the check cannot reorder replies
     backwards = ScriptedJudge(lambda q, a: (0.3 if label[(q, a)] else 0.9) + 0.05 * (len(a) % 3))
     backwards.info = {"weights": "backwards"}
     flat = J._calibration(backwards)
     assert flat["slope"] == 0 and flat["intercept"] == pytest.approx(math.log(2))  # two true answers per wrong one
+    assert J._calibration(backwards) is flat and backwards.calls == len(rows)  # once per process, not on disk
+    assert len(list((tmp_path / "judge").glob("correctness-*.json"))) == 1
 
 
 def test_calibration_set_is_labelled_and_on_its_own_topics():
