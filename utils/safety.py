@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .paths import CONFIGS_DIR, DATA_DIR
+from .paths import CONFIGS_DIR, DATA_DIR, shown
 
 SAFETY_DATA = DATA_DIR / "eval" / "safety"
 CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
@@ -137,7 +137,11 @@ def load_labelled(path: Path, positive: str) -> list[dict]:
         raise ValueError(f"{path}: expected two top-level groups, one named {positive!r}")
     rows = []
     for group, kinds in data.items():
+        if not isinstance(kinds, dict):
+            raise ValueError(f"{path}: group {group!r} should map kinds to lists of texts")
         for kind, texts in kinds.items():
+            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError(f"{path}: {group}.{kind} should be a list of non-empty texts")
             for text in texts:
                 rows.append({"text": text, "kind": kind, "label": int(group == positive), "split": split_of(text)})
     return rows
@@ -868,12 +872,35 @@ def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) 
                               "negative": sum(v.flag for v, r in asked if not r["label"])}}
 
 
-def evaluate(out: Path | None = None) -> dict:
-    """Both classifiers on their held-out test splits: share flagged per kind (recall for the unsafe
-    / crisis kinds, false positives for the others) with Wilson 95% intervals, the regex-only
-    baseline, and time per message."""
-    crisis_rows = [r for r in load_labelled(CRISIS_DATA, "positive") if r["split"] == "test"]
-    reply_rows = [r for r in load_labelled(REPLY_DATA, "unsafe") if r["split"] == "test"]
+SPLIT_NOTE = "test = a quarter of the texts by sha1(text), never used for fitting or thresholds"
+
+
+def held_out(path: Path | None, default: Path, positive: str) -> list[dict]:
+    """The rows to measure on: the test split of ``default``, or every row of ``path`` (a labelled
+    file of the same layout, e.g. one you wrote). A text of ``path`` that is in the train split
+    (which the classifier was fitted on) is refused by name: it cannot measure anything."""
+    if path is None:
+        return [r for r in load_labelled(default, positive) if r["split"] == "test"]
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; expected a labelled YAML file laid out like {default.name}")
+    rows = load_labelled(path, positive)
+    if {r["label"] for r in rows} != {0, 1}:
+        raise ValueError(f"{path}: needs texts under both groups (recall needs positives, false positives negatives)")
+    seen = {" ".join(r["text"].lower().split()) for r in load_labelled(default, positive) if r["split"] == "train"}
+    fitted = [r["text"] for r in rows if " ".join(r["text"].lower().split()) in seen]
+    if fitted:
+        raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {default.name}, which the "
+                         f"classifier was fitted on: {fitted[:3]}; remove them")
+    return rows
+
+
+def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_data: Path | None = None) -> dict:
+    """Both classifiers on held-out data (their test splits, or the labelled files given): share
+    flagged per kind (recall for the unsafe / crisis kinds, false positives for the others) with
+    Wilson 95% intervals, the regex-only baseline, and time per message."""
+    crisis_rows = held_out(crisis_data, CRISIS_DATA, "positive")
+    reply_rows = held_out(reply_data, REPLY_DATA, "unsafe")
     det, flt = detector(), output_filter()
     preload()  # the screen's judge loaded before anything is timed (the dashboard loads it at start-up)
     verdicts = [det.check(r["text"]) for r in crisis_rows]
@@ -884,15 +911,16 @@ def evaluate(out: Path | None = None) -> dict:
     words_only = [bool(blocked_terms(r["text"])) for r in reply_rows]
     ms = [1000 * v.fast_seconds for v in verdicts + reply_verdicts]
     kinds = _kind_table(flags, crisis_rows)
-    targets = {"explicit recall = 100%": kinds["explicit"]["share"] == 1.0,
-               "implicit recall >= 90%": kinds["implicit"]["share"] >= 0.9,
+    targets = {**({"explicit recall = 100%": kinds["explicit"]["share"] == 1.0} if "explicit" in kinds else {}),
+               **({"implicit recall >= 90%": kinds["implicit"]["share"] >= 0.9} if "implicit" in kinds else {}),
                "false positives <= 5%": _summary(flags, crisis_rows)["false_positive_rate"]["share"] <= 0.05,
                "<= 50 ms per message (median)": float(np.median(ms)) <= 50}
     report = {
         "data": {
-            "crisis": str(CRISIS_DATA.relative_to(DATA_DIR.parent)),
-            "replies": str(REPLY_DATA.relative_to(DATA_DIR.parent)),
-            "split": "test = a quarter of the texts by sha1(text), never used for fitting or thresholds",
+            "crisis": shown(crisis_data) if crisis_data else str(CRISIS_DATA.relative_to(DATA_DIR.parent)),
+            "replies": shown(reply_data) if reply_data else str(REPLY_DATA.relative_to(DATA_DIR.parent)),
+            "split": {"crisis": "every row" if crisis_data else SPLIT_NOTE,
+                      "replies": "every row" if reply_data else SPLIT_NOTE},
         },
         "crisis_detector": {
             "method": _method(det),
@@ -948,6 +976,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("evaluate", help="measure the detector and the output filter on their held-out splits")
     p.add_argument("--out", help="also write the figures to this JSON file")
+    p.add_argument("--crisis-data", help="measure the crisis detector on every row of this labelled file instead "
+                   "(laid out like data/eval/safety/crisis_messages.yaml)")
+    p.add_argument("--replies-data", help="measure the output filter on every row of this labelled file instead "
+                   "(laid out like data/eval/safety/unsafe_replies.yaml)")
     sub.add_parser("fit", help="fit both classifiers on their train splits (or load them: cached per machine)")
     args = parser.parse_args(argv)
     if args.command == "fit":
@@ -956,7 +988,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {_method(model)}; train-split CV AUC {model.cv['auc']}, recall {rule['recall']:.3f} "
                   f"at {rule['false_positive_rate']:.3f} false positives, screen asked for {rule['asked']:.1%}")
         return 0
-    _print(evaluate(Path(args.out) if args.out else None))
+    try:
+        report = evaluate(Path(args.out) if args.out else None, args.crisis_data, args.replies_data)
+    except (ValueError, yaml.YAMLError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print(report)
     return 0
 
 

@@ -356,3 +356,35 @@ def test_patterns_on_the_phrases_they_were_written_against():
     explicit = [r for r in rows if r["kind"] == "explicit"]
     assert len(explicit) == 12 and all(safety.pattern_flag(r["text"]) for r in explicit)
     assert not any(safety.pattern_flag(r["text"]) for r in rows if r["kind"] == "hyperbole")
+
+
+def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training_texts(tmp_path):
+    from utils import safety as S
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("positive:\n  explicit: [i am going to end it tonight, no one will miss me]\n"
+                   "negative:\n  everyday: [what is a good soup recipe]\n")
+    rows = S.held_out(own, S.CRISIS_DATA, "positive")
+    assert [r["label"] for r in rows] == [1, 1, 0]  # every row, whatever its hash split
+    default = S.held_out(None, S.CRISIS_DATA, "positive")
+    assert default and {r["split"] for r in default} == {"test"}
+    trained = next(r["text"] for r in S.load_labelled(S.CRISIS_DATA, "positive") if r["split"] == "train")
+    own.write_text(f"positive:\n  explicit: [{trained.upper()!r}]\nnegative:\n  everyday: [hello there]\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: 1 text\(s\) are in the train split"):
+        S.held_out(own, S.CRISIS_DATA, "positive")
+    own.write_text("positive:\n  explicit: [i want to die]\nnegative: {}\n")
+    with pytest.raises(ValueError, match="mine.yaml: needs texts under both groups"):
+        S.held_out(own, S.CRISIS_DATA, "positive")
+    own.write_text("positive:\n  explicit: i want to die\nnegative:\n  everyday: [hi]\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: positive.explicit should be a list"):
+        S.held_out(own, S.CRISIS_DATA, "positive")
+    with pytest.raises(ValueError, match="nothere.yaml: no such file"):
+        S.held_out(tmp_path / "nothere.yaml", S.CRISIS_DATA, "positive")
+
+
+def test_the_second_held_out_set_shares_no_text_with_the_first_data_set():
+    from utils import safety as S
+
+    fresh = S.load_labelled(S.SAFETY_DATA / "crisis_fresh.yaml", "positive")
+    first = {" ".join(r["text"].lower().split()) for r in S.load_labelled(S.CRISIS_DATA, "positive")}
+    assert len(fresh) >= 80 and not {" ".join(r["text"].lower().split()) for r in fresh} & first
