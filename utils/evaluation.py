@@ -416,7 +416,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "dtype_probe": hardware.dtype_probe(),
         "judge_model": cfg.judge_model,
         "judge": ({**judge.info, "timing": judge.timing_summary(),
-                   "seconds_per_reply": judge.timing_summary()["grade"]["seconds_per_call"]} if judge else None),
+                   "seconds_per_reply": metrics.seconds_per_reply(judge.timing_summary())} if judge else None),
         "judge_is_compared": judged_self,
         **{key: ({k: v for k, v in validity_results[key].items() if k != "rows"} if key in validity_results else None)
            for key in VALIDITY_VIEWS},

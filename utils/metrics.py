@@ -232,10 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ScoreInputError, J.JudgeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    t = judge.timing_summary()["grade"]
     print(f"scored {len(rows)} rows into {args.output} ({judge.info['model']}, {judge.info['dtype']}, "
-          f"{t['seconds_per_call']} s per reply)")
+          f"{seconds_per_reply(judge.timing_summary())} s per reply)")
     return 0
+
+
+def seconds_per_reply(timing: dict) -> float | None:
+    """The judge's time per graded reply, all its passes (rubric and fact check), from ``timing_summary()``."""
+    grades = timing["grade"]
+    if not grades["calls"]:
+        return None
+    return round((grades["seconds"] + timing.get("correct", {}).get("seconds", 0.0)) / grades["calls"], 3)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -132,3 +132,11 @@ def test_interval_text_formats_every_kind_of_summary():
     assert interval_text({"win_rate": 0.5, "low": 0.25, "high": 0.75}, keys=("win_rate", "low", "high"),
                          wrap=lambda b: f"<i>{b}</i>") == "0.50 <i>[0.25, 0.75]</i>"
     assert interval_text({"mean": None, "low": None, "high": None, "n": 0}) == "–" == interval_text(None)
+
+
+def test_seconds_per_reply_counts_every_pass_of_the_judge():
+    timing = {"grade": {"calls": 4, "seconds": 20.0}, "correct": {"calls": 4, "seconds": 8.0},
+              "pair": {"calls": 2, "seconds": 9.0}}
+    assert metrics.seconds_per_reply(timing) == 7.0  # (20 + 8) / 4; pairwise comparisons are not replies
+    assert metrics.seconds_per_reply({"grade": {"calls": 3, "seconds": 6.0}}) == 2.0
+    assert metrics.seconds_per_reply({"grade": {"calls": 0, "seconds": 0.0}}) is None
