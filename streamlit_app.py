@@ -218,7 +218,8 @@ def compare_page():
                 metrics.Scorer(embedder()).score([prompt] * 2, texts, [reference] * 2 if reference else None)
             table = {"model": [side["A"].label, side["B"].label]}
             for key, label in (("overall", "overall /5"), ("relevance", "relevance /5"), ("coherence", "coherence /5"),
-                               ("words", "words"), ("rouge_l", "ROUGE-L"), ("similarity", "similarity to reference")):
+                               ("correct_calibrated", "true and safe (judge's P)"), ("words", "words"),
+                               ("rouge_l", "ROUGE-L"), ("similarity", "similarity to reference")):
                 if all(key in g for g in graded):
                     table[label] = [g[key] for g in graded]
             st.dataframe(pd.DataFrame(table), hide_index=True)

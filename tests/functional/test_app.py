@@ -78,9 +78,9 @@ def test_validation_prompt_shows_reference_and_scores(app):
     at.button(key="generate").click().run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
-    assert list(table.columns) == ["model", "overall /5", "relevance /5", "coherence /5", "words", "ROUGE-L",
-                                   "similarity to reference"] and len(table) == 2
-    assert table["overall /5"].between(1, 5).all()
+    assert list(table.columns) == ["model", "overall /5", "relevance /5", "coherence /5", "true and safe (judge's P)",
+                                   "words", "ROUGE-L", "similarity to reference"] and len(table) == 2
+    assert table["overall /5"].between(1, 5).all() and table["true and safe (judge's P)"].between(0, 1).all()
 
 
 def test_no_adapters_and_no_data(app, tmp_path):
