@@ -6,7 +6,7 @@ import pytest
 
 from utils import evaluation, judge as J, metrics, validity
 
-# scoring the whole ladder takes about 22 minutes on 2 AVX2 cores (fp32): more than the default per-test limit
+# scoring the whole ladder takes about 57 minutes on 2 AVX2 cores (fp32, three passes): beyond the default limit
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
@@ -48,23 +48,17 @@ def test_every_grade_is_far_above_chance(ladder_result):
     assert ladder_result["shares"]["good_vs_wrong"]["share"] >= 0.8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not met yet (measured 89.8% of 384 pairs, fp32 on AVX2): a terse correct answer "
-    "ranks below a fluent wrong one (25%) and another question's answer (67%); see "
-    "README, 'Is the judge right?'",
-)
 def test_overall_meets_the_target(ladder_result):
-    assert ladder_result["shares"]["overall"]["share"] >= validity.TARGET
+    # 94.3% of 384 with the fact-check pass (2026-11-30, fp32 on AVX2); 89.8% without it
+    assert ladder_result["shares"]["overall"]["share"] >= validity.TARGET, ladder_result["shares"]["overall"]["pairs"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not met yet (measured 87.5%, 21 of 24, per reply; pairwise 91.7%): graded alone, "
-    "the judge trusts fluent confident claims; see README, 'Is the judge right?'",
-)
 def test_per_reply_correctness_meets_the_target(ladder_result):
+    # good above fluent-but-wrong, each graded alone: 22 of 24 with the fact-check pass, 21 without
     assert ladder_result["shares"]["good_vs_wrong"]["share"] >= validity.TARGET
+    # the fact check is what moves it: the wrong tier keeps far less of its rubric grade than the good one
+    tiers = ladder_result["tier_means"]
+    assert tiers["wrong"]["correct_calibrated"] < tiers["good"]["correct_calibrated"] - 0.2
 
 
 def test_score_command_on_the_real_judge(judge, tmp_path):
