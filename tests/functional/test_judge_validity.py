@@ -84,5 +84,9 @@ def test_a_category_rubric_line_does_not_lift_an_echoed_question(judge):
     assert len(by) == 16
     for i in ids:
         good, echo = by[(i, "good")], by[(i, "echo")]
-        assert echo["overall"] < 2 < good["overall"] - 2, (i, echo["overall"], good["overall"])
+        # the rubric pass, where the line sits (since 2026-11-30 ``overall`` also folds in the fact check,
+        # which lowers every grade: its mean for good answers fell from 4.49 to 4.06)
+        assert echo["overall_rubric"] < 2 < good["overall_rubric"] - 2, (i, echo["overall_rubric"],
+                                                                         good["overall_rubric"])
+        assert echo["overall"] < 2 and echo["overall"] < good["overall"] - 1.5, (i, echo["overall"], good["overall"])
         assert echo["relevance"] < good["relevance"] - 1.5, (i, echo["relevance"], good["relevance"])
