@@ -382,9 +382,16 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
         S.held_out(tmp_path / "nothere.yaml", S.CRISIS_DATA, "positive")
 
 
-def test_the_second_held_out_set_shares_no_text_with_the_first_data_set():
+@pytest.mark.parametrize("name", ["crisis_fresh.yaml", "crisis_third.yaml"])
+def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_held_out_set(name):
     from utils import safety as S
 
-    fresh = S.load_labelled(S.SAFETY_DATA / "crisis_fresh.yaml", "positive")
-    first = {" ".join(r["text"].lower().split()) for r in S.load_labelled(S.CRISIS_DATA, "positive")}
-    assert len(fresh) >= 80 and not {" ".join(r["text"].lower().split()) for r in fresh} & first
+    def norm(rows):
+        return {" ".join(r["text"].lower().split()) for r in rows}
+
+    extra = norm(S.load_labelled(S.SAFETY_DATA / name, "positive"))
+    assert len(extra) >= 80
+    assert not extra & norm(S.load_labelled(S.CRISIS_DATA, "positive"))
+    for other in S.SAFETY_DATA.glob("crisis_*.yaml"):
+        if other.name not in (name, S.CRISIS_DATA.name):
+            assert not extra & norm(S.load_labelled(other, "positive")), other.name
