@@ -11,8 +11,10 @@ a frozen weight). That is why 8-bit training used about as much memory as fp32.
 ``slim_frozen_8bit(model)`` swaps the training-time matmul of every frozen ``Linear8bitLt`` for
 ``FrozenInt8Matmul``: the same dequantise-and-multiply in the forward pass (same operations, same
 order, so the same numbers), and in the backward pass the weight dequantised again from the int8
-copy the layer holds anyway. Inference (``eval()``) and layers whose weight or bias trains keep
-bitsandbytes' own path. Checked against bitsandbytes' gradients in tests/unit/test_int8.py.
+copy the layer holds anyway. A weight larger than ``SLICE_BYTES`` in fp32 is dequantised a slice
+of rows at a time, in training and inference. Other layers in inference (``eval()``) and layers
+whose weight or bias trains keep bitsandbytes' own path. Checked against bitsandbytes' gradients
+in tests/unit/test_int8.py.
 """
 from __future__ import annotations
 
@@ -27,29 +29,65 @@ def _dequantise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torc
     return cb.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
+# A weight whose fp32 copy is larger than this is dequantised in slices of output rows, never
+# whole: Qwen2.5-1.5B's untied output layer (151,936 x 1,536) would otherwise need a 0.93 GB fp32
+# copy at once in the forward pass and again in the backward pass, the peak of an 8-bit training
+# step (measured: 5.6 -> 6.7 GB while its backward ran). Smaller layers are dequantised whole, so
+# their numbers stay bit for bit bitsandbytes'.
+SLICE_BYTES = 64 * 2**20
+
+
+def _row_slices(cb: torch.Tensor, dtype: torch.dtype, slice_bytes: int):
+    rows, cols = cb.shape
+    step = max(1, slice_bytes // max(1, cols * torch.empty((), dtype=dtype).element_size()))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 class FrozenInt8Matmul(torch.autograd.Function):
-    """``x @ dequant(CB, SCB).T + bias`` for a weight and bias that do not train: saves no activation."""
+    """``x @ dequant(CB, SCB).T + bias`` for a weight and bias that do not train: saves no activation,
+    and holds at most ``SLICE_BYTES`` of dequantised weight at a time."""
 
     @staticmethod
     def forward(ctx, x, cb, scb, bias):
         ctx.save_for_backward(cb, scb)  # the layer's own int8 weight and scales: no copy
         ctx.x_dtype = x.dtype
-        return torch.nn.functional.linear(x, _dequantise(cb, scb, x.dtype), bias)
+        slices = _row_slices(cb, x.dtype, SLICE_BYTES)
+        if len(slices) == 1:
+            return torch.nn.functional.linear(x, _dequantise(cb, scb, x.dtype), bias)
+        out = x.new_empty(*x.shape[:-1], cb.shape[0])
+        for i, j in slices:
+            out[..., i:j] = torch.nn.functional.linear(x, _dequantise(cb[i:j], scb[i:j], x.dtype),
+                                                       None if bias is None else bias[i:j])
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
         cb, scb = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad_output.to(ctx.x_dtype), _dequantise(cb, scb, ctx.x_dtype))
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_output = grad_output.to(ctx.x_dtype)
+        slices = _row_slices(cb, ctx.x_dtype, SLICE_BYTES)
+        if len(slices) == 1:
+            return torch.matmul(grad_output, _dequantise(cb, scb, ctx.x_dtype)), None, None, None
+        grad_x = grad_output.new_zeros(*grad_output.shape[:-1], cb.shape[1])
+        for i, j in slices:  # grad_x = sum over row slices of grad_output[..., slice] @ W[slice]
+            grad_x += torch.matmul(grad_output[..., i:j], _dequantise(cb[i:j], scb[i:j], ctx.x_dtype))
         return grad_x, None, None, None
+
+
+def _large(self) -> bool:
+    rows, cols = self.out_features, self.in_features
+    return rows * cols * 4 > SLICE_BYTES
 
 
 def _slim_forward(self, x: torch.Tensor):
     frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-    if not (self.training and frozen and x.device.type == "cpu"):
+    if not (frozen and x.device.type == "cpu" and (self.training or _large(self))):
         return self._bnb_forward(x)
-    self.state.is_training = True
+    # Training: every frozen layer. Inference: only a layer larger than SLICE_BYTES in fp32 (an untied
+    # output layer), where bitsandbytes' int8 matmul would hold the int32 and float products of the
+    # whole vocabulary at once; smaller layers keep bitsandbytes' inference path and numbers.
+    self.state.is_training = self.training
     if self.weight.CB is not None:  # first call: bitsandbytes moves the int8 weight into its state
         self.init_8bit_state()
     state = self.state

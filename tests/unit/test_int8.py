@@ -87,6 +87,41 @@ def test_slim_layers_keep_no_activation_of_their_own(tiny_8bit):
     assert slim < bnb
 
 
+def test_a_large_weight_is_dequantised_in_slices_with_the_same_numbers(tiny_8bit, monkeypatch):
+    """Above ``SLICE_BYTES`` the weight is multiplied slice by slice (forward and backward): no fp32
+    copy larger than a slice exists at once, and loss and gradients agree with bitsandbytes' within
+    float rounding (summation order differs)."""
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(5))
+    loss_bnb, grads_bnb, _ = _step(_peft(_lora(tiny_8bit), slim=False), ids)
+    slice_bytes = 1024  # smaller than every layer of the tiny model, so each one is sliced
+    monkeypatch.setattr(int8, "SLICE_BYTES", slice_bytes)
+    largest = []
+    original = int8._dequantise
+
+    def recording(cb, scb, dtype):
+        out = original(cb, scb, dtype)
+        largest.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(int8, "_dequantise", recording)
+    loss_sliced, grads_sliced, _ = _step(_peft(_lora(tiny_8bit), slim=True), ids)
+    assert largest and max(largest) <= slice_bytes
+    torch.testing.assert_close(loss_sliced, loss_bnb, rtol=1e-5, atol=1e-6)
+    assert grads_sliced.keys() == grads_bnb.keys()
+    for name in grads_bnb:
+        torch.testing.assert_close(grads_sliced[name], grads_bnb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_row_slices_cover_every_row_once():
+    cb = torch.zeros(1000, 64, dtype=torch.int8)
+    for slice_bytes in (1, 256, 64 * 4 * 7, 10**9):
+        slices = int8._row_slices(cb, torch.float32, slice_bytes)
+        assert slices[0][0] == 0 and slices[-1][1] == 1000
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert all((j - i) * 64 * 4 <= max(slice_bytes, 64 * 4) for i, j in slices)
+    assert len(int8._row_slices(cb, torch.float32, 10**9)) == 1
+
+
 def test_eval_mode_keeps_the_bitsandbytes_inference_path(tiny_8bit):
     ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(3))
     plain = _lora(tiny_8bit).eval()
@@ -94,6 +129,28 @@ def test_eval_mode_keeps_the_bitsandbytes_inference_path(tiny_8bit):
     int8.slim_frozen_8bit(slim)
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, slim(input_ids=ids).logits)
+
+
+def test_in_inference_only_a_layer_above_the_slice_size_leaves_the_bitsandbytes_path(tiny_8bit, monkeypatch):
+    """An untied output layer of a real model is far above ``SLICE_BYTES``: in eval mode it is
+    multiplied slice by slice with the dequantised weight (bitsandbytes' inference path would hold
+    the int32 and float products of the whole vocabulary at once). Its logits differ from
+    bitsandbytes' int8-activation path only by that path's rounding."""
+    ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(6))
+    plain = _lora(tiny_8bit).eval()
+    slim = _lora(tiny_8bit).eval()
+    int8.slim_frozen_8bit(slim)
+    head = slim.get_output_embeddings()
+    head_bytes = head.out_features * head.in_features * 4
+    monkeypatch.setattr(int8, "SLICE_BYTES", head_bytes - 1)  # only the output layer is "large"
+    calls = []
+    original = int8.FrozenInt8Matmul.apply
+    monkeypatch.setattr(int8.FrozenInt8Matmul, "apply", lambda *a: calls.append(a[1].shape) or original(*a))
+    with torch.no_grad():
+        want, got = plain(input_ids=ids).logits, slim(input_ids=ids).logits
+    assert calls == [torch.Size([head.out_features, head.in_features])]  # the output layer, nothing else
+    assert not torch.equal(want, got)  # really another path
+    assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.999
 
 
 def test_patching_twice_is_a_no_op(tiny_8bit):
