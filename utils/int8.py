@@ -12,9 +12,9 @@ a frozen weight). That is why 8-bit training used about as much memory as fp32.
 ``FrozenInt8Matmul``: the same dequantise-and-multiply in the forward pass (same operations, same
 order, so the same numbers), and in the backward pass the weight dequantised again from the int8
 copy the layer holds anyway. A weight larger than ``SLICE_BYTES`` in fp32 is dequantised a slice
-of rows at a time, in training and inference. Other layers in inference (``eval()``) and layers
-whose weight or bias trains keep bitsandbytes' own path. Checked against bitsandbytes' gradients
-in tests/unit/test_int8.py.
+of rows at a time, in training, and in inference over many tokens at once. Other layers in
+inference (``eval()``) and layers whose weight or bias trains keep bitsandbytes' own path. Checked
+against bitsandbytes' gradients in tests/unit/test_int8.py.
 """
 from __future__ import annotations
 
@@ -75,18 +75,21 @@ class FrozenInt8Matmul(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _large(self) -> bool:
-    rows, cols = self.out_features, self.in_features
-    return rows * cols * 4 > SLICE_BYTES
+def _large_product(self, x: torch.Tensor) -> bool:
+    """In inference, bitsandbytes' int8 path holds the int32 and the float product at once: fine for
+    a few tokens (decoding), not for an output layer over a whole evaluation batch."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows * self.out_features * 4 > SLICE_BYTES and self.out_features * self.in_features * 4 > SLICE_BYTES
 
 
 def _slim_forward(self, x: torch.Tensor):
     frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-    if not (frozen and x.device.type == "cpu" and (self.training or _large(self))):
+    if not (frozen and x.device.type == "cpu" and (self.training or _large_product(self, x))):
         return self._bnb_forward(x)
     # Training: every frozen layer. Inference: only a layer larger than SLICE_BYTES in fp32 (an untied
-    # output layer), where bitsandbytes' int8 matmul would hold the int32 and float products of the
-    # whole vocabulary at once; smaller layers keep bitsandbytes' inference path and numbers.
+    # output layer) over enough tokens that its product is larger too (an evaluation batch, not a
+    # decoding step), where bitsandbytes' int8 matmul would hold the int32 and float products of the
+    # whole vocabulary at once; everything else keeps bitsandbytes' inference path and numbers.
     self.state.is_training = self.training
     if self.weight.CB is not None:  # first call: bitsandbytes moves the int8 weight into its state
         self.init_8bit_state()

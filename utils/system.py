@@ -53,6 +53,36 @@ def lifetime_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+LEAN_MMAP_THRESHOLD = 128 * 1024  # bytes; glibc's own default starts here and climbs to 32 MiB
+
+
+def lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> str:
+    """Make glibc serve every allocation above ``threshold`` bytes by its own mapping, so freeing it
+    returns the memory to the system at once. By default glibc raises that threshold as large
+    blocks are freed (up to 32 MiB), after which freed activations stay in its heap and the next
+    phase (the backward pass, an evaluation) grows the process further. Fixed at 128 KiB, 8-bit
+    LoRA training of Qwen2.5-1.5B peaked at 5.1 GB instead of 6.1 GB, for about 10-15% fewer
+    tokens/s (each step maps fresh pages): training's ``lean_allocator`` option, off by default.
+    It cannot be undone for the process (glibc stops adjusting the threshold once it is set).
+
+    Returns what was done, for run records. A ``MALLOC_MMAP_THRESHOLD_`` set in the environment is
+    left alone (the caller chose); not glibc (macOS, musl): nothing is changed."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return f"glibc mmap threshold {os.environ['MALLOC_MMAP_THRESHOLD_']} bytes (from the environment)"
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator unchanged (not glibc)"
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    if mallopt(m_mmap_threshold, int(threshold)) != 1:
+        return "allocator unchanged (mallopt refused)"
+    return f"glibc mmap threshold {int(threshold)} bytes (lean: freed buffers go back at once)"
+
+
 class MemorySampler:
     """Peak resident memory of a process *during* a block, sampled by a thread every ``interval``
     seconds (inside long calls too, where activations peak), in all and without file-backed pages.

@@ -70,6 +70,7 @@ class TrainConfig:
     early_stopping_patience: int = 3  # evaluations without improvement before stopping
     padding: str = "dynamic"  # "dynamic" (length-grouped batches) or "max_length" (the tutorial recipe)
     gradient_checkpointing: bool = False  # recompute layers in the backward pass: less memory, ~30% slower
+    lean_allocator: bool = False  # glibc hands freed buffers back at once: less peak memory, ~10-15% slower
     dtype: str = "auto"  # "bf16" (autocast, fp32 LoRA weights and optimizer state), "fp32", or "auto": bf16 where
     # the CPU multiplies bf16 natively (AMX / AVX-512-BF16), fp32 elsewhere (see utils.hardware)
     max_train_examples: int | None = None  # cut the data (smoke runs)
@@ -627,6 +628,9 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
     train_ds, val_ds, dropped = _encode(cfg, rows, tokenizer, fmt, log)
 
     model, targets, fan_in_fan_out, slimmed = _add_lora(cfg, spec, loaded)
+    allocator = system.lean_allocator() if cfg.lean_allocator else None  # for this whole process
+    if allocator:
+        log(f"memory: {allocator}")
     params = count_parameters(model)
     check_free_space(output_dir, params["trainable_params"])
     log(f"{cfg.peft_method} on {targets or 'its own parameters'}: {params['trainable_params']:,} trainable of "
@@ -659,6 +663,7 @@ def train(cfg: TrainConfig, extra_callbacks: Sequence = (), log=print) -> TrainR
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     run = run_record(cfg, setup, trainer, result, throughput, checkpoint)
+    run["allocator"] = allocator or "default"
     final_dir = final_adapter(output_dir)
 
     def write_final(folder: Path) -> None:

@@ -74,3 +74,21 @@ def test_latency_rooflines_use_the_best_bandwidth_probe(monkeypatch, tmp_path):
     assert report["method"]["dtype"] == "fp32"
     written = json.loads((tmp_path / "latency.json").read_text())
     assert all(r["roofline_fraction"] is None or r["roofline_fraction"] <= 1 for r in written["rows"])
+
+
+def test_every_training_variant_is_a_valid_config_and_lean_ones_are_asked_for_by_name(monkeypatch):
+    import dataclasses
+
+    from utils import hardware
+    from utils.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, variant in benchmark.TRAIN_VARIANTS.items():
+        assert set(variant) <= fields, (name, set(variant) - fields)
+    monkeypatch.setattr(hardware, "fast_bf16", lambda: True)
+    chosen = benchmark.default_train_variants()
+    assert "repo-8bit" in chosen and "repo-bf16" in chosen
+    assert not [v for v in chosen if v.endswith("-lean")]
+    lean = {v: benchmark.TRAIN_VARIANTS[v] for v in ("repo-fp32-lean", "repo-8bit-lean")}
+    assert all(v["lean_allocator"] for v in lean.values())
+    assert {v["load_in_8bit"] for v in lean.values()} == {True, False}  # a pair: the ratio compares like with like

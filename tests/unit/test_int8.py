@@ -131,7 +131,7 @@ def test_eval_mode_keeps_the_bitsandbytes_inference_path(tiny_8bit):
         assert torch.equal(plain(input_ids=ids).logits, slim(input_ids=ids).logits)
 
 
-def test_in_inference_only_a_layer_above_the_slice_size_leaves_the_bitsandbytes_path(tiny_8bit, monkeypatch):
+def test_in_inference_only_a_large_layer_over_many_tokens_leaves_the_bitsandbytes_path(tiny_8bit, monkeypatch):
     """An untied output layer of a real model is far above ``SLICE_BYTES``: in eval mode it is
     multiplied slice by slice with the dequantised weight (bitsandbytes' inference path would hold
     the int32 and float products of the whole vocabulary at once). Its logits differ from
@@ -141,8 +141,8 @@ def test_in_inference_only_a_layer_above_the_slice_size_leaves_the_bitsandbytes_
     slim = _lora(tiny_8bit).eval()
     int8.slim_frozen_8bit(slim)
     head = slim.get_output_embeddings()
-    head_bytes = head.out_features * head.in_features * 4
-    monkeypatch.setattr(int8, "SLICE_BYTES", head_bytes - 1)  # only the output layer is "large"
+    # only the output layer is "large" (weight and product over these 16 tokens); others are smaller
+    monkeypatch.setattr(int8, "SLICE_BYTES", min(head.out_features * head.in_features, 16 * head.out_features) * 4 - 1)
     calls = []
     original = int8.FrozenInt8Matmul.apply
     monkeypatch.setattr(int8.FrozenInt8Matmul, "apply", lambda *a: calls.append(a[1].shape) or original(*a))
@@ -151,6 +151,10 @@ def test_in_inference_only_a_layer_above_the_slice_size_leaves_the_bitsandbytes_
     assert calls == [torch.Size([head.out_features, head.in_features])]  # the output layer, nothing else
     assert not torch.equal(want, got)  # really another path
     assert torch.corrcoef(torch.stack([want.flatten(), got.flatten()]))[0, 1] > 0.999
+    calls.clear()  # one token at a time (decoding): the product is small, bitsandbytes' path stays
+    with torch.no_grad():
+        slim(input_ids=ids[:, :1])
+    assert calls == []
 
 
 def test_patching_twice_is_a_no_op(tiny_8bit):

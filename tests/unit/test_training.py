@@ -163,9 +163,15 @@ def test_an_earlier_torn_checkpoint_is_never_deleted(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_8bit_path(tiny, tmp_path, arch):
-    res = training.train(_cfg(tiny, arch, tmp_path / "q", load_in_8bit=True, max_steps=4))
+def test_8bit_path(tiny, tmp_path, arch, monkeypatch):
+    from utils import system
+
+    # the lean allocator is real (tests/unit/test_system.py); here, leave this test process's alone
+    monkeypatch.setattr(system, "lean_allocator", lambda: "lean (recorded)")
+    lean = arch == "llama"
+    res = training.train(_cfg(tiny, arch, tmp_path / "q", load_in_8bit=True, max_steps=4, lean_allocator=lean))
     assert res.run["load_in_8bit"] is True and res.run["load_in_8bit_fallback"] is None
+    assert res.run["allocator"] == ("lean (recorded)" if lean else "default")
     loaded = models.load_model(str(tiny[arch]), load_in_8bit=True)
     kinds = {type(m).__name__ for m in loaded.model.modules()}
     assert "Linear8bitLt" in kinds
