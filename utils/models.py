@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import system
 from .io import write_directory_atomically
 from .paths import CONFIGS_DIR, MODELS_DIR, ROOT, adapter_root, final_adapter
 
@@ -269,20 +270,6 @@ def _detach_from_weights_file(model) -> None:
     gc.collect()
 
 
-def _return_freed_memory() -> None:
-    """Hand memory the allocator keeps after large frees back to the OS (glibc only; elsewhere a no-op)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
 def _ties_embeddings(folder) -> bool:
     """Whether the model in ``folder`` shares its input table with its output layer (True when unsure)."""
     from transformers import AutoConfig
@@ -324,7 +311,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
         with quiet_bnb():
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, **kwargs)
         _detach_from_weights_file(model)
-        _return_freed_memory()
+        system.return_freed_memory()
         info["load_in_8bit"] = False
     if load_in_8bit:
         try:
@@ -342,7 +329,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
             _detach_from_weights_file(model)
             info["int8_embedding"] = int8.quantise_input_embedding(model)  # False for a tied table
             info["int8_output_layer"] = untied
-            _return_freed_memory()  # the fp32 copies quantisation dropped (0.6 GB for the 1.5B model)
+            system.return_freed_memory()  # the fp32 copies quantisation dropped (0.6 GB for the 1.5B model)
             info["load_in_8bit"] = True
         except Exception as err:  # noqa: BLE001 - any failure means: fall back, loudly
             info["load_in_8bit"] = False

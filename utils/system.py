@@ -53,6 +53,24 @@ def lifetime_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def libc():
+    """The C library, or None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory the allocator keeps after large frees back to the OS (glibc only; elsewhere a no-op)."""
+    trim = getattr(libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 LEAN_MMAP_THRESHOLD = 128 * 1024  # bytes; glibc's own default starts here and climbs to 32 MiB
 
 
@@ -69,13 +87,8 @@ def lean_allocator(threshold: int = LEAN_MMAP_THRESHOLD) -> str:
     left alone (the caller chose); not glibc (macOS, musl): nothing is changed."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return f"glibc mmap threshold {os.environ['MALLOC_MMAP_THRESHOLD_']} bytes (from the environment)"
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return "allocator unchanged (not glibc)"
     m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
     if mallopt(m_mmap_threshold, int(threshold)) != 1:

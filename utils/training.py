@@ -111,6 +111,7 @@ class TrainConfig:
         need(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
              f"num_virtual_tokens={self.num_virtual_tokens!r}; expected an integer > 0")
         need(self.report_to in TRACKERS, f"report_to={self.report_to!r}; expected one of {list(TRACKERS)}")
+        need(isinstance(self.lean_allocator, bool), f"lean_allocator={self.lean_allocator!r}; expected True or False")
 
 
 @dataclass

@@ -287,6 +287,7 @@ def test_missing_processed_data_names_the_notebook(tiny, tmp_path):
     ({"lora_dropout": 1.0}, r"lora_dropout=1.0; expected 0 <= dropout < 1"),
     ({"save_steps": 3, "eval_steps": 2}, r"save_steps=3 must be a multiple of eval_steps=2"),
     ({"max_seq_len": 4}, r"max_seq_len=4; expected >= 8"),
+    ({"lean_allocator": "yes"}, r"lean_allocator='yes'; expected True or False"),
     ({"dtype": "fp16"}, r"dtype='fp16'; expected one of \['auto', 'fp32', 'bf16'\]"),
     ({"peft_method": "adapters"}, r"peft_method='adapters'; expected one of \['lora', 'dora', 'ia3', 'prefix'"),
     ({"peft_method": "full", "load_in_8bit": True}, r"peft_method='full' trains every weight.*load_in_8bit=False"),
