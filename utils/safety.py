@@ -504,12 +504,78 @@ class Screen:
         system, question = SCREENS[self.name]
         return judge.shared(self.model, self.dtype).ask(system, text, question)
 
+    def features(self, texts: list[str], desc: str | None = None) -> np.ndarray:
+        """The judge LLM's hidden state ``PROBE["depth"]`` of the way up its layers, averaged over
+        the tokens of each text (no prompt around it): what ``HiddenStateProbe`` reads. Batched."""
+        import torch
+        from tqdm.auto import tqdm
+
+        from . import judge
+
+        llm = judge.shared(self.model, self.dtype)
+        base = llm.model.base_model
+        layer = round(PROBE["depth"] * base.config.num_hidden_layers)
+        size, out = PROBE["batch_size"], []
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(texts), size), desc=desc, unit="batch", disable=desc is None):
+                ids = [llm.tokenizer(t)["input_ids"][:PROBE["max_tokens"]] for t in texts[start:start + size]]
+                width = max(map(len, ids))
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+                states = base(input_ids=torch.tensor([x + [0] * (width - len(x)) for x in ids]), attention_mask=mask,
+                              output_hidden_states=True).hidden_states[layer].float()
+                weights = mask.unsqueeze(-1).float()
+                out.append(((states * weights).sum(1) / weights.sum(1)).numpy())
+        return np.concatenate(out)
+
 
 def _screen_from_env(name: str) -> Screen | None:
     """The judge model ``LORA_COMPARE_SAFETY_SCREEN`` names (default: the project's judge), or no
     screen when it is ``none`` (the fast path alone)."""
     model = _screen_setting()
     return None if model.lower() == "none" else Screen(name, model)
+
+
+# ---- the probe: a logistic regression on the judge LLM's hidden states, a second stage like the question.
+# Chosen by 5-fold CV on the crisis train split (session 11, Qwen2.5-Coder-1.5B): the mean over the
+# message's tokens of the hidden state after layer 20 of 28 (depth 0.7), C = 0.1: AUC 0.956 alone and
+# 0.969 averaged with the fast path (0.954 alone); recall at 5% false positives 0.85 -> 0.91. Layers
+# 4-12 and 24-28 were weaker alone (0.92-0.94), the last token's state weaker still (0.81-0.957).
+PROBE = {"depth": 0.7, "c": 0.1, "batch_size": 16, "max_tokens": 256, "folds": 5}
+
+
+class HiddenStateProbe:
+    """Is a text a crisis message, read from the judge LLM's hidden states (``Screen.features``):
+    standardised, then a class-weighted logistic regression. Its score in the cascade is the mean of
+    its probability and the fast path's, for the texts the fast path cannot decide."""
+
+    def __init__(self, screen: Screen):
+        self.screen = screen
+
+    @staticmethod
+    def _model():
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), LogisticRegression(C=PROBE["c"], class_weight="balanced",
+                                                                  max_iter=3000))
+
+    def fit(self, features: np.ndarray, labels) -> "HiddenStateProbe":
+        self.model = self._model().fit(features, np.asarray(labels))
+        return self
+
+    def out_of_fold(self, features: np.ndarray, labels) -> np.ndarray:
+        """Cross-validated probabilities for the train rows (what the rule is chosen on)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        y = np.asarray(labels)
+        out = np.zeros(len(y))
+        for train, held in StratifiedKFold(PROBE["folds"], shuffle=True, random_state=0).split(features, y):
+            out[held] = self._model().fit(features[train], y[train]).predict_proba(features[held])[:, 1]
+        return out
+
+    def probability(self, texts: list[str]) -> np.ndarray:
+        return self.model.predict_proba(self.screen.features(texts))[:, 1]
 
 
 def choose_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
@@ -630,6 +696,29 @@ def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
     return rule
 
 
+def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenStateProbe, dict]:
+    """The probe fitted for ``screen``'s judge LLM and the rule chosen with it (``fit()`` computes
+    both): kept beside the classifiers' fit in ``folder``, one file per judge model, dtype, recipe and grids."""
+    import pickle
+
+    if folder is None:
+        return fit()
+    key = [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV]
+    path = folder / f"probe-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pkl"
+    if path.exists():
+        try:
+            saved = pickle.loads(path.read_bytes())  # our own cache, written below
+        except Exception as err:
+            raise RuntimeError(f"{path}: the saved safety probe cannot be read ({type(err).__name__}: {err}); "
+                               f"delete that file and run `make safety` to fit it again") from err
+        probe = HiddenStateProbe(screen)
+        probe.model = saved["model"]
+        return probe, saved["rules"]
+    probe, rules = fit()
+    _write_aside(path, lambda tmp: tmp.write_bytes(pickle.dumps({"model": probe.model, "rules": rules})))
+    return probe, rules
+
+
 def _cv_summary(scores: dict[str, np.ndarray], y: np.ndarray) -> dict:
     return {"auc": {name: _auc(p, y) for name, p in scores.items()},
             "out_of_fold": [round(float(x), 6) for x in scores["blend"]]}
@@ -640,9 +729,10 @@ class _Cascade:
 
     rule: dict
     screen: Screen | None
+    probe: HiddenStateProbe | None = None  # the second stage when it is the probe, else the question
 
     def _decide(self, read: list[str], unsafe: np.ndarray, trigger_fired) -> tuple[list[str], float | None]:
-        """Reasons to flag (empty: none), and the screen's probability when it was asked."""
+        """Reasons to flag (empty: none), and the second stage's score when it was asked."""
         rule, p = self.rule, float(unsafe.max())
         if p >= rule["hi"]:
             return ["classifier"], None
@@ -653,8 +743,40 @@ class _Cascade:
                      or (rule["trigger"] and trigger_fired(read[i], rule["trigger"]))][:MAX_SCREENED_PIECES]
         if not undecided:
             return [], None
+        if self.probe is not None:
+            probe = self.probe.probability([read[i] for i in undecided])
+            q = float(max((unsafe[i] + x) / 2 for i, x in zip(undecided, probe)))
+            return ([f"LLM probe, score {q:.2f}"] if q >= rule["screen"] else []), q
         q = max(self.screen.probability(read[i]) for i in undecided)
         return ([f"LLM screen, P(Yes) {q:.2f}"] if q >= rule["screen"] else []), q
+
+    def _fit_probe(self, texts: list[str], y: np.ndarray, triggers: dict[str, np.ndarray], what: str):
+        """The probe on the train rows and the rule chosen with its out-of-fold scores (averaged with
+        the fast path's), like the question's."""
+        blend = np.array(self.cv["out_of_fold"])
+        features = self.screen.features(texts, desc=f"reading the {what}'s train split with the judge LLM")
+        probe = HiddenStateProbe(self.screen)
+        oof = probe.out_of_fold(features, y)
+        mix = (blend + oof) / 2
+        return probe.fit(features, y), {
+            "fast": choose_rule(blend, y), "chosen": choose_rule(blend, y, triggers, mix),
+            "screen_model": self.screen.key()[:2], "second_stage": "probe", "probe": PROBE,
+            "probe_auc": {"probe": _auc(oof, y), "mean with the fast path": _auc(mix, y)},
+            "probe_on_train": [round(float(x), 4) for x in oof]}
+
+    def _pick_second_stage(self, folder: Path | None, texts: list[str], y: np.ndarray,
+                           triggers: dict[str, np.ndarray], what: str) -> None:
+        """Question or probe: the one whose cross-validated rule has the better recall within the
+        false-positive budget (ties: the one that asks fewer texts, as ``choose_rule`` breaks them)."""
+        if self.screen is None or not hasattr(self.screen, "features"):
+            return
+        probe, rules = _cached_probe(folder, self.screen, lambda: self._fit_probe(texts, y, triggers, what))
+        rank = lambda r: (r["recall"], -r["asked"])  # noqa: E731
+        if rules["chosen"]["screen"] is not None and rank(rules["chosen"]) > rank(self.rules["chosen"]):
+            self.rules = {**rules, "question": self.rules["chosen"]}
+            self.probe = probe
+        else:
+            self.rules = {**self.rules, "probe": rules["chosen"], "probe_auc": rules["probe_auc"]}
 
     def _choose(self, texts: list[str], y: np.ndarray, meta: dict, triggers: dict[str, np.ndarray], what: str):
         blend = np.array(meta["out_of_fold"])
@@ -690,6 +812,7 @@ class CrisisDetector(_Cascade):
         triggers = {name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}
         self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, triggers,
                                                                              "crisis detector"))
+        self._pick_second_stage(folder, texts, y, triggers, "crisis detector")
         self.rule = self.rules["chosen"]
         self.threshold, self.patterns = self.rule["hi"], self.rule["trigger"]
 
@@ -843,6 +966,10 @@ def _method(model: _Cascade) -> str:
         return f"{METHOD}, flagged at >= {rule['hi']:.3f}"
     asked = " or ".join(([f"it is >= {rule['lo']}"] if rule["lo"] is not None else [])
                         + ([f"the regular expressions ({rule['trigger']}) match"] if rule["trigger"] else []))
+    if model.probe is not None:
+        return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, a logistic regression on the "
+                f"hidden states of the judge LLM ({model.screen.model}, {PROBE['depth']:.0%} of the way up) reads "
+                f"the message, and the mean of its probability and the fast path's flags at >= {rule['screen']}")
     return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
             f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
 
@@ -850,7 +977,9 @@ def _method(model: _Cascade) -> str:
 def _chosen(model: _Cascade) -> dict:
     """What cross-validation on the train split chose: AUCs, the rule and the fast path's own rule."""
     return {**{k: v for k, v in model.cv.items() if k != "out_of_fold"}, "rule": model.rule,
-            "fast_rule": model.rules["fast"], "screen": model.rules.get("screen_model")}
+            "fast_rule": model.rules["fast"], "screen": model.rules.get("screen_model"),
+            "second_stage": "probe" if model.probe is not None else ("question" if model.screen else None),
+            **{name: model.rules[name] for name in ("question", "probe", "probe_auc") if name in model.rules}}
 
 
 def _fast_only(model: _Cascade, verdicts: list[Verdict], rows: list[dict], extra: list[bool] | None = None) -> dict:
@@ -866,7 +995,8 @@ def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) 
     """How often the screen was asked on the held-out rows, what it cost, and what it changed."""
     asked = [(v, r) for v, r in zip(verdicts, rows) if v.screen is not None]
     slow = [v.seconds - v.fast_seconds for v, _ in asked]
-    return {"model": model.screen.model if model.screen else None, "asked": len(asked), "of": len(rows),
+    return {"model": model.screen.model if model.screen else None,
+            "second_stage": "probe" if model.probe is not None else "question", "asked": len(asked), "of": len(rows),
             "seconds_per_ask": round(float(np.mean(slow)), 2) if slow else None,
             "flagged_by_it": {"positive": sum(v.flag for v, r in asked if r["label"]),
                               "negative": sum(v.flag for v, r in asked if not r["label"])}}

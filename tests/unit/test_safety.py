@@ -221,6 +221,79 @@ def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_enco
     assert det.check("the dinner was awful, i want to kill myself").flag and len(screen.asked) == 1
 
 
+def test_screen_features_are_the_mean_hidden_state_and_do_not_depend_on_the_batch(tmp_path, monkeypatch):
+    """The probe's features from a real (tiny, random) causal LM: one row per text, the padding of a
+    batch changes nothing, and the layer read is ``PROBE["depth"]`` of the way up."""
+    from tiny import save_tiny_model
+
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    screen = safety.Screen("crisis", str(path), dtype="fp32")
+    texts = ["hi", "a much longer message than the first one, to pad the batch", "third"]
+    together = screen.features(texts)
+    alone = np.concatenate([screen.features([t]) for t in texts])
+    assert together.shape[0] == 3 and np.allclose(together, alone, atol=1e-5)
+    monkeypatch.setitem(safety.PROBE, "depth", 0.0)  # the embeddings themselves: a different layer
+    assert not np.allclose(screen.features(texts), together, atol=1e-3)
+
+
+HEAVY = ("zorbit", "plimsk", "vandrel", "krosset", "mipple", "yarnok", "fendix", "quarble", "doomple")
+LIGHT = ("blenrot", "tisker", "hoxwell", "druvin", "sapplet", "nurgle", "crindo", "welpish", "calmix")
+# made-up words, one per row: in cross-validation the fast path (even the real MiniLM embeddings of
+# the regression) meets only words that mean nothing to it, while the fake hidden states know which
+# list a word is from (as an LLM knows words a small encoder has not learnt)
+FEELINGS = ([{"text": f"i feel {w} today", "kind": "everyday", "label": 0, "split": "train"} for w in LIGHT]
+            + [{"text": f"i feel {w} today", "kind": "explicit", "label": 1, "split": "train"} for w in HEAVY])
+
+
+class FakeProbeScreen(FakeScreen):
+    """A screen whose question knows nothing (always 0.5) but whose hidden states carry whether a
+    text has a word of ``HEAVY`` (``informative``) or nothing (a constant); counts the texts it reads."""
+
+    def __init__(self, informative=True):
+        super().__init__()
+        self.informative, self.read = informative, []
+
+    def key(self):  # the probe's cache is keyed by the first two (model, dtype), as a real screen's
+        return [f"fake-probe-{self.informative}", "fp32", "question"]
+
+    def probability(self, text):
+        self.asked.append(text)
+        return 0.5
+
+    def features(self, texts, desc=None):
+        self.read.extend(texts)
+        return np.array([[float(self.informative and any(w in t for w in HEAVY)), 1.0] for t in texts])
+
+
+def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided(tiny_encoder, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)
+    rows = FEELINGS
+    screen = FakeProbeScreen()
+    det = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    assert det.cv["auc"]["blend"] < 0.9  # the fast path cannot tell them apart
+    assert det.probe is not None and det.rules["second_stage"] == "probe"
+    assert det.rule["recall"] > det.rules["question"]["recall"]  # the question knows nothing; the probe does
+    assert sorted(screen.read) == sorted(r["text"] for r in rows)  # every train row read once, at fit time
+    screen.read.clear()
+    again = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    assert again.probe is not None and again.rule == det.rule and screen.read == []  # kept beside the fit
+    # at check time: read only when undecided; the score is the mean of the probe's and the fast path's
+    det.rule = {**det.rule, "hi": 0.999, "lo": 0.0, "screen": 0.5, "trigger": None}
+    v = det.check("i feel doomple tonight")
+    fast = float(det.probabilities(["i feel doomple tonight"])[0])
+    probe = float(det.probe.probability(["i feel doomple tonight"])[0])
+    assert v.screen == pytest.approx((fast + probe) / 2) and screen.read
+    assert v.flag == (v.screen >= 0.5) and (not v.flag or v.reasons == [f"LLM probe, score {v.screen:.2f}"])
+    screen.read.clear()
+    det.rule = {**det.rule, "hi": 0.0}
+    assert det.check("i feel calmix tonight").reasons == ["classifier"] and screen.read == []
+    # a probe that reads nothing useful is not chosen: the question's rule (or the fast path) stays
+    blind = safety.CrisisDetector(rows, base=tiny_encoder, screen=FakeProbeScreen(informative=False))
+    assert blind.probe is None and "probe" in blind.rules and blind.rules["probe"]["recall"] <= blind.rule["recall"]
+
+
 # --------------------------------------------------------------------------- the learned detector
 
 @pytest.fixture(scope="module")
@@ -243,7 +316,7 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 14, "implicit": 18, "indirect": 7, "third_person": 8, "benign_alarming": 1,
+    assert recorded == {"explicit": 14, "implicit": 18, "indirect": 7, "third_person": 7, "benign_alarming": 1,
                         "everyday": 0, "hyperbole": 1, "negated": 2, "quoted": 0, "sad_not_crisis": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
