@@ -8,16 +8,19 @@
   ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
   use, negated, quoted, sad but not in crisis, everyday). Its threshold is the lowest whose
   false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%.
-- **LLM screen** (``Screen``, a cascade): what that fast path cannot decide (its probability in a
-  band below the threshold, or a match of the regular expressions written earlier) is put to the
-  judge LLM as one Yes/No question (``SCREENS``; one forward pass, ``utils.judge.LLMJudge.ask``).
-  The fast threshold, the band, whether the regular expressions send a message to the screen, and
-  the screen's cut are chosen together (``choose_rule``) for the best recall within 5% false
-  positives in that same cross-validation; without a screen (``LORA_COMPARE_SAFETY_SCREEN=none``)
-  the fast threshold alone is used. The held-out test split is fixed by a hash of each text
-  (``split_of``) and is used only by ``evaluate``. Fitted once per machine (several minutes) and
-  cached under ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions;
-  the rule is kept beside it, one file per screen.
+- **Second stage on the judge LLM** (``Screen``, a cascade): what that fast path cannot decide (its
+  probability in a band below the threshold, or a match of the regular expressions written earlier)
+  goes to the judge LLM, either as one Yes/No question (``SCREENS``; one forward pass,
+  ``utils.judge.LLMJudge.ask``) or, for the crisis detector, read by a probe (``HiddenStateProbe``:
+  a logistic regression on the judge's hidden states, averaged with the fast path's probability).
+  The fast threshold, the band, whether the regular expressions send a message on, and the second
+  stage's cut are chosen together (``choose_rule``) for the best recall within 5% false positives in
+  that same cross-validation, and of question and probe the one whose rule recalls more is used;
+  without a screen (``LORA_COMPARE_SAFETY_SCREEN=none``) the fast threshold alone is used. The
+  held-out test split is fixed by a hash of each text (``split_of``) and is used only by
+  ``evaluate``. Fitted once per machine (several minutes) and cached under
+  ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions; the rules (and
+  the probe) are kept beside it, one file per screen.
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
   classifier (trained on ``data/eval/safety/unsafe_replies.yaml``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
