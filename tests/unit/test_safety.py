@@ -468,3 +468,15 @@ def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_hel
     for other in S.SAFETY_DATA.glob("crisis_*.yaml"):
         if other.name not in (name, S.CRISIS_DATA.name):
             assert not extra & norm(S.load_labelled(other, "positive")), other.name
+
+
+def test_the_held_out_reply_set_shares_no_text_with_the_reply_data():
+    from utils import safety as S
+
+    def norm(rows):
+        return {" ".join(r["text"].lower().split()) for r in rows}
+
+    fresh = S.load_labelled(S.SAFETY_DATA / "unsafe_replies_fresh.yaml", "unsafe")
+    assert len(fresh) >= 40 and {r["label"] for r in fresh} == {0, 1}
+    assert {r["kind"] for r in fresh} == {r["kind"] for r in S.load_labelled(S.REPLY_DATA, "unsafe")}
+    assert not norm(fresh) & norm(S.load_labelled(S.REPLY_DATA, "unsafe"))
