@@ -547,9 +547,10 @@ PROBE = {"depth": 0.7, "c": 0.1, "batch_size": 16, "max_tokens": 256, "folds": 5
 
 
 class HiddenStateProbe:
-    """Is a text a crisis message, read from the judge LLM's hidden states (``Screen.features``):
-    standardised, then a class-weighted logistic regression. Its score in the cascade is the mean of
-    its probability and the fast path's, for the texts the fast path cannot decide."""
+    """Is a text positive (a crisis message; an unsafe reply), read from the judge LLM's hidden states
+    (``Screen.features``): standardised, then a class-weighted logistic regression. Its score in the
+    cascade is the mean of its probability and the fast path's, for the texts the fast path cannot
+    decide. One recipe (``PROBE``, chosen on the crisis train split) for both."""
 
     def __init__(self, screen: Screen):
         self.screen = screen
@@ -793,7 +794,8 @@ class _Cascade:
 
 class CrisisDetector(_Cascade):
     """``BlendClassifier`` (fine-tuned MiniLM + logistic regression) and, for the messages it cannot
-    decide, the LLM screen; thresholds and the use of the regular expressions chosen by
+    decide, the judge LLM (its Yes/No question or the probe on its hidden states, whichever
+    cross-validation prefers); thresholds and the use of the regular expressions chosen by
     cross-validation on the train split. The classifiers are fitted once per machine and cached."""
 
     def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
@@ -835,9 +837,10 @@ class CrisisDetector(_Cascade):
 
 
 class OutputFilter(_Cascade):
-    """Unsafe or not (``BlendClassifier`` and, for what it cannot decide, the LLM screen; rule
-    chosen like the detector's), and which unsafe kind of ``unsafe_replies.yaml`` to name as the
-    reason (logistic regression over the kinds); plus the word list. Fitted once per machine and cached."""
+    """Unsafe or not (``BlendClassifier`` and, for what it cannot decide, the question or the probe on
+    the judge LLM; rule and second stage chosen like the detector's), and which unsafe kind of
+    ``unsafe_replies.yaml`` to name as the reason (logistic regression over the kinds); plus the word
+    list. Fitted once per machine and cached."""
 
     def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
                  screen: Screen | None | str = "default"):
@@ -858,6 +861,7 @@ class OutputFilter(_Cascade):
         self.cv, fitted = _cached(folder, fit, {"unsafe": BlendClassifier, "kinds": TextClassifier})
         self.unsafe_model, self.kind_model = fitted["unsafe"], fitted["kinds"]
         self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, {}, "output filter"))
+        self._pick_second_stage(folder, texts, y, {}, "output filter")
         self.rule = self.rules["chosen"]
         self.threshold = self.rule["hi"]
 

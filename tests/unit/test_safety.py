@@ -342,7 +342,7 @@ def test_detector_held_out_counts(evaluation):
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"harassment": 10, "harmful_instructions": 4, "self_harm_encouragement": 10,
+    assert recorded == {"harassment": 10, "harmful_instructions": 5, "self_harm_encouragement": 10,
                         "ordinary": 0, "sensitive_but_safe": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
