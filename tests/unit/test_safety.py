@@ -294,6 +294,18 @@ def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided
     assert blind.probe is None and "probe" in blind.rules and blind.rules["probe"]["recall"] <= blind.rule["recall"]
 
 
+def test_output_filter_chooses_the_probe_the_same_way_and_names_the_kind_it_blocks(tiny_encoder, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)
+    rows = [{**r, "kind": "harassment" if r["label"] else "ordinary"} for r in FEELINGS]
+    flt = safety.OutputFilter(rows, base=tiny_encoder, screen=FakeProbeScreen())
+    assert flt.probe is not None and flt.rule["recall"] > flt.rules["question"]["recall"]
+    flt.rule = {**flt.rule, "hi": 0.999, "lo": 0.0, "screen": 0.0, "trigger": None}  # the probe decides all
+    v = flt.check("i feel doomple tonight")
+    assert v.flag and v.reasons == [f"harassment (LLM probe, score {v.screen:.2f})"]
+
+
 # --------------------------------------------------------------------------- the learned detector
 
 @pytest.fixture(scope="module")
