@@ -369,8 +369,11 @@ def test_targets_are_reported_not_assumed(evaluation):
         "implicit recall >= 90%": kinds["implicit"]["flagged"] >= 0.9 * kinds["implicit"]["n"],
         "false positives <= 5%": d["false_positive_rate"]["count"] <= 0.05 * d["false_positive_rate"]["n"],
         "<= 50 ms per message (median)": evaluation["ms_per_message"]["median"] <= 50}
+    # the recorded report: the quality targets as measured there; the time target agrees with its own
+    # median (48.7-52.0 ms in the runs of 2026-11-30 on AMD EPYC: at the line, so not pinned either way)
     assert EXAMPLE["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": True,
-                                  "false positives <= 5%": False, "<= 50 ms per message (median)": True}
+                                  "false positives <= 5%": False,
+                                  "<= 50 ms per message (median)": EXAMPLE["ms_per_message"]["median"] <= 50}
 
 
 @pytest.mark.slow
