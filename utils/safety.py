@@ -11,8 +11,8 @@
 - **Second stage on the judge LLM** (``Screen``, a cascade): what that fast path cannot decide (its
   probability in a band below the threshold, or a match of the regular expressions written earlier)
   goes to the judge LLM, either as one Yes/No question (``SCREENS``; one forward pass,
-  ``utils.judge.LLMJudge.ask``) or, for the crisis detector, read by a probe (``HiddenStateProbe``:
-  a logistic regression on the judge's hidden states, averaged with the fast path's probability).
+  ``utils.judge.LLMJudge.ask``) or read by a probe (``HiddenStateProbe``: a logistic regression
+  on the judge's hidden states, averaged with the fast path's probability).
   The fast threshold, the band, whether the regular expressions send a message on, and the second
   stage's cut are chosen together (``choose_rule``) for the best recall within 5% false positives in
   that same cross-validation, and of question and probe the one whose rule recalls more is used;
