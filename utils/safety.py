@@ -681,23 +681,30 @@ def _cached(folder: Path | None, fit, models: dict):
     return meta, fitted
 
 
+def _kept_beside(folder: Path, what: str, suffix: str, key: list, compute, dump, load):
+    """What ``compute()`` returns, kept in ``folder`` as ``<what>-<hash of key><suffix>`` (``dump``
+    makes the bytes, ``load`` reads them back): loaded when there, else computed and written aside.
+    A file that cannot be read is named, not silently replaced."""
+    path = folder / f"{what}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}{suffix}"
+    if path.exists():
+        try:
+            return load(path.read_bytes())
+        except Exception as err:
+            raise RuntimeError(f"{path}: the saved safety {what} cannot be read ({type(err).__name__}: {err}); "
+                               f"delete that file and run `make safety` to make it again") from err
+    value = compute()
+    _write_aside(path, lambda tmp: tmp.write_bytes(dump(value)))
+    return value
+
+
 def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
     """The decision rule for ``screen`` (``choose()`` computes it): kept beside the fit in
     ``folder``, one file per screen (model, dtype and prompt) and grids, so a new screen asks the
     judge again but never refits the classifiers."""
     if folder is None or screen is None:
         return choose()
-    key = [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV]
-    path = folder / f"rule-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
-    if path.exists():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise RuntimeError(f"{path}: the saved safety rule cannot be read ({err}); delete that file and run "
-                               f"`make safety` to choose it again") from err
-    rule = choose()
-    _write_aside(path, lambda tmp: tmp.write_text(json.dumps(rule, indent=1), encoding="utf-8"))
-    return rule
+    return _kept_beside(folder, "rule", ".json", [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV], choose,
+                        lambda rule: json.dumps(rule, indent=1).encode("utf-8"), json.loads)
 
 
 def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenStateProbe, dict]:
@@ -707,20 +714,15 @@ def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenState
 
     if folder is None:
         return fit()
-    key = [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV]
-    path = folder / f"probe-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.pkl"
-    if path.exists():
-        try:
-            saved = pickle.loads(path.read_bytes())  # our own cache, written below
-        except Exception as err:
-            raise RuntimeError(f"{path}: the saved safety probe cannot be read ({type(err).__name__}: {err}); "
-                               f"delete that file and run `make safety` to fit it again") from err
+
+    def load(data: bytes) -> tuple[HiddenStateProbe, dict]:
+        saved = pickle.loads(data)  # our own cache, written by ``_kept_beside``
         probe = HiddenStateProbe(screen)
         probe.model = saved["model"]
         return probe, saved["rules"]
-    probe, rules = fit()
-    _write_aside(path, lambda tmp: tmp.write_bytes(pickle.dumps({"model": probe.model, "rules": rules})))
-    return probe, rules
+
+    return _kept_beside(folder, "probe", ".pkl", [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV],
+                        fit, lambda fitted: pickle.dumps({"model": fitted[0].model, "rules": fitted[1]}), load)
 
 
 def _cv_summary(scores: dict[str, np.ndarray], y: np.ndarray) -> dict:
