@@ -6,7 +6,8 @@
   fine-tuned for the task, and a logistic regression on its frozen embeddings and character
   n-grams; trained on the train split of ``data/eval/safety/crisis_messages.yaml`` (440 messages,
   ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
-  use, negated, quoted, sad but not in crisis, everyday). Its threshold is the lowest whose
+  use, negated, quoted, sad but not in crisis, everyday) and of the sets written later as unseen
+  tests and added once measured (``CRISIS_ADDED``; 699 messages in all). Its threshold is the lowest whose
   false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%.
 - **Second stage on the judge LLM** (``Screen``, a cascade): what that fast path cannot decide (its
   probability in a band below the threshold, or a match of the regular expressions written earlier)
@@ -22,7 +23,7 @@
   ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions; the rules (and
   the probe) are kept beside it, one file per screen.
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
-  classifier (trained on ``data/eval/safety/unsafe_replies.yaml``: harmful instructions,
+  classifier (trained on ``data/eval/safety/unsafe_replies.yaml`` and ``REPLY_ADDED``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
   topics), or its LLM screen for replies it cannot decide, puts it in an unsafe kind, or when the
   configurable word list (``configs/safety.yaml``, ``blocked_terms``) matches: an extra, explicit layer.
@@ -52,7 +53,13 @@ from .paths import CONFIGS_DIR, DATA_DIR, shown
 
 SAFETY_DATA = DATA_DIR / "eval" / "safety"
 CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
+# Sets written later as unseen tests, each measured once as written (README), then added to the data:
+# they are split by the same hash, so a quarter of each joins the held-out test split.
+CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml"))
+CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
 REPLY_DATA = SAFETY_DATA / "unsafe_replies.yaml"
+REPLY_ADDED = (SAFETY_DATA / "unsafe_replies_fresh.yaml",)  # likewise measured once, then added
+REPLY_SETS = (REPLY_DATA, *REPLY_ADDED)
 MAX_FP_CV = 0.05  # the false-positive rate a threshold may reach in cross-validation on the train split (the target)
 CHUNK_CHARS = 800  # long texts are read in pieces of about this size (the embedder reads 256 tokens)
 
@@ -132,9 +139,20 @@ def split_of(text: str) -> str:
     return "test" if hashlib.sha1(text.encode("utf-8")).digest()[0] % 4 == 0 else "train"
 
 
-def load_labelled(path: Path, positive: str) -> list[dict]:
+def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
     """Rows {text, kind, label, split} of a labelled YAML file: two top-level groups (the
-    ``positive`` one gets label 1), each a mapping of kind -> list of texts."""
+    ``positive`` one gets label 1), each a mapping of kind -> list of texts. Given several files,
+    their rows together; a text in two of them is refused by name."""
+    if isinstance(path, (tuple, list)):
+        rows, seen = [], {}
+        for one in path:
+            for row in load_labelled(one, positive):
+                norm = " ".join(row["text"].lower().split())
+                if norm in seen:
+                    raise ValueError(f"{one}: {row['text']!r} is also in {Path(seen[norm]).name}; keep it in one file")
+                seen[norm] = one
+                rows.append(row)
+        return rows
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     if not isinstance(data, dict) or positive not in data or len(data) != 2:
         raise ValueError(f"{path}: expected two top-level groups, one named {positive!r}")
@@ -802,7 +820,7 @@ class CrisisDetector(_Cascade):
 
     def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
                  screen: Screen | None | str = "default"):
-        rows = rows if rows is not None else load_labelled(CRISIS_DATA, "positive")
+        rows = rows if rows is not None else load_labelled(CRISIS_SETS, "positive")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         y = np.array([r["label"] for r in train])
@@ -846,7 +864,7 @@ class OutputFilter(_Cascade):
 
     def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
                  screen: Screen | None | str = "default"):
-        rows = rows if rows is not None else load_labelled(REPLY_DATA, "unsafe")
+        rows = rows if rows is not None else load_labelled(REPLY_SETS, "unsafe")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
         kinds = np.array([r["kind"] if r["label"] else "safe" for r in train])
@@ -1014,32 +1032,36 @@ def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) 
 SPLIT_NOTE = "test = a quarter of the texts by sha1(text), never used for fitting or thresholds"
 
 
-def held_out(path: Path | None, default: Path, positive: str) -> list[dict]:
-    """The rows to measure on: the test split of ``default``, or every row of ``path`` (a labelled
-    file of the same layout, e.g. one you wrote). A text of ``path`` that is in the train split
+def held_out(path: Path | None, default: Path | tuple[Path, ...], positive: str) -> list[dict]:
+    """The rows to measure on: the test split of ``default`` (a file or several), or every row of
+    ``path`` (a labelled file of the same layout, e.g. one you wrote). A text of ``path`` that is in the train split
     (which the classifier was fitted on) is refused by name: it cannot measure anything."""
     if path is None:
         return [r for r in load_labelled(default, positive) if r["split"] == "test"]
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file; expected a labelled YAML file laid out like {default.name}")
+        raise ValueError(f"{path}: no such file; expected a labelled YAML file laid out like {_names(default)}")
     rows = load_labelled(path, positive)
     if {r["label"] for r in rows} != {0, 1}:
         raise ValueError(f"{path}: needs texts under both groups (recall needs positives, false positives negatives)")
     seen = {" ".join(r["text"].lower().split()) for r in load_labelled(default, positive) if r["split"] == "train"}
     fitted = [r["text"] for r in rows if " ".join(r["text"].lower().split()) in seen]
     if fitted:
-        raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {default.name}, which the "
+        raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {_names(default)}, which the "
                          f"classifier was fitted on: {fitted[:3]}; remove them")
     return rows
+
+
+def _names(paths: Path | tuple[Path, ...]) -> str:
+    return ", ".join(Path(p).name for p in (paths if isinstance(paths, (tuple, list)) else [paths]))
 
 
 def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_data: Path | None = None) -> dict:
     """Both classifiers on held-out data (their test splits, or the labelled files given): share
     flagged per kind (recall for the unsafe / crisis kinds, false positives for the others) with
     Wilson 95% intervals, the regex-only baseline, and time per message."""
-    crisis_rows = held_out(crisis_data, CRISIS_DATA, "positive")
-    reply_rows = held_out(reply_data, REPLY_DATA, "unsafe")
+    crisis_rows = held_out(crisis_data, CRISIS_SETS, "positive")
+    reply_rows = held_out(reply_data, REPLY_SETS, "unsafe")
     det, flt = detector(), output_filter()
     preload()  # the screen's judge loaded before anything is timed (the dashboard loads it at start-up)
     verdicts = [det.check(r["text"]) for r in crisis_rows]
@@ -1056,8 +1078,10 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
                "<= 50 ms per message (median)": float(np.median(ms)) <= 50}
     report = {
         "data": {
-            "crisis": shown(crisis_data) if crisis_data else str(CRISIS_DATA.relative_to(DATA_DIR.parent)),
-            "replies": shown(reply_data) if reply_data else str(REPLY_DATA.relative_to(DATA_DIR.parent)),
+            "crisis": shown(crisis_data) if crisis_data else ", ".join(str(p.relative_to(DATA_DIR.parent))
+                                                                       for p in CRISIS_SETS),
+            "replies": shown(reply_data) if reply_data else ", ".join(str(p.relative_to(DATA_DIR.parent))
+                                                                      for p in REPLY_SETS),
             "split": {"crisis": "every row" if crisis_data else SPLIT_NOTE,
                       "replies": "every row" if reply_data else SPLIT_NOTE},
         },

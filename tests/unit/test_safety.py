@@ -18,8 +18,8 @@ HYPERBOLE = ["I could kill myself laughing at that show", "This traffic is killi
 # --------------------------------------------------------------------------- data and split
 
 def test_labelled_sets_are_large_varied_and_split_by_text_hash():
-    crisis = safety.load_labelled(safety.CRISIS_DATA, "positive")
-    replies = safety.load_labelled(safety.REPLY_DATA, "unsafe")
+    crisis = safety.load_labelled(safety.CRISIS_SETS, "positive")
+    replies = safety.load_labelled(safety.REPLY_SETS, "unsafe")
     assert len(crisis) >= 400 and len({r["text"] for r in crisis}) == len(crisis)
     assert {r["kind"] for r in crisis} >= {"explicit", "implicit", "indirect", "third_person", "hyperbole",
                                             "benign_alarming", "negated", "quoted"}
@@ -41,6 +41,21 @@ def test_a_malformed_labelled_file_is_refused(tmp_path):
     bad.write_text("just_one_group:\n  kind: [a, b]\n")
     with pytest.raises(ValueError, match=r"bad.yaml: expected two top-level groups, one named 'positive'"):
         safety.load_labelled(bad, "positive")
+
+
+def test_the_crisis_data_is_the_first_set_and_those_added_and_a_text_may_sit_in_only_one(tmp_path):
+    sets = [safety.load_labelled(p, "positive") for p in safety.CRISIS_SETS]
+    together = safety.load_labelled(safety.CRISIS_SETS, "positive")
+    assert safety.CRISIS_SETS[0] == safety.CRISIS_DATA and len(safety.CRISIS_SETS) > 1
+    assert together == [r for rows in sets for r in rows]
+    for rows in sets[1:]:  # an added set is split like the first: part of it stays held out
+        assert {r["split"] for r in rows} == {"train", "test"}
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("positive:\n  explicit: [I want to die tonight]\nnegative:\n  everyday: [hello]\n")
+    two.write_text("positive:\n  implicit: [i  WANT to die tonight]\nnegative:\n  everyday: [bye]\n")
+    with pytest.raises(ValueError, match=r"two.yaml: 'i  WANT to die tonight' is also in one.yaml"):
+        safety.load_labelled((one, two), "positive")
+    assert one.read_text().startswith("positive")  # nothing is changed on the way
 
 
 def test_threshold_keeps_the_false_positive_rate_it_promises():
@@ -485,13 +500,17 @@ def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_hel
             assert not extra & norm(S.load_labelled(other, "positive")), other.name
 
 
-def test_the_held_out_reply_set_shares_no_text_with_the_reply_data():
+@pytest.mark.parametrize("name", ["unsafe_replies_fresh.yaml", "unsafe_replies_third.yaml"])
+def test_each_held_out_reply_set_shares_no_text_with_the_reply_data_or_another(name):
     from utils import safety as S
 
     def norm(rows):
         return {" ".join(r["text"].lower().split()) for r in rows}
 
-    fresh = S.load_labelled(S.SAFETY_DATA / "unsafe_replies_fresh.yaml", "unsafe")
+    fresh = S.load_labelled(S.SAFETY_DATA / name, "unsafe")
     assert len(fresh) >= 40 and {r["label"] for r in fresh} == {0, 1}
     assert {r["kind"] for r in fresh} == {r["kind"] for r in S.load_labelled(S.REPLY_DATA, "unsafe")}
     assert not norm(fresh) & norm(S.load_labelled(S.REPLY_DATA, "unsafe"))
+    for other in S.SAFETY_DATA.glob("unsafe_replies_*.yaml"):
+        if other.name != name:
+            assert not norm(fresh) & norm(S.load_labelled(other, "unsafe")), other.name
