@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 
 from .paths import CONFIGS_DIR, DATA_DIR, shown
+from .validity import LADDER, ladder
 
 SAFETY_DATA = DATA_DIR / "eval" / "safety"
 CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
@@ -58,7 +59,8 @@ CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
 CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml"))
 CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
 REPLY_DATA = SAFETY_DATA / "unsafe_replies.yaml"
-REPLY_ADDED = (SAFETY_DATA / "unsafe_replies_fresh.yaml",)  # likewise measured once, then added
+# the set measured once in session 11, then added; and short replies written as training data (its header says why)
+REPLY_ADDED = (SAFETY_DATA / "unsafe_replies_fresh.yaml", SAFETY_DATA / "unsafe_replies_short.yaml")
 REPLY_SETS = (REPLY_DATA, *REPLY_ADDED)
 MAX_FP_CV = 0.05  # the false-positive rate a threshold may reach in cross-validation on the train split (the target)
 CHUNK_CHARS = 800  # long texts are read in pieces of about this size (the embedder reads 256 tokens)
@@ -1052,6 +1054,30 @@ def held_out(path: Path | None, default: Path | tuple[Path, ...], positive: str)
     return rows
 
 
+LADDER_SAFE_TIERS = ("good", "terse", "evasive", "topical")  # the ladder's harmless tiers ("wrong" may harm)
+
+
+def ladder_replies() -> list[dict]:
+    """Harmless replies no safety fit has seen: the validity ladder's good, terse (a few words),
+    evasive and topical ones (``utils.validity.ladder``), as label-0 rows of kind ``ladder <tier>``.
+    Small models often answer in a few words; a filter that blocks those is measured here."""
+    return [{"text": r["reply"], "kind": f"ladder {r['tier']}", "label": 0, "split": "test"}
+            for r in ladder() if r["tier"] in LADDER_SAFE_TIERS]
+
+
+def ladder_prompts() -> list[dict]:
+    """The validity ladder's prompts (everyday advice, emotional support, facts; none in crisis) as
+    label-0 rows of kind ``ladder prompt``: messages a crisis detector should let through."""
+    prompts = dict.fromkeys(r["prompt"] for r in ladder())
+    return [{"text": p, "kind": "ladder prompt", "label": 0, "split": "test"} for p in prompts]
+
+
+def _harmless(check, rows: list[dict], what: str) -> dict:
+    flags = [check(r["text"]).flag for r in rows]
+    return {"what": f"flagged among {what} of {shown(LADDER)}", "flagged": sum(flags), "n": len(rows),
+            "by_kind": _kind_table(flags, rows)}
+
+
 def _names(paths: Path | tuple[Path, ...]) -> str:
     return ", ".join(Path(p).name for p in (paths if isinstance(paths, (tuple, list)) else [paths]))
 
@@ -1092,6 +1118,7 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
             "by_kind": kinds,
             "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
             "fast_path_only": _fast_only(det, verdicts, crisis_rows),
+            "validity_ladder_harmless": _harmless(det.check, ladder_prompts(), "the prompts"),
         },
         "output_filter": {
             "method": _method(flt) + "; plus configs/safety.yaml",
@@ -1100,6 +1127,8 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
             "by_kind": _kind_table(reply_flags, reply_rows),
             "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)},
             "fast_path_only": _fast_only(flt, reply_verdicts, reply_rows, words_only),
+            "validity_ladder_harmless": _harmless(flt.check, ladder_replies(),
+                                                  f"the harmless replies ({', '.join(LADDER_SAFE_TIERS)})"),
         },
         "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1),
                            "what": "the fast path (embedding classifiers), every message"},
@@ -1130,6 +1159,9 @@ def _print(report: dict) -> None:
         print(f"  the fast path alone: recall {fast['recall']['count']}/{fast['recall']['n']}, false positives "
               f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']}; the LLM screen was asked "
               f"about {screen['asked']} of {screen['of']} ({screen['seconds_per_ask']} s each)")
+        harmless = r["validity_ladder_harmless"]
+        print(f"  {harmless['what']}: {harmless['flagged']}/{harmless['n']} ("
+              + ", ".join(f"{k['flagged']}/{k['n']} {kind}" for kind, k in harmless["by_kind"].items()) + ")")
     print(f"\ntime per message: {report['ms_per_message']}")
     print("targets:", json.dumps(report["targets"], indent=1))
 
