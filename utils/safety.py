@@ -141,6 +141,11 @@ def split_of(text: str) -> str:
     return "test" if hashlib.sha1(text.encode("utf-8")).digest()[0] % 4 == 0 else "train"
 
 
+def _same_text(text: str) -> str:
+    """How two labelled texts are compared: case and spacing ignored."""
+    return " ".join(text.lower().split())
+
+
 def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
     """Rows {text, kind, label, split} of a labelled YAML file: two top-level groups (the
     ``positive`` one gets label 1), each a mapping of kind -> list of texts. Given several files,
@@ -149,7 +154,7 @@ def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
         rows, seen = [], {}
         for one in path:
             for row in load_labelled(one, positive):
-                norm = " ".join(row["text"].lower().split())
+                norm = _same_text(row["text"])
                 if norm in seen:
                     raise ValueError(f"{one}: {row['text']!r} is also in {Path(seen[norm]).name}; keep it in one file")
                 seen[norm] = one
@@ -1046,8 +1051,8 @@ def held_out(path: Path | None, default: Path | tuple[Path, ...], positive: str)
     rows = load_labelled(path, positive)
     if {r["label"] for r in rows} != {0, 1}:
         raise ValueError(f"{path}: needs texts under both groups (recall needs positives, false positives negatives)")
-    seen = {" ".join(r["text"].lower().split()) for r in load_labelled(default, positive) if r["split"] == "train"}
-    fitted = [r["text"] for r in rows if " ".join(r["text"].lower().split()) in seen]
+    seen = {_same_text(r["text"]) for r in load_labelled(default, positive) if r["split"] == "train"}
+    fitted = [r["text"] for r in rows if _same_text(r["text"]) in seen]
     if fitted:
         raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {_names(default)}, which the "
                          f"classifier was fitted on: {fitted[:3]}; remove them")
