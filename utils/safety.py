@@ -56,7 +56,8 @@ SAFETY_DATA = DATA_DIR / "eval" / "safety"
 CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
 # Sets written later as unseen tests, each measured once as written (README), then added to the data:
 # they are split by the same hash, so a quarter of each joins the held-out test split.
-CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml"))
+CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml",
+                                                     "crisis_short.yaml"))  # the last: training data (its header)
 CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
 REPLY_DATA = SAFETY_DATA / "unsafe_replies.yaml"
 # the set measured once in session 11, then added; and short replies written as training data (its header says why)
@@ -168,8 +169,13 @@ def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
         if not isinstance(kinds, dict):
             raise ValueError(f"{path}: group {group!r} should map kinds to lists of texts")
         for kind, texts in kinds.items():
-            if not isinstance(texts, list) or not all(isinstance(t, str) and t.strip() for t in texts):
+            if not isinstance(texts, list):
                 raise ValueError(f"{path}: {group}.{kind} should be a list of non-empty texts")
+            bad = [(i, t) for i, t in enumerate(texts) if not (isinstance(t, str) and t.strip())]
+            if bad:  # YAML reads an unquoted `yes`, `no` or `a: b` as a boolean or a mapping
+                i, t = bad[0]
+                raise ValueError(f"{path}: {group}.{kind} should be a list of non-empty texts; item {i + 1} is "
+                                 f"{t!r} ({type(t).__name__}): quote it if it is text")
             for text in texts:
                 rows.append({"text": text, "kind": kind, "label": int(group == positive), "split": split_of(text)})
     return rows
@@ -483,7 +489,7 @@ class Verdict:
 
 METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
           "embeddings + character n-grams")
-CACHE_VERSION = 3  # bump when what is saved, or how it is chosen, changes
+CACHE_VERSION = 4  # bump when what is saved, or how it is chosen, changes
 
 # ---- the LLM screen: the judge asked one Yes/No question about texts the fast path cannot decide
 SCREENS = {
@@ -510,6 +516,10 @@ SCREENS = {
 HI_GRID = tuple(round(x, 2) for x in np.arange(0.40, 0.901, 0.05))  # fast path: flag at or above
 LO_GRID = (0.3, 0.4, 0.5)                                            # ask the screen at or above (below hi)
 SCREEN_GRID = tuple(round(x, 2) for x in np.arange(0.2, 0.91, 0.1))  # the screen's Yes probability that flags
+# False-positive budgets tried, in this order, when the rule is chosen (``nested_rule``): the first
+# whose rule keeps MAX_FP_CV on rows it was not chosen on is used.
+BUDGETS = (0.05, 0.04, 0.03, 0.02, 0.01)
+NESTED_FOLDS = 5
 MAX_SCREENED_PIECES = 3  # of a long text, the screen reads at most this many pieces (the likeliest)
 
 
@@ -638,6 +648,43 @@ def choose_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray
     return best
 
 
+def rule_flags(rule: dict, blend: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
+               screen: np.ndarray | None = None) -> np.ndarray:
+    """Which rows ``rule`` (from ``choose_rule``) flags, given the same kinds of scores it was chosen on."""
+    flags = blend >= rule["hi"]
+    if rule["screen"] is None:
+        return flags
+    band = blend >= rule["lo"] if rule["lo"] is not None else np.zeros(len(blend), bool)
+    fired = (triggers or {})[rule["trigger"]] if rule["trigger"] else np.zeros(len(blend), bool)
+    return flags | ((blend < rule["hi"]) & (band | fired) & (np.nan_to_num(screen, nan=0.0) >= rule["screen"]))
+
+
+def nested_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
+                screen: np.ndarray | None = None) -> dict:
+    """``choose_rule`` with the false-positive budget chosen so that the *choice* is honest too.
+    The best of a large grid, chosen and scored on the same cross-validated rows, looks better than
+    it is (crisis, session 12: 4.5% false positives in CV, 9.9% on the held-out split). So each
+    budget of ``BUDGETS`` is tried in a nested split: the rule is chosen on four fifths of the rows
+    and applied to the fifth it did not see. The largest budget whose nested false-positive rate
+    stays within ``MAX_FP_CV`` is used on all the rows; the nested recall and false-positive rate of
+    every budget tried are kept in ``nested``, so the cost of the stricter budget is on record."""
+    from sklearn.model_selection import StratifiedKFold
+
+    triggers = triggers or {}
+    nested = {}
+    for budget in BUDGETS:
+        flags = np.zeros(len(y), bool)
+        for train, held in StratifiedKFold(NESTED_FOLDS, shuffle=True, random_state=0).split(blend, y):
+            part = lambda a: None if a is None else a[train]  # noqa: E731
+            rule = choose_rule(blend[train], y[train], {k: v[train] for k, v in triggers.items()}, part(screen), budget)
+            flags[held] = rule_flags(rule, blend[held], {k: v[held] for k, v in triggers.items()},
+                                     None if screen is None else screen[held])
+        nested[str(budget)] = {k: round(v, 4) for k, v in _rates(flags, y).items()}
+        if nested[str(budget)]["false_positive_rate"] <= MAX_FP_CV:
+            break
+    return {**choose_rule(blend, y, triggers, screen, budget), "budget": budget, "nested": nested}
+
+
 def _screen_rows(blend: np.ndarray, triggers: dict[str, np.ndarray]) -> np.ndarray:
     """The rows some rule of ``choose_rule`` could ask the screen about."""
     fired = np.any(list(triggers.values()), axis=0) if triggers else np.zeros(len(blend), bool)
@@ -728,7 +775,8 @@ def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
     judge again but never refits the classifiers."""
     if folder is None or screen is None:
         return choose()
-    return _kept_beside(folder, "rule", ".json", [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV], choose,
+    key = [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV, BUDGETS]
+    return _kept_beside(folder, "rule", ".json", key, choose,
                         lambda rule: json.dumps(rule, indent=1).encode("utf-8"), json.loads)
 
 
@@ -746,7 +794,8 @@ def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenState
         probe.model = saved["model"]
         return probe, saved["rules"]
 
-    return _kept_beside(folder, "probe", ".pkl", [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV],
+    key = [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV, BUDGETS]
+    return _kept_beside(folder, "probe", ".pkl", key,
                         fit, lambda fitted: pickle.dumps({"model": fitted[0].model, "rules": fitted[1]}), load)
 
 
@@ -790,19 +839,19 @@ class _Cascade:
         oof = probe.out_of_fold(features, y)
         mix = (blend + oof) / 2
         return probe.fit(features, y), {
-            "fast": choose_rule(blend, y), "chosen": choose_rule(blend, y, triggers, mix),
+            "fast": nested_rule(blend, y), "chosen": nested_rule(blend, y, triggers, mix),
             "screen_model": self.screen.key()[:2], "second_stage": "probe", "probe": PROBE,
             "probe_auc": {"probe": _auc(oof, y), "mean with the fast path": _auc(mix, y)},
             "probe_on_train": [round(float(x), 4) for x in oof]}
 
     def _pick_second_stage(self, folder: Path | None, texts: list[str], y: np.ndarray,
                            triggers: dict[str, np.ndarray], what: str) -> None:
-        """Question or probe: the one whose cross-validated rule has the better recall within the
-        false-positive budget (ties: the one that asks fewer texts, as ``choose_rule`` breaks them)."""
+        """Question or probe: the one whose rule has the better nested recall (``nested_rule``: on rows it
+        was not chosen on) within the false-positive budget (ties: the one that asks fewer texts)."""
         if self.screen is None or not hasattr(self.screen, "features"):
             return
         probe, rules = _cached_probe(folder, self.screen, lambda: self._fit_probe(texts, y, triggers, what))
-        rank = lambda r: (r["recall"], -r["asked"])  # noqa: E731
+        rank = lambda r: (r["nested"][str(r["budget"])]["recall"], -r["asked"])  # noqa: E731  on rows not chosen on
         if rules["chosen"]["screen"] is not None and rank(rules["chosen"]) > rank(self.rules["chosen"]):
             self.rules = {**rules, "question": self.rules["chosen"]}
             self.probe = probe
@@ -811,11 +860,11 @@ class _Cascade:
 
     def _choose(self, texts: list[str], y: np.ndarray, meta: dict, triggers: dict[str, np.ndarray], what: str):
         blend = np.array(meta["out_of_fold"])
-        fast = choose_rule(blend, y)
+        fast = nested_rule(blend, y)
         if self.screen is None:
             return {"fast": fast, "chosen": fast}
         screen = _screen_scores(texts, _screen_rows(blend, triggers), self.screen, what)
-        return {"fast": fast, "chosen": choose_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2],
+        return {"fast": fast, "chosen": nested_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2],
                 "screen_on_train": [None if np.isnan(x) else round(float(x), 4) for x in screen]}
 
 
