@@ -122,6 +122,42 @@ def test_rule_uses_a_trigger_layer_only_through_the_screen():
     assert rule["trigger"] == "explicit" and rule["recall"] == 1.0 and rule["false_positive_rate"] <= 0.05
 
 
+def test_rule_flags_gives_the_rates_the_rule_was_chosen_with():
+    blend, y = _rule_data()
+    fired = np.zeros(len(y), bool)
+    fired[60:70] = fired[190:195] = True
+    screen = np.where(y == 1, 0.8, 0.3) + np.random.default_rng(1).normal(0, 0.2, len(y))
+    for rule in (safety.choose_rule(blend, y), safety.choose_rule(blend, y, {"explicit": fired}, screen)):
+        flags = safety.rule_flags(rule, blend, {"explicit": fired}, screen)
+        assert flags[y == 1].mean() == rule["recall"] and flags[y == 0].mean() == rule["false_positive_rate"]
+
+
+def _noisy_rule_data(seed=0):
+    """Scores that overlap a lot, and a screen that is pure noise: the best of the grid, scored on the
+    rows it was chosen on, looks better than it is."""
+    rng = np.random.default_rng(seed)
+    y = np.array([1] * 150 + [0] * 250)
+    blend = np.clip(np.where(y == 1, rng.normal(0.6, 0.2, len(y)), rng.normal(0.35, 0.2, len(y))), 0, 1)
+    return blend, y, rng.uniform(0, 1, len(y))
+
+
+def test_nested_rule_uses_the_first_budget_that_holds_on_rows_it_was_not_chosen_on():
+    blend, y, noise = _noisy_rule_data()
+    for screen in (None, noise):
+        rule = safety.nested_rule(blend, y, screen=screen)
+        tried = list(rule["nested"])
+        assert tried == [str(b) for b in safety.BUDGETS[:len(tried)]] and tried[-1] == str(rule["budget"])
+        fp = [rule["nested"][b]["false_positive_rate"] for b in tried]
+        assert all(x > safety.MAX_FP_CV for x in fp[:-1])
+        assert fp[-1] <= safety.MAX_FP_CV or rule["budget"] == safety.BUDGETS[-1]
+        plain = safety.choose_rule(blend, y, None, screen, rule["budget"])
+        assert {k: rule[k] for k in plain} == plain
+    # here the 5% budget does not hold on unseen rows, and the recall on the rows the rule was chosen on overstates
+    chosen = safety.nested_rule(blend, y, screen=noise)
+    assert chosen["budget"] < safety.BUDGETS[0]
+    assert chosen["nested"][str(chosen["budget"])]["recall"] < chosen["recall"]
+
+
 # --------------------------------------------------------------------------- the classifiers, on a tiny encoder
 
 @pytest.fixture(scope="module")
@@ -495,6 +531,9 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
         S.held_out(own, S.CRISIS_DATA, "positive")
     own.write_text("positive:\n  explicit: i want to die\nnegative:\n  everyday: [hi]\n")
     with pytest.raises(ValueError, match=r"mine.yaml: positive.explicit should be a list"):
+        S.held_out(own, S.CRISIS_DATA, "positive")
+    own.write_text("positive:\n  explicit: [i want to die]\nnegative:\n  short: [hi, no, ok]\n")  # YAML 1.1: False
+    with pytest.raises(ValueError, match=r"mine.yaml: negative.short should be .*item 2 is False \(bool\): quote it"):
         S.held_out(own, S.CRISIS_DATA, "positive")
     with pytest.raises(ValueError, match="nothere.yaml: no such file"):
         S.held_out(tmp_path / "nothere.yaml", S.CRISIS_DATA, "positive")
