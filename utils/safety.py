@@ -7,16 +7,20 @@
   n-grams; trained on the train split of ``data/eval/safety/crisis_messages.yaml`` (440 messages,
   ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
   use, negated, quoted, sad but not in crisis, everyday) and of the sets written later as unseen
-  tests and added once measured (``CRISIS_ADDED``; 699 messages in all). Its threshold is the lowest whose
-  false-positive rate in 5-fold cross-validation *on the train split* stays at or below 5%.
+  tests and added once measured, and short messages written as training data (``CRISIS_ADDED``; 817
+  messages in all). Its threshold is the lowest whose false-positive rate in 5-fold cross-validation
+  *on the train split* stays within a budget (5%, or less when a nested split says 5% does not hold:
+  ``nested_rule``).
 - **Second stage on the judge LLM** (``Screen``, a cascade): what that fast path cannot decide (its
   probability in a band below the threshold, or a match of the regular expressions written earlier)
   goes to the judge LLM, either as one Yes/No question (``SCREENS``; one forward pass,
   ``utils.judge.LLMJudge.ask``) or read by a probe (``HiddenStateProbe``: a logistic regression
   on the judge's hidden states, averaged with the fast path's probability).
   The fast threshold, the band, whether the regular expressions send a message on, and the second
-  stage's cut are chosen together (``choose_rule``) for the best recall within 5% false positives in
-  that same cross-validation, and of question and probe the one whose rule recalls more is used;
+  stage's cut are chosen together (``choose_rule``) for the best recall within that budget in the
+  same cross-validation, the budget itself in a nested split (``nested_rule``: the largest of 5%, 4%, ...
+  whose rule, chosen on four fifths of the train rows, keeps 5% on the fifth it was not chosen on), and
+  of question and probe the one whose rule recalls more in that nested split is used;
   without a screen (``LORA_COMPARE_SAFETY_SCREEN=none``) the fast threshold alone is used. The
   held-out test split is fixed by a hash of each text (``split_of``) and is used only by
   ``evaluate``. Fitted once per machine (several minutes) and cached under
@@ -685,6 +689,11 @@ def nested_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray
     return {**choose_rule(blend, y, triggers, screen, budget), "budget": budget, "nested": nested}
 
 
+def nested_recall(rule: dict) -> float:
+    """A ``nested_rule``'s recall on rows it was not chosen on, at the budget it uses."""
+    return rule["nested"][str(rule["budget"])]["recall"]
+
+
 def _screen_rows(blend: np.ndarray, triggers: dict[str, np.ndarray]) -> np.ndarray:
     """The rows some rule of ``choose_rule`` could ask the screen about."""
     fired = np.any(list(triggers.values()), axis=0) if triggers else np.zeros(len(blend), bool)
@@ -851,7 +860,7 @@ class _Cascade:
         if self.screen is None or not hasattr(self.screen, "features"):
             return
         probe, rules = _cached_probe(folder, self.screen, lambda: self._fit_probe(texts, y, triggers, what))
-        rank = lambda r: (r["nested"][str(r["budget"])]["recall"], -r["asked"])  # noqa: E731  on rows not chosen on
+        rank = lambda r: (nested_recall(r), -r["asked"])  # noqa: E731
         if rules["chosen"]["screen"] is not None and rank(rules["chosen"]) > rank(self.rules["chosen"]):
             self.rules = {**rules, "question": self.rules["chosen"]}
             self.probe = probe
@@ -1213,6 +1222,12 @@ def _print(report: dict) -> None:
         print(f"  the fast path alone: recall {fast['recall']['count']}/{fast['recall']['n']}, false positives "
               f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']}; the LLM screen was asked "
               f"about {screen['asked']} of {screen['of']} ({screen['seconds_per_ask']} s each)")
+        rule = r["chosen_on_train_cv"]["rule"]
+        if "nested" in rule:
+            print(f"  false-positive budget {rule['budget']:.0%}, chosen in a nested split (rule chosen on 4/5 of the "
+                  "train rows, scored on the other 1/5): " + ", ".join(
+                      f"{float(b):.0%} -> recall {100 * x['recall']:.1f}%, false positives "
+                      f"{100 * x['false_positive_rate']:.1f}%" for b, x in rule["nested"].items()))
         harmless = r["validity_ladder_harmless"]
         print(f"  {harmless['what']}: {harmless['flagged']}/{harmless['n']} ("
               + ", ".join(f"{k['flagged']}/{k['n']} {kind}" for kind, k in harmless["by_kind"].items()) + ")")
