@@ -380,26 +380,27 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 26, "implicit": 25, "indirect": 12, "third_person": 11, "benign_alarming": 2,
-                        "everyday": 1, "hyperbole": 2, "negated": 2, "quoted": 1, "sad_not_crisis": 1}
+    assert recorded == {"explicit": 30, "implicit": 27, "indirect": 12, "third_person": 10, "benign_alarming": 1,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 0, "negated": 0, "quoted": 0,
+                        "sad_not_crisis": 0, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
-    assert d["recall"]["n"] == 76 and d["false_positive_rate"]["n"] == 91
+    assert d["recall"]["n"] == 85 and d["false_positive_rate"]["n"] == 106
     lo, hi = d["recall"]["ci95"]
     assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
     assert d["recall"]["count"] > d["patterns_only"]["recall"]["count"]
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
-    # and against that fast path alone the cascade keeps the recall with fewer false alarms (recorded:
-    # 74/76 both, 9 against 12 of 91)
+    # and against that fast path alone the cascade catches more with no more false alarms (recorded,
+    # session 13: 79 against 67 of 85, 1 and 1 of 106)
     screen = evaluation["llm_screen"]["crisis_detector"]
     assert 0 < screen["asked"] < 0.25 * screen["of"]
     fast, now = d["fast_path_only"], d["by_kind"]
     caught = sum(len(set(fast["by_kind"][k]["errors"]) - set(now[k]["errors"])) for k in now if now[k]["label"])
     assert caught <= screen["flagged_by_it"]["positive"]
-    assert d["recall"]["count"] >= fast["recall"]["count"] - SLACK
-    assert d["false_positive_rate"]["count"] < fast["false_positive_rate"]["count"]
+    assert d["recall"]["count"] > fast["recall"]["count"] + SLACK
+    assert d["false_positive_rate"]["count"] <= fast["false_positive_rate"]["count"]
     assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
     # and the blend beats each of its parts in cross-validation on the train split (why it is a blend)
     auc = d["chosen_on_train_cv"]["auc"]
@@ -410,8 +411,8 @@ def test_detector_held_out_counts(evaluation):
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"harassment": 12, "harmful_instructions": 15, "self_harm_encouragement": 10,
-                        "non_answer": 0, "ordinary": 1, "sensitive_but_safe": 1, "short": 0}
+    assert recorded == {"harassment": 12, "harmful_instructions": 12, "self_harm_encouragement": 9,
+                        "non_answer": 0, "ordinary": 0, "sensitive_but_safe": 1, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
 
@@ -421,7 +422,7 @@ def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
     """The validity ladder's prompts and harmless replies (short answers and non-answers among them):
     before short replies were added to its data the filter blocked 22 of these 96 replies (25 after
     the fresh reply set alone was added): about half of the terse and evasive ones."""
-    for part, recorded in (("crisis_detector", 1), ("output_filter", 2)):
+    for part, recorded in (("crisis_detector", 0), ("output_filter", 2)):
         got = evaluation[part]["validity_ladder_harmless"]
         assert EXAMPLE[part]["validity_ladder_harmless"]["flagged"] == recorded
         assert abs(got["flagged"] - recorded) <= SLACK and got["flagged"] <= 0.05 * got["n"], (part, got)
@@ -437,9 +438,10 @@ def test_targets_are_reported_not_assumed(evaluation):
         "false positives <= 5%": d["false_positive_rate"]["count"] <= 0.05 * d["false_positive_rate"]["n"],
         "<= 50 ms per message (median)": evaluation["ms_per_message"]["median"] <= 50}
     # the recorded report: the quality targets as measured there; the time target agrees with its own
-    # median (48.7-52.0 ms in the runs of 2026-11-30 on AMD EPYC: at the line, so not pinned either way)
-    assert EXAMPLE["targets"] == {"explicit recall = 100%": True, "implicit recall >= 90%": True,
-                                  "false positives <= 5%": False,
+    # median (48.7-52.0 ms in the runs of 2026-11-30 on AMD EPYC, 41.2-45.8 after the refit of session 13:
+    # near the line, so not pinned either way)
+    assert EXAMPLE["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": True,
+                                  "false positives <= 5%": True,
                                   "<= 50 ms per message (median)": EXAMPLE["ms_per_message"]["median"] <= 50}
 
 
