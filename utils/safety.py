@@ -675,14 +675,16 @@ def nested_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray
     from sklearn.model_selection import StratifiedKFold
 
     triggers = triggers or {}
+
+    def rows(idx: np.ndarray) -> tuple:  # the scores of these rows only
+        return blend[idx], {k: v[idx] for k, v in triggers.items()}, None if screen is None else screen[idx]
+
     nested = {}
     for budget in BUDGETS:
         flags = np.zeros(len(y), bool)
         for train, held in StratifiedKFold(NESTED_FOLDS, shuffle=True, random_state=0).split(blend, y):
-            part = lambda a: None if a is None else a[train]  # noqa: E731
-            rule = choose_rule(blend[train], y[train], {k: v[train] for k, v in triggers.items()}, part(screen), budget)
-            flags[held] = rule_flags(rule, blend[held], {k: v[held] for k, v in triggers.items()},
-                                     None if screen is None else screen[held])
+            b, t, s = rows(train)
+            flags[held] = rule_flags(choose_rule(b, y[train], t, s, budget), *rows(held))
         nested[str(budget)] = {k: round(v, 4) for k, v in _rates(flags, y).items()}
         if nested[str(budget)]["false_positive_rate"] <= MAX_FP_CV:
             break
