@@ -633,23 +633,29 @@ def choose_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray
     best = {"hi": float(hi), "lo": None, "trigger": None, "screen": None, "asked": 0.0, **_rates(blend >= hi, y)}
     if screen is None:
         return best
-    triggers = {"none": np.zeros(len(y), bool), **(triggers or {})}
+    triggers = triggers or {}
     for hi in HI_GRID:
         for lo in (None, *[x for x in LO_GRID if x < hi]):
-            band = blend >= lo if lo is not None else np.zeros(len(y), bool)
-            for trigger, fired in triggers.items():
-                asked = (blend < hi) & (band | fired)
+            for trigger in (None, *triggers):
+                option = {"hi": float(hi), "lo": lo, "trigger": trigger}
+                asked = _asked(option, blend, triggers)
                 if not asked.any():
                     continue
                 for cut in SCREEN_GRID:
-                    rates = _rates((blend >= hi) | (asked & (np.nan_to_num(screen, nan=0.0) >= cut)), y)
+                    rates = _rates(rule_flags({**option, "screen": float(cut)}, blend, triggers, screen), y)
                     if rates["false_positive_rate"] > max_fp:
                         continue
-                    option = {"hi": float(hi), "lo": lo, "trigger": None if trigger == "none" else trigger,
-                              "screen": float(cut), "asked": round(float(asked.mean()), 3), **rates}
-                    if (option["recall"], -option["asked"]) > (best["recall"], -best["asked"]):
-                        best = option
+                    candidate = {**option, "screen": float(cut), "asked": round(float(asked.mean()), 3), **rates}
+                    if (candidate["recall"], -candidate["asked"]) > (best["recall"], -best["asked"]):
+                        best = candidate
     return best
+
+
+def _asked(rule: dict, blend: np.ndarray, triggers: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows ``rule`` sends to the second stage: below ``hi``, and in its band or fired on by its trigger."""
+    band = blend >= rule["lo"] if rule["lo"] is not None else np.zeros(len(blend), bool)
+    fired = triggers[rule["trigger"]] if rule["trigger"] else np.zeros(len(blend), bool)
+    return (blend < rule["hi"]) & (band | fired)
 
 
 def rule_flags(rule: dict, blend: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
@@ -658,9 +664,7 @@ def rule_flags(rule: dict, blend: np.ndarray, triggers: dict[str, np.ndarray] | 
     flags = blend >= rule["hi"]
     if rule["screen"] is None:
         return flags
-    band = blend >= rule["lo"] if rule["lo"] is not None else np.zeros(len(blend), bool)
-    fired = (triggers or {})[rule["trigger"]] if rule["trigger"] else np.zeros(len(blend), bool)
-    return flags | ((blend < rule["hi"]) & (band | fired) & (np.nan_to_num(screen, nan=0.0) >= rule["screen"]))
+    return flags | (_asked(rule, blend, triggers or {}) & (np.nan_to_num(screen, nan=0.0) >= rule["screen"]))
 
 
 def nested_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
@@ -1225,8 +1229,7 @@ def _print(report: dict) -> None:
               f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']}; the LLM screen was asked "
               f"about {screen['asked']} of {screen['of']} ({screen['seconds_per_ask']} s each)")
         rule = r["chosen_on_train_cv"]["rule"]
-        if "nested" in rule:
-            print(f"  false-positive budget {rule['budget']:.0%}, chosen in a nested split (rule chosen on 4/5 of the "
+        print(f"  false-positive budget {rule['budget']:.0%}, chosen in a nested split (rule chosen on 4/5 of the "
                   "train rows, scored on the other 1/5): " + ", ".join(
                       f"{float(b):.0%} -> recall {100 * x['recall']:.1f}%, false positives "
                       f"{100 * x['false_positive_rate']:.1f}%" for b, x in rule["nested"].items()))
