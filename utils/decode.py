@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .paths import has_adapter
+from .paths import from_root, has_adapter, shown
 
 NEAR_TIE = 1.0  # logits; see the module docstring
 AGREEMENT_PROMPTS, AGREEMENT_TOKENS = 20, 32
@@ -210,7 +210,7 @@ def decode_model(model: str, adapter_root: Path | None, new_tokens: int = 32, re
         rows.append({"model": spec["name"], "variant": variant, "engine": eng, "form": form,
                      "dtype": dtype if eng == "torch" else "gguf", **rate, "bytes_per_token": nbytes,
                      "token_agreement": None, "agreement": None,
-                     **({"files": [str(f) for f in files]} if files else {}),
+                     **({"files": [shown(f) for f in files]} if files else {}),
                      **({"adapter": adapter_note} if variant == "lora" else {})})
         print(f"  {spec['name']} {variant} {eng} {form}: {rate['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr,
               flush=True)
@@ -224,7 +224,7 @@ def decode_model(model: str, adapter_root: Path | None, new_tokens: int = 32, re
         ids = [prompt_ids(tok, [{"role": "user", "content": p}], fmt) for p in prompts]
         for r in rows:
             if r["variant"] == variant and r["engine"] == "llama.cpp":
-                files = r["files"]
+                files = [from_root(f) for f in r["files"]]
                 llama = engine.LlamaCppModel(files[0], lora=files[1] if len(files) > 1 else None)
                 r["agreement"] = token_agreement(llama, net, ids)
                 r["token_agreement"] = r["agreement"]["agreement"]

@@ -72,9 +72,16 @@ def has_adapter(root: str | Path) -> bool:
 
 
 def shown(path: str | Path) -> str:
-    """A path as messages show it: relative to the repository when inside it."""
+    """A path as messages and saved reports show it: relative to the repository when inside it,
+    ``~/...`` when inside the home folder, else as given. ``from_root`` reads each form back, and
+    no report written on one machine carries that machine's folders."""
     path = Path(path)
-    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(path)
+    if not path.is_absolute():
+        return str(path)
+    if path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT))
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path != home and path.is_relative_to(home) else str(path)
 
 
 class MissingInput(FileNotFoundError):

@@ -25,7 +25,7 @@ import yaml
 from .io import point_symlink, write_json_atomically
 from .params import QUICK, QUICK_SUBDIR, notebook_parameters
 from .paths import (CONFIGS_DIR, MODELS, NOTEBOOKS_DIR, REPORTS_DIR, adapter_folder, adapter_root, final_adapter,
-                    from_root)
+                    from_root, shown)
 
 DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
 # config section -> notebook it parameterises
@@ -328,7 +328,7 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
         _write_state(run_dir, state)
         parameters = dict(step.parameters)
         if "report_dir" in notebook_parameters(step.notebook):
-            parameters.setdefault("report_dir", str(run_dir))  # figures and tables land beside the notebooks
+            parameters.setdefault("report_dir", shown(run_dir))  # figures and tables land beside the notebooks
         try:
             papermill.execute_notebook(
                 str(NOTEBOOKS_DIR / step.notebook), str(output), parameters=parameters,

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from . import cards, chat, hardware, int8, models, system
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
-from .paths import PROCESSED, final_adapter, from_root, require
+from .paths import PROCESSED, final_adapter, from_root, require, shown
 
 RUN_SCHEMA = 1
 
@@ -573,7 +573,7 @@ def run_record(cfg: TrainConfig, setup: _Setup, trainer, result, throughput, che
                  "target_modules": setup.targets, "fan_in_fan_out": setup.fan_in_fan_out},
         **setup.params,
         "config": asdict(cfg),
-        "data_dir": str(setup.data_dir),
+        "data_dir": shown(setup.data_dir),
         "data_sha256": data_hash(setup.data_dir),
         "examples": {"train": len(setup.train_ds), "validation": len(setup.val_ds), "dropped_too_long": setup.dropped},
         "seed": cfg.seed,

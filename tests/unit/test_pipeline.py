@@ -102,3 +102,20 @@ def test_model_paths_outside_models_dir_are_refused(tmp_path):
     pipeline.check_model_name("org/some-hub-model")
 
 
+
+
+def test_saved_paths_carry_no_machine_folder_and_read_back(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from utils.paths import ROOT, from_root, shown
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    cached = home / ".cache" / "lora-compare" / "base.gguf"
+    assert shown(cached) == "~/.cache/lora-compare/base.gguf"
+    assert from_root(shown(cached)) == cached
+    assert shown(ROOT / "reports" / "run-1") == "reports/run-1"
+    assert from_root(shown(ROOT / "reports" / "run-1")) == ROOT / "reports" / "run-1"
+    elsewhere = tmp_path / "other" / "x.json"  # neither in the repository nor at home: as given
+    assert shown(elsewhere) == str(elsewhere)
+    assert shown(home) == str(home) and shown(Path("data/processed")) == "data/processed"
