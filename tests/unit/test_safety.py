@@ -132,6 +132,40 @@ def test_rule_flags_gives_the_rates_the_rule_was_chosen_with():
         assert flags[y == 1].mean() == rule["recall"] and flags[y == 0].mean() == rule["false_positive_rate"]
 
 
+def test_a_cascade_checking_one_message_flags_what_rule_flags_says():
+    """``_Cascade._decide`` applies a rule to one message at check time; ``rule_flags`` applies it to
+    arrays of scores when the rule is chosen. They must agree, for the question and for the probe."""
+    rng = np.random.default_rng(3)
+    n = 300
+    blend, screen, probe_p = rng.uniform(0, 1, n), rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    fired = rng.uniform(0, 1, n) < 0.2
+    texts = [f"message {i}" for i in range(n)]
+    index = {t: i for i, t in enumerate(texts)}
+
+    class Question:
+        def probability(self, text):
+            return float(screen[index[text]])
+
+    class Probe:
+        def probability(self, read):
+            return np.array([probe_p[index[t]] for t in read])
+
+    rules = [{"hi": 0.8, "lo": 0.3, "trigger": "explicit", "screen": 0.6},
+             {"hi": 0.7, "lo": None, "trigger": "explicit", "screen": 0.5},
+             {"hi": 0.9, "lo": 0.5, "trigger": None, "screen": 0.4},
+             {"hi": 0.6, "lo": None, "trigger": None, "screen": None}]
+    for rule in rules:
+        for probe in (None, Probe()):
+            cascade = safety._Cascade()
+            cascade.rule, cascade.screen, cascade.probe = rule, Question(), probe
+            second = (blend + probe_p) / 2 if probe else screen
+            expected = safety.rule_flags(rule, blend, {"explicit": fired}, second)
+            got = [bool(cascade._decide([t], np.array([blend[i]]), lambda text, trigger: fired[index[text]])[0])
+                   for i, t in enumerate(texts)]
+            assert got == expected.tolist(), (rule, probe)
+            assert 0 < sum(got) < n
+
+
 def _noisy_rule_data(seed=0):
     """Scores that overlap a lot, and a screen that is pure noise: the best of the grid, scored on the
     rows it was chosen on, looks better than it is."""
