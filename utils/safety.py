@@ -733,6 +733,31 @@ def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
     return cache_dir() / "safety" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def current_cache_folders() -> dict[str, Path]:
+    """The cache folders the default detector and output filter load from (this data, recipe and libraries)."""
+    def train(paths, positive):
+        return [r for r in load_labelled(paths, positive) if r["split"] == "train"]
+
+    return {"crisis": _cache_folder("crisis", train(CRISIS_SETS, "positive"), None),
+            "replies": _cache_folder("replies", train(REPLY_SETS, "unsafe"), None)}
+
+
+def prune(dry_run: bool = False) -> list[Path]:
+    """Remove the cache folders of earlier fits (other data, recipe or library versions; about 90 MB
+    each), keeping the current ones and any fit being written; returns what was (or, with ``dry_run``,
+    would be) removed."""
+    import shutil
+
+    current = current_cache_folders()
+    root = current["crisis"].parent
+    stale = sorted(p for p in root.iterdir() if p.is_dir() and p.name.split("-")[0] in current
+                   and p not in current.values()) if root.is_dir() else []
+    if not dry_run:
+        for p in stale:
+            shutil.rmtree(p)
+    return stale
+
+
 def _write_aside(path: Path, write) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``path``: a half-written file or folder is never read."""
     import os
@@ -1251,7 +1276,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replies-data", help="measure the output filter on every row of this labelled file instead "
                    "(laid out like data/eval/safety/unsafe_replies.yaml)")
     sub.add_parser("fit", help="fit both classifiers on their train splits (or load them: cached per machine)")
+    p = sub.add_parser("prune", help="remove the cached fits of earlier data or versions (about 90 MB each)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
+    if args.command == "prune":
+        stale = prune(args.dry_run)
+        for path in stale:
+            print(f"{'would remove' if args.dry_run else 'removed'} {shown(path)}")
+        print(f"{len(stale)} earlier fit(s); kept {', '.join(p.name for p in current_cache_folders().values())}")
+        return 0
     if args.command == "fit":
         for name, model in (("crisis detector", detector()), ("output filter", output_filter())):
             rule = model.rule

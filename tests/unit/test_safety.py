@@ -626,3 +626,19 @@ def test_each_held_out_reply_set_shares_no_text_with_the_reply_data_or_another(n
     for other in S.SAFETY_DATA.glob("unsafe_replies_*.yaml"):
         if other.name != name:
             assert not norm(fresh) & norm(S.load_labelled(other, "unsafe")), other.name
+
+
+def test_prune_removes_only_the_fits_of_earlier_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    current = safety.current_cache_folders()
+    root = tmp_path / "safety"
+    assert current["crisis"].parent == root == current["replies"].parent
+    stale = [root / "crisis-0123456789abcdef", root / "replies-fedcba9876543210"]
+    kept = [*current.values(), root / ".crisis-0123.tmp-42", root / "judge-cache"]
+    for folder in stale + kept:
+        (folder / "model").mkdir(parents=True)
+    (root / "crisis-notes.txt").write_text("a file, not a fit")
+    assert safety.prune(dry_run=True) == sorted(stale) and all(p.exists() for p in stale)
+    assert safety.prune() == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert (root / "crisis-notes.txt").exists() and safety.prune() == []
