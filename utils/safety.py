@@ -8,7 +8,7 @@
   ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
   use, negated, quoted, sad but not in crisis, everyday) and of the sets written later as unseen
   tests and added once measured, and short and phone-typed messages written as training data (``CRISIS_ADDED``;
-  940 messages in all). Its threshold is the lowest whose false-positive rate in 5-fold cross-validation
+  1053 messages in all). Its threshold is the lowest whose false-positive rate in 5-fold cross-validation
   *on the train split* stays within a budget (5%, or less when a nested split says 5% does not hold:
   ``nested_rule``).
 - **Second stage on the judge LLM** (``Screen``, a cascade): what that fast path cannot decide (its
@@ -1106,13 +1106,27 @@ def _chosen(model: _Cascade) -> dict:
             **{name: model.rules[name] for name in ("question", "probe", "probe_auc") if name in model.rules}}
 
 
-def _fast_only(model: _Cascade, verdicts: list[Verdict], rows: list[dict], extra: list[bool] | None = None) -> dict:
+def _fast_only(model: _Cascade, verdicts: list[Verdict], rows: list[dict], cascade: list[bool],
+               extra: list[bool] | None = None) -> dict:
     """The same held-out rows flagged by the fast path alone, at its own cross-validated threshold
-    (``rules["fast"]``): what the cascade is measured against."""
+    (``rules["fast"]``): what the cascade is measured against. And, because the two may sit at
+    different points of the trade (more recall for more false alarms), the fast path at the lowest
+    threshold that raises no more false alarms on these rows than the cascade did: a threshold chosen
+    on the test rows themselves, so a comparison in the fast path's favour."""
+    def flags_at(cut: float) -> list[bool]:
+        return [(v.probability is not None and v.probability >= cut) or bool(extra and extra[i])
+                for i, v in enumerate(verdicts)]
+
+    def false_alarms(flags: list[bool]) -> int:
+        return sum(f and not r["label"] for f, r in zip(flags, rows))
+
     hi = model.rules["fast"]["hi"]
-    flags = [(v.probability is not None and v.probability >= hi) or bool(extra and extra[i])
-             for i, v in enumerate(verdicts)]
-    return {"threshold": hi, **_summary(flags, rows), "by_kind": _kind_table(flags, rows)}
+    flags = flags_at(hi)
+    allowed = false_alarms(cascade)
+    cuts = sorted({v.probability for v in verdicts if v.probability is not None}, reverse=True) + [float("inf")]
+    cut = min((c for c in cuts if false_alarms(flags_at(c)) <= allowed), default=float("inf"))
+    return {"threshold": hi, **_summary(flags, rows), "by_kind": _kind_table(flags, rows),
+            "at_equal_false_positives": {"threshold": round(cut, 4), **_summary(flags_at(cut), rows)}}
 
 
 def _screen_summary(model: _Cascade, verdicts: list[Verdict], rows: list[dict]) -> dict:
@@ -1212,7 +1226,7 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
             **_summary(flags, crisis_rows),
             "by_kind": kinds,
             "patterns_only": {**_summary(patterns, crisis_rows), "by_kind": _kind_table(patterns, crisis_rows)},
-            "fast_path_only": _fast_only(det, verdicts, crisis_rows),
+            "fast_path_only": _fast_only(det, verdicts, crisis_rows, flags),
             "validity_ladder_harmless": _harmless(det.check, ladder_prompts(), "the prompts"),
         },
         "output_filter": {
@@ -1221,7 +1235,7 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
             **_summary(reply_flags, reply_rows),
             "by_kind": _kind_table(reply_flags, reply_rows),
             "word_list_only": {**_summary(words_only, reply_rows), "by_kind": _kind_table(words_only, reply_rows)},
-            "fast_path_only": _fast_only(flt, reply_verdicts, reply_rows, words_only),
+            "fast_path_only": _fast_only(flt, reply_verdicts, reply_rows, reply_flags, words_only),
             "validity_ladder_harmless": _harmless(flt.check, ladder_replies(),
                                                   f"the harmless replies ({', '.join(LADDER_SAFE_TIERS)})"),
         },
@@ -1252,7 +1266,9 @@ def _print(report: dict) -> None:
                   f"[{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}]")
         fast, screen = r["fast_path_only"], report["llm_screen"][part]
         print(f"  the fast path alone: recall {fast['recall']['count']}/{fast['recall']['n']}, false positives "
-              f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']}; the LLM screen was asked "
+              f"{fast['false_positive_rate']['count']}/{fast['false_positive_rate']['n']} (with no more false alarms "
+              f"than the cascade, at >= {fast['at_equal_false_positives']['threshold']}: recall "
+              f"{fast['at_equal_false_positives']['recall']['count']}); the LLM screen was asked "
               f"about {screen['asked']} of {screen['of']} ({screen['seconds_per_ask']} s each)")
         rule = r["chosen_on_train_cv"]["rule"]
         print(f"  false-positive budget {rule['budget']:.0%}, chosen in a nested split (rule chosen on 4/5 of the "
