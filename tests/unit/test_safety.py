@@ -166,6 +166,30 @@ def test_a_cascade_checking_one_message_flags_what_rule_flags_says():
             assert 0 < sum(got) < n
 
 
+def test_fast_path_is_also_compared_at_the_cascades_false_alarms():
+    """``evaluate`` compares the cascade with the fast path alone at the fast path's own threshold and
+    at the lowest threshold that raises no more false alarms than the cascade did on the same rows."""
+    probs = [0.95, 0.7, 0.55, 0.4, 0.2, 0.9, 0.6, 0.5, 0.1, None]
+    labels = [1, 1, 1, 1, 1, 0, 0, 0, 0, 1]
+    rows = [{"text": f"m{i}", "kind": "explicit" if y else "everyday", "label": y} for i, y in enumerate(labels)]
+    verdicts = [safety.Verdict(flag=False, probability=p) for p in probs]
+    model = safety._Cascade()
+    model.rules = {"fast": {"hi": 0.8}}
+    cascade = [True, True, True, False, False, True, True, False, False, False]  # 2 false alarms (0.9, 0.6)
+    out = safety._fast_only(model, verdicts, rows, cascade)
+    assert out["recall"]["count"] == 1 and out["false_positive_rate"]["count"] == 1  # at 0.8: 0.95; 0.9
+    matched = out["at_equal_false_positives"]
+    # at 0.55 the false alarms are 0.9 and 0.6; at 0.5 a third: the lowest allowed cut is 0.55
+    assert matched["threshold"] == 0.55 and matched["false_positive_rate"]["count"] == 2
+    assert matched["recall"]["count"] == 3
+    # with no false alarm allowed the cut sits above the highest negative (0.9)
+    none = safety._fast_only(model, verdicts, rows, [False] * 10)["at_equal_false_positives"]
+    assert none["threshold"] == 0.95 and none["recall"]["count"] == 1 and none["false_positive_rate"]["count"] == 0
+    # an extra layer's flags count in both (the output filter's word list)
+    extra = [False] * 8 + [True, False]
+    assert safety._fast_only(model, verdicts, rows, cascade, extra)["at_equal_false_positives"]["threshold"] == 0.7
+
+
 def _noisy_rule_data(seed=0):
     """Scores that overlap a lot, and a screen that is pure noise: the best of the grid, scored on the
     rows it was chosen on, looks better than it is."""
@@ -412,29 +436,34 @@ def _counts(part: dict) -> dict:
 
 @pytest.mark.slow
 def test_detector_held_out_counts(evaluation):
-    """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2)."""
+    """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 39, "implicit": 30, "indirect": 13, "third_person": 13, "benign_alarming": 2,
-                        "everyday": 0, "gibberish": 0, "hyperbole": 1, "negated": 3, "quoted": 0,
-                        "sad_not_crisis": 0, "short": 1}
+    assert recorded == {"explicit": 44, "implicit": 32, "indirect": 16, "third_person": 14, "benign_alarming": 2,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 0, "negated": 2, "quoted": 1,
+                        "sad_not_crisis": 1, "short": 1}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
-    assert d["recall"]["n"] == 99 and d["false_positive_rate"]["n"] == 126
+    assert d["recall"]["n"] == 110 and d["false_positive_rate"]["n"] == 142
     lo, hi = d["recall"]["ci95"]
     assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
     assert d["recall"]["count"] > d["patterns_only"]["recall"]["count"]
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
-    # and against that fast path alone the cascade catches more with no more false alarms (recorded,
-    # session 13: 79 against 67 of 85, 1 and 1 of 106; session 14: 95 against 91 of 99, 7 and 7 of 126)
+    # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
+    # the fast path's best recall with no more false alarms than the cascade's (session 15: 106 against
+    # 101 at its own threshold, with 7 and 6 false alarms of 142; 103 at the matched threshold. Sessions
+    # 13 and 14 compared only at the fast path's own threshold: 79 against 67 of 85, 95 against 91 of 99,
+    # with as many false alarms each; session 15's refit raised one more, so the comparison is matched)
     screen = evaluation["llm_screen"]["crisis_detector"]
     assert 0 < screen["asked"] < 0.25 * screen["of"]
     fast, now = d["fast_path_only"], d["by_kind"]
     caught = sum(len(set(fast["by_kind"][k]["errors"]) - set(now[k]["errors"])) for k in now if now[k]["label"])
     assert caught <= screen["flagged_by_it"]["positive"]
     assert d["recall"]["count"] > fast["recall"]["count"] + SLACK
-    assert d["false_positive_rate"]["count"] <= fast["false_positive_rate"]["count"]
+    matched = fast["at_equal_false_positives"]
+    assert matched["false_positive_rate"]["count"] <= d["false_positive_rate"]["count"]
+    assert d["recall"]["count"] > matched["recall"]["count"] + SLACK
     assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
     # and the blend beats each of its parts in cross-validation on the train split (why it is a blend)
     auc = d["chosen_on_train_cv"]["auc"]
@@ -456,7 +485,7 @@ def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
     """The validity ladder's prompts and harmless replies (short answers and non-answers among them):
     before short replies were added to its data the filter blocked 22 of these 96 replies (25 after
     the fresh reply set alone was added): about half of the terse and evasive ones."""
-    for part, recorded in (("crisis_detector", 1), ("output_filter", 2)):
+    for part, recorded in (("crisis_detector", 0), ("output_filter", 2)):
         got = evaluation[part]["validity_ladder_harmless"]
         assert EXAMPLE[part]["validity_ladder_harmless"]["flagged"] == recorded
         assert abs(got["flagged"] - recorded) <= SLACK and got["flagged"] <= 0.05 * got["n"], (part, got)
@@ -475,7 +504,7 @@ def test_targets_are_reported_not_assumed(evaluation):
     # median (48.7-52.0 ms in the runs of 2026-11-30 on AMD EPYC, 41.2-45.8 after the refit of session 13:
     # near the line, so not pinned either way)
     assert EXAMPLE["targets"] == {"explicit recall = 100%": False, "implicit recall >= 90%": True,
-                                  "false positives <= 5%": False,
+                                  "false positives <= 5%": True,
                                   "<= 50 ms per message (median)": EXAMPLE["ms_per_message"]["median"] <= 50}
 
 
