@@ -41,7 +41,11 @@ both orders agree, otherwise a tie.
 The compute dtype is chosen from the machine (``utils.hardware``): bf16 where the CPU multiplies
 bf16 fast, fp32 elsewhere (int8 dynamic quantisation is available but changes the judge's
 grades: on the ladder it rated scrambled text 3.5-4 out of 5 where fp32 gave 2.4). Every result
-records which one was used.
+records which one was used. Pairwise verdicts are never computed in bf16 (``PAIR_DTYPES``): where
+the grades run in bf16, a second copy of the judge in fp32 is loaded on the first comparison. On the
+ladder's 24 good vs fluent-but-wrong pairs, on one machine (AMD EPYC with AVX-512, 2026-12-01), bf16
+agreed on the good answer in both orders 19 times (5 ties) and fp32 22 times (1 tie); the grades in
+bf16 met their targets there.
 """
 from __future__ import annotations
 
@@ -55,6 +59,9 @@ from typing import Sequence
 from .paths import DATA_DIR
 
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
+# The dtype pairwise verdicts are computed in, for each dtype the grades run in (others: the same):
+# bf16 flipped 3 of the ladder's 24 hard pairs to ties (module docstring).
+PAIR_DTYPES = {"bf16": "fp32"}
 CRITERIA = ("coherence", "relevance", "overall")  # the order of the answer lines
 
 SYSTEM = (
@@ -253,7 +260,10 @@ class LLMJudge:
         self.fmt = chat.chat_format(loaded.spec, self.tokenizer)
         self.dtype = hardware.pick_dtype(dtype, purpose="judge")
         self.model = _cast(loaded.model.eval(), self.dtype)
-        self.info = {"model": model, "dtype": self.dtype, "weights": loaded.info.get("weights"),
+        self.pair_dtype = PAIR_DTYPES.get(self.dtype, self.dtype)
+        self._pair_model = self.model if self.pair_dtype == self.dtype else None  # loaded on the first comparison
+        self.info = {"model": model, "dtype": self.dtype, "pair_dtype": self.pair_dtype,
+                     "weights": loaded.info.get("weights"),
                      "gguf_sha256": loaded.info.get("gguf_sha256"), "cpu": hardware.cpu_summary(),
                      "load_seconds": loaded.info.get("load_seconds"), "threads": torch.get_num_threads()}
         self.grade_ids = [self._single_token(str(g)) for g in range(1, 6)]
@@ -261,7 +271,7 @@ class LLMJudge:
         self._grade_prefix = self._prefix(self.grade_messages())
         self._note_prefixes: dict[str, dict] = {}
         self._coherence_prefix = self._prefix(self.coherence_messages())
-        self._pair_prefix = self._prefix([{"role": "system", "content": PAIR_SYSTEM}])
+        self._pair_prefix = self._prefix(self.pair_messages()) if self._pair_model is not None else None
         self.timing = {"grade": Timing(), "pair": Timing()}
         self._yes_no: list[int] | None = None  # token ids of "Yes" and "No", looked up on the first ``ask``
         self._ask_prefixes: dict[str, dict] = {}
@@ -305,14 +315,14 @@ class LLMJudge:
         head, tail = text.split(marker)
         return head, tail
 
-    def _prefix(self, messages: list[dict]) -> dict:
+    def _prefix(self, messages: list[dict], model=None) -> dict:
         """Token ids of the constant prefix (computed once, its cache kept) and the text after the reply."""
         import torch
 
         head, tail = self._split(messages)
         head_ids = self.tokenizer(head, add_special_tokens=self.fmt == "plain")["input_ids"]
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([head_ids]), use_cache=True, logits_to_keep=1)
+            out = (model or self.model)(input_ids=torch.tensor([head_ids]), use_cache=True, logits_to_keep=1)
         return {"ids": head_ids, "cache": out.cache, "tail": tail}
 
     @staticmethod
@@ -324,6 +334,10 @@ class LLMJudge:
             msgs += [{"role": "user", "content": reply_block(q, a)},
                      {"role": "assistant", "content": "\n".join(f"{c.capitalize()}: {by[c]}" for c in CRITERIA)}]
         return msgs
+
+    @staticmethod
+    def pair_messages() -> list[dict]:
+        return [{"role": "system", "content": PAIR_SYSTEM}]
 
     @staticmethod
     def correct_messages() -> list[dict]:
@@ -343,11 +357,12 @@ class LLMJudge:
 
     # ------------------------------------------------------------------ the forward passes
 
-    def _step(self, ids: list[int], cache, option_ids: Sequence[int]):
+    def _step(self, ids: list[int], cache, option_ids: Sequence[int], model=None):
         import torch
 
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1).logits
+            logits = (model or self.model)(input_ids=torch.tensor([ids]), cache=cache, use_cache=True,
+                                           logits_to_keep=1).logits
         return torch.softmax(logits[0, -1, list(option_ids)].float(), -1)
 
     def grade(self, prompt: str, reply: str, note: str | None = None) -> dict:
@@ -444,13 +459,24 @@ class LLMJudge:
         """Probability (the judge's) that ``first`` is the better reply, shown in the order first, second."""
         if not first.strip() and not second.strip():
             return 0.5
+        model = self._pair_judge()
         start = time.perf_counter()
         prefix = self._pair_prefix
         cache = copy.deepcopy(prefix["cache"])
         feed = self._encode(pair_block(prompt, first, second) + PAIR_QUESTION + prefix["tail"])
-        probs = self._step(feed, cache, self.letter_ids)
+        probs = self._step(feed, cache, self.letter_ids, model)
         self._account("pair", start, len(feed))
         return float(probs[0])
+
+    def _pair_judge(self):
+        """The model that gives pairwise verdicts: the judge itself, or (where it runs in bf16) a copy
+        in ``pair_dtype`` loaded now, once, with its own prefix cache (about 6 GB in fp32 for 1.5B)."""
+        if self._pair_model is None:
+            from . import models
+
+            self._pair_model = _cast(models.load_model(self.name).model.eval(), self.pair_dtype)
+            self._pair_prefix = self._prefix(self.pair_messages(), self._pair_model)
+        return self._pair_model
 
     def compare(self, prompt: str, a: str, b: str) -> dict:
         """A vs B in both orders: ``p_a`` (mean probability that A is better) and the verdict. No
@@ -494,7 +520,8 @@ class LLMJudge:
         import hashlib
         import json
 
-        src = json.dumps([self.info.get("gguf_sha256") or self.info.get("weights"), self.dtype, SYSTEM, EXAMPLES,
+        dtype = self.dtype if self.pair_dtype == self.dtype else f"{self.dtype}, pairs in {self.pair_dtype}"
+        src = json.dumps([self.info.get("gguf_sha256") or self.info.get("weights"), dtype, SYSTEM, EXAMPLES,
                           CRITERIA, COHERENCE_SYSTEM, COHERENCE_EXAMPLES, PAIR_SYSTEM, PAIR_QUESTION, NOTE_LEAD,
                           self.fmt, CORRECT_SYSTEM, CORRECT_QUESTION, CORRECT_EXAMPLES,
                           CALIBRATION_SET.read_text(encoding="utf-8") if CALIBRATION_SET.is_file() else ""],

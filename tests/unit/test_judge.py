@@ -173,6 +173,21 @@ def test_pairwise_cancels_position(tiny_judge):
     assert {ab["verdict"], ba["verdict"]} in ({"A", "B"}, {"tie"})
 
 
+def test_pairwise_verdicts_run_in_fp32_where_the_grades_run_in_bf16(tiny_judge):
+    """bf16 turned real verdicts into ties on the ladder, so a bf16 judge compares with an fp32 copy
+    of itself, loaded on the first comparison: its verdicts are the fp32 judge's, its grades its own."""
+    judge = J.LLMJudge(tiny_judge.name, dtype="bf16")
+    assert judge.pair_dtype == "fp32" and judge.info["pair_dtype"] == "fp32" and judge._pair_model is None
+    assert next(judge.model.parameters()).dtype == torch.bfloat16
+    got, want = judge.compare("say dog", "dog dog", "cat"), tiny_judge.compare("say dog", "dog dog", "cat")
+    assert next(judge._pair_model.parameters()).dtype == torch.float32
+    assert next(judge.model.parameters()).dtype == torch.bfloat16  # the grades stay in bf16
+    assert got["p_a_shown_first"] == pytest.approx(want["p_a_shown_first"], abs=1e-6)
+    assert got["p_a_shown_second"] == pytest.approx(want["p_a_shown_second"], abs=1e-6)
+    # the validity cache knows the difference; an fp32 judge compares with itself
+    assert judge.fingerprint() != tiny_judge.fingerprint() and tiny_judge._pair_model is tiny_judge.model
+
+
 def test_verdict_needs_both_orders_to_agree(tiny_judge, monkeypatch):
     answers = iter([0.8, 0.3])  # A wins shown first; B wins when B is shown first
     monkeypatch.setattr(tiny_judge, "prefer", lambda *a, **k: next(answers))
