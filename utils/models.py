@@ -279,6 +279,17 @@ def _ties_embeddings(folder) -> bool:
     return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", True)))
 
 
+def _keep_4bit_layout(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights in place, for a bf16 kernel of its own, the
+    first time the layer runs in eval mode without gradients on a CPU with AVX-512-BF16: a different
+    weight layout and compute dtype on those machines only (we ask for fp32 compute), and it fails on
+    layers narrower than a quantisation block ("shape '[32, 0]' is invalid", seen on this project's
+    tiny test models). Every machine keeps the layout and the path the others take."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False, seed: int = 0,
                load_in_4bit: bool = False) -> LoadedModel:
     """Load a preset, local folder or hub id as an fp32 (or 8-bit, or 4-bit NF4) causal LM with its
@@ -310,6 +321,7 @@ def load_model(name: str, load_in_8bit: bool = False, random_init: bool = False,
                                  bnb_4bit_compute_dtype=torch.float32)
         with quiet_bnb():
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, **kwargs)
+        _keep_4bit_layout(model)
         _detach_from_weights_file(model)
         system.return_freed_memory()
         info["load_in_8bit"] = False

@@ -515,3 +515,6 @@ def test_every_method_trains_counts_its_parameters_and_logs_to_tensorboard(tiny,
     val = [p["loss"] for p in run["loss_history"]["validation"]]
     assert [p["step"] for p in run["loss_history"]["validation"]] == [0, 3, 6] and val[-1] < val[0]
     assert list((tmp_path / "out" / training.TRACKING_SUBDIR).rglob("events.out.tfevents.*")), "no TensorBoard log"
+    if kw.get("load_in_4bit"):  # bitsandbytes' repacking for AVX-512-BF16 CPUs is off (models._keep_4bit_layout)
+        four_bit = [m for m in res.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+        assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
