@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
+
 from .paths import DATA_DIR
 
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
@@ -486,17 +488,33 @@ class LLMJudge:
         verdict = "A" if ab > 0.5 and ba > 0.5 else "B" if ab < 0.5 and ba < 0.5 else "tie"
         return {"p_a": (ab + ba) / 2, "p_a_shown_first": ab, "p_a_shown_second": ba, "verdict": verdict}
 
+    def _ask_feed(self, system: str, text: str, question: str) -> tuple[list[int], object]:
+        """Token ids after the kept prefix of ``system`` and a fresh copy of that prefix's cache."""
+        if system not in self._ask_prefixes:
+            self._ask_prefixes[system] = self._prefix([{"role": "system", "content": system}])
+        prefix = self._ask_prefixes[system]
+        feed = self._encode(f"Message: {_clip(text, MAX_REPLY_CHARS)}\n\n{question}" + prefix["tail"])
+        return feed, copy.deepcopy(prefix["cache"])
+
     def ask(self, system: str, text: str, question: str) -> float:
         """The judge's probability of "Yes" (against "No") for ``question`` about ``text``, under the
         instructions ``system`` (their prefix computed once per ``system`` and kept). One forward pass,
         no generation; ``text`` is clipped to ``MAX_REPLY_CHARS``. Used by ``utils.safety``'s screen."""
         if self._yes_no is None:
             self._yes_no = [self._single_token("Yes"), self._single_token("No")]
-        if system not in self._ask_prefixes:
-            self._ask_prefixes[system] = self._prefix([{"role": "system", "content": system}])
-        prefix = self._ask_prefixes[system]
-        feed = self._encode(f"Message: {_clip(text, MAX_REPLY_CHARS)}\n\n{question}" + prefix["tail"])
-        return float(self._step(feed, copy.deepcopy(prefix["cache"]), self._yes_no)[0])
+        return float(self._step(*self._ask_feed(system, text, question), self._yes_no)[0])
+
+    def asked_state(self, system: str, text: str, question: str, layer: int) -> np.ndarray:
+        """The hidden state after ``layer`` (0: the embeddings) at the last position of the same input
+        as ``ask``: where the judge is about to answer, having read ``text`` with ``question`` in
+        mind. Float32, one vector. What ``utils.safety``'s probe reads."""
+        import torch
+
+        feed, cache = self._ask_feed(system, text, question)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([feed]), cache=cache, use_cache=True, output_hidden_states=True,
+                             logits_to_keep=1)
+        return out.hidden_states[layer][0, -1].float().numpy()
 
     def _account(self, kind: str, start: float, tokens: int) -> float:
         seconds = time.perf_counter() - start

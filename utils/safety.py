@@ -548,27 +548,20 @@ class Screen:
         return judge.shared(self.model, self.dtype).ask(system, text, question)
 
     def features(self, texts: list[str], desc: str | None = None) -> np.ndarray:
-        """The judge LLM's hidden state ``PROBE["depth"]`` of the way up its layers, averaged over
-        the tokens of each text (no prompt around it): what ``HiddenStateProbe`` reads. Batched."""
-        import torch
+        """What ``HiddenStateProbe`` reads: for each text, the judge LLM's hidden state ``PROBE["depth"]``
+        of the way up its layers at the last position of the screen's question about it (the input of
+        ``probability``, where the answer would start). One forward pass per text, the instructions'
+        prefix computed once."""
         from tqdm.auto import tqdm
 
         from . import judge
 
         llm = judge.shared(self.model, self.dtype)
-        base = llm.model.base_model
-        layer = round(PROBE["depth"] * base.config.num_hidden_layers)
-        size, out = PROBE["batch_size"], []
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(texts), size), desc=desc, unit="batch", disable=desc is None):
-                ids = [llm.tokenizer(t)["input_ids"][:PROBE["max_tokens"]] for t in texts[start:start + size]]
-                width = max(map(len, ids))
-                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-                states = base(input_ids=torch.tensor([x + [0] * (width - len(x)) for x in ids]), attention_mask=mask,
-                              output_hidden_states=True).hidden_states[layer].float()
-                weights = mask.unsqueeze(-1).float()
-                out.append(((states * weights).sum(1) / weights.sum(1)).numpy())
-        return np.concatenate(out)
+        layer = round(PROBE["depth"] * llm.model.config.num_hidden_layers)
+        system, question = SCREENS[self.name]
+        rows = [llm.asked_state(system, t, question, layer)
+                for t in tqdm(texts, desc=desc, unit="text", disable=desc is None)]
+        return np.stack(rows) if rows else np.zeros((0, llm.model.config.hidden_size), np.float32)
 
 
 def _screen_from_env(name: str) -> Screen | None:
@@ -579,11 +572,12 @@ def _screen_from_env(name: str) -> Screen | None:
 
 
 # ---- the probe: a logistic regression on the judge LLM's hidden states, a second stage like the question.
-# Chosen by 5-fold CV on the crisis train split (session 11, Qwen2.5-Coder-1.5B): the mean over the
-# message's tokens of the hidden state after layer 20 of 28 (depth 0.7), C = 0.1: AUC 0.956 alone and
-# 0.969 averaged with the fast path (0.954 alone); recall at 5% false positives 0.85 -> 0.91. Layers
-# 4-12 and 24-28 were weaker alone (0.92-0.94), the last token's state weaker still (0.81-0.957).
-PROBE = {"depth": 0.7, "c": 0.1, "batch_size": 16, "max_tokens": 256, "folds": 5}
+# What it reads (5-fold CV on the 801 crisis train rows, session 16, Qwen2.5-Coder-1.5B in bf16): the state at
+# the last position of the screen's question prompt, with the message inside it, gave AUC 0.984 alone and 0.993
+# averaged with the fast path, against 0.973 and 0.988 for the mean of the message's own tokens read without a
+# prompt (sessions 11-15); the question's P(Yes) from the same pass: 0.720. Depth and C kept from session 11's
+# search (layer 20 of 28, C = 0.1); layers 14-26 were within 0.01 of it read this way.
+PROBE = {"depth": 0.7, "c": 0.1, "folds": 5, "reads": "the last position of the screen's question"}
 
 
 class HiddenStateProbe:
@@ -1092,8 +1086,9 @@ def _method(model: _Cascade) -> str:
                         + ([f"the regular expressions ({rule['trigger']}) match"] if rule["trigger"] else []))
     if model.probe is not None:
         return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, a logistic regression on the "
-                f"hidden states of the judge LLM ({model.screen.model}, {PROBE['depth']:.0%} of the way up) reads "
-                f"the message, and the mean of its probability and the fast path's flags at >= {rule['screen']}")
+                f"hidden state of the judge LLM ({model.screen.model}, {PROBE['depth']:.0%} of the way up, at the end "
+                f"of the screen's question about the message) reads it, and the mean of its probability and the fast "
+                f"path's flags at >= {rule['screen']}")
     return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
             f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
 

@@ -330,19 +330,34 @@ def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_enco
     assert det.check("the dinner was awful, i want to kill myself").flag and len(screen.asked) == 1
 
 
-def test_screen_features_are_the_mean_hidden_state_and_do_not_depend_on_the_batch(tmp_path, monkeypatch):
-    """The probe's features from a real (tiny, random) causal LM: one row per text, the padding of a
-    batch changes nothing, and the layer read is ``PROBE["depth"]`` of the way up."""
+def test_screen_features_are_the_state_where_the_question_would_be_answered(tmp_path, monkeypatch):
+    """The probe's features from a real (tiny, random) causal LM: one row per text, equal to the hidden
+    state ``PROBE["depth"]`` of the way up at the last position of the whole question prompt run in one
+    piece (the kept prefix cache changes nothing), and they depend on the question asked around the text."""
+    import torch
     from tiny import save_tiny_model
+
+    from utils import judge
 
     path = save_tiny_model(tmp_path / "llama", "llama")
     screen = safety.Screen("crisis", str(path), dtype="fp32")
-    texts = ["hi", "a much longer message than the first one, to pad the batch", "third"]
-    together = screen.features(texts)
-    alone = np.concatenate([screen.features([t]) for t in texts])
-    assert together.shape[0] == 3 and np.allclose(together, alone, atol=1e-5)
+    texts = ["hi", "a much longer message than the first one", "third"]
+    got = screen.features(texts)
+    llm = judge.shared(str(path), "fp32")
+    layer = round(safety.PROBE["depth"] * llm.model.config.num_hidden_layers)
+    system, question = safety.SCREENS["crisis"]
+    for text, row in zip(texts, got):
+        head = llm._ask_prefixes[system]["ids"]
+        feed, _ = llm._ask_feed(system, text, question)
+        with torch.inference_mode():
+            whole = llm.model(input_ids=torch.tensor([head + feed]), output_hidden_states=True).hidden_states
+        assert np.allclose(row, whole[layer][0, -1].numpy(), atol=1e-4)
+    assert got.shape == (3, llm.model.config.hidden_size) and not np.allclose(got[0], got[1], atol=1e-3)
+    other = safety.Screen("replies", str(path), dtype="fp32").features(texts)
+    assert not np.allclose(other, got, atol=1e-3)  # the same texts under the other screen's question
     monkeypatch.setitem(safety.PROBE, "depth", 0.0)  # the embeddings themselves: a different layer
-    assert not np.allclose(screen.features(texts), together, atol=1e-3)
+    assert not np.allclose(screen.features(texts), got, atol=1e-3)
+    assert screen.features([]).shape == (0, llm.model.config.hidden_size)
 
 
 HEAVY = ("zorbit", "plimsk", "vandrel", "krosset", "mipple", "yarnok", "fendix", "quarble", "doomple")
@@ -438,8 +453,8 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 44, "implicit": 32, "indirect": 16, "third_person": 14, "benign_alarming": 2,
-                        "everyday": 0, "gibberish": 0, "hyperbole": 0, "negated": 2, "quoted": 1,
+    assert recorded == {"explicit": 44, "implicit": 32, "indirect": 16, "third_person": 15, "benign_alarming": 2,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 0, "negated": 2, "quoted": 0,
                         "sad_not_crisis": 1, "short": 1}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
@@ -451,7 +466,8 @@ def test_detector_held_out_counts(evaluation):
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
     # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
-    # the fast path's best recall with no more false alarms than the cascade's (session 15: 106 against
+    # the fast path's best recall with no more false alarms than the cascade's (session 16, the probe reading
+    # the question's last position: 107 against 101, 6 false alarms of 142 each; session 15: 106 against
     # 101 at its own threshold, with 7 and 6 false alarms of 142; 103 at the matched threshold. Sessions
     # 13 and 14 compared only at the fast path's own threshold: 79 against 67 of 85, 95 against 91 of 99,
     # with as many false alarms each; session 15's refit raised one more, so the comparison is matched)
@@ -474,8 +490,8 @@ def test_detector_held_out_counts(evaluation):
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"harassment": 12, "harmful_instructions": 12, "self_harm_encouragement": 9,
-                        "non_answer": 0, "ordinary": 0, "sensitive_but_safe": 1, "short": 0}
+    assert recorded == {"harassment": 12, "harmful_instructions": 15, "self_harm_encouragement": 10,
+                        "non_answer": 0, "ordinary": 1, "sensitive_but_safe": 0, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
 
@@ -484,8 +500,10 @@ def test_output_filter_held_out_counts(evaluation):
 def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
     """The validity ladder's prompts and harmless replies (short answers and non-answers among them):
     before short replies were added to its data the filter blocked 22 of these 96 replies (25 after
-    the fresh reply set alone was added): about half of the terse and evasive ones."""
-    for part, recorded in (("crisis_detector", 0), ("output_filter", 2)):
+    the fresh reply set alone was added): about half of the terse and evasive ones. Session 16's probe
+    (chosen over the question for the filter by nested recall, 93.0% against 87.0%) blocks 4 evasive
+    ones where the question blocked 2: recorded, and still within 5%."""
+    for part, recorded in (("crisis_detector", 0), ("output_filter", 4)):
         got = evaluation[part]["validity_ladder_harmless"]
         assert EXAMPLE[part]["validity_ladder_harmless"]["flagged"] == recorded
         assert abs(got["flagged"] - recorded) <= SLACK and got["flagged"] <= 0.05 * got["n"], (part, got)
