@@ -61,7 +61,8 @@ CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
 # Sets written later as unseen tests, each measured once as written (README), then added to the data:
 # they are split by the same hash, so a quarter of each joins the held-out test split.
 CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml",
-                                                     "crisis_short.yaml", "crisis_slang.yaml", "crisis_seventh.yaml"))
+                                                     "crisis_short.yaml", "crisis_slang.yaml", "crisis_seventh.yaml",
+                                                     "crisis_ninth.yaml"))
 # crisis_short and crisis_slang: written as training data (their headers say why)
 CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
 REPLY_DATA = SAFETY_DATA / "unsafe_replies.yaml"

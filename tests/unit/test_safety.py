@@ -453,12 +453,12 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 44, "implicit": 32, "indirect": 16, "third_person": 15, "benign_alarming": 2,
-                        "everyday": 0, "gibberish": 0, "hyperbole": 0, "negated": 2, "quoted": 0,
-                        "sad_not_crisis": 1, "short": 1}
+    assert recorded == {"explicit": 48, "implicit": 35, "indirect": 21, "third_person": 17, "benign_alarming": 1,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 3, "negated": 1, "quoted": 0,
+                        "sad_not_crisis": 0, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
-    assert d["recall"]["n"] == 110 and d["false_positive_rate"]["n"] == 142
+    assert d["recall"]["n"] == 123 and d["false_positive_rate"]["n"] == 160
     lo, hi = d["recall"]["ci95"]
     assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
@@ -466,8 +466,10 @@ def test_detector_held_out_counts(evaluation):
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
     # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
-    # the fast path's best recall with no more false alarms than the cascade's (session 16, the probe reading
-    # the question's last position: 107 against 101, 6 false alarms of 142 each; session 15: 106 against
+    # the fast path's best recall with no more false alarms than the cascade's (session 16, the ninth set
+    # added: 121 against 114 of 123, with 5 and 4 false alarms of 160; 117 at the matched threshold.
+    # Before that, the probe reading the question's last position: 107 against 101 of 110, 6 of 142
+    # each; session 15: 106 against
     # 101 at its own threshold, with 7 and 6 false alarms of 142; 103 at the matched threshold. Sessions
     # 13 and 14 compared only at the fast path's own threshold: 79 against 67 of 85, 95 against 91 of 99,
     # with as many false alarms each; session 15's refit raised one more, so the comparison is matched)
