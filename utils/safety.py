@@ -303,6 +303,14 @@ class TextClassifier:
 # How the encoder is fine-tuned (chosen by 5-fold cross-validation on the crisis train split:
 # 10 epochs beat 5, AUC 0.943 vs 0.932; a second seed gave 0.946). Part of the cache key.
 FINE_TUNE = {"epochs": 10, "lr": 4e-5, "head_lr": 1e-3, "batch_size": 16, "max_length": 128, "seed": 0}
+# The seeds of the crisis detector's encoders: with several, the fast path averages one fine-tune from each.
+# Session 17, 5-fold CV on the 879 train messages: encoders from seeds 0, 1, 2 differed by more than 0.3 on
+# 7-8% of the out-of-fold messages; blended with the regression, one seed each scored AUC 0.979, 0.982,
+# 0.983, the mean of the three 0.986. Fitted with (0, 1, 2) the detector chose a stricter rule (budget 4%,
+# flag >= 0.80, probe for 0.4-0.8) and on the 715 messages no fit trained on caught 286/307 against 293/307
+# with 32/408 false positives against 35/408: reverted to one seed (README, Safety;
+# reports/example/safety_three_seeds_reverted.json). Each seed costs one encoder pass per message.
+CRISIS_SEEDS = (0,)
 
 
 class EncoderClassifier:
@@ -403,13 +411,16 @@ class EncoderClassifier:
 
 
 class BlendClassifier:
-    """The mean of the two classifiers' probabilities: the fine-tuned encoder and the logistic
-    regression on frozen embeddings + character n-grams. Chosen by 5-fold CV on the train splits
-    (AUC, crisis: 0.909 regression, 0.943 encoder, 0.951 blend; replies: 0.945, 0.955, 0.971): the
-    regression steadies the encoder where a small fine-tune goes astray."""
+    """The mean of two classifiers' probabilities: the fine-tuned encoder and the logistic regression
+    on frozen embeddings + character n-grams. Chosen by 5-fold CV on the train splits (AUC, crisis:
+    0.909 regression, 0.943 encoder, 0.951 blend; replies: 0.945, 0.955, 0.971): the regression
+    steadies the encoder where a small fine-tune goes astray. With several ``seeds`` the encoder's
+    probability is the mean of one encoder fine-tuned from each: single fine-tunes differ a lot
+    (``CRISIS_SEEDS``)."""
 
-    def __init__(self, base: str | None = None, desc: str | None = None):
-        self.parts = {"regression": TextClassifier(), "encoder": EncoderClassifier(base, desc=desc)}
+    def __init__(self, base: str | None = None, desc: str | None = None, seeds: tuple[int, ...] = (0,)):
+        self.parts = {"regression": TextClassifier(),
+                      **{_encoder_part(s): EncoderClassifier(base, {"seed": s}, desc=desc) for s in seeds}}
 
     def fit(self, texts: list[str], labels) -> "BlendClassifier":
         for part in self.parts.values():
@@ -420,8 +431,14 @@ class BlendClassifier:
     def part_proba(self, texts: list[str]) -> dict[str, np.ndarray]:
         return {name: part.predict_proba(texts) for name, part in self.parts.items()}
 
+    @staticmethod
+    def combine(parts: dict[str, np.ndarray]) -> np.ndarray:
+        """The regression's probability averaged with the mean of the encoders'."""
+        encoders = [p for name, p in parts.items() if name.startswith("encoder")]
+        return (parts["regression"] + np.mean(encoders, axis=0)) / 2
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return np.mean(list(self.part_proba(texts).values()), axis=0)
+        return self.combine(self.part_proba(texts))
 
     def save(self, folder: Path) -> None:
         for name, part in self.parts.items():
@@ -430,14 +447,19 @@ class BlendClassifier:
     @classmethod
     def load(cls, folder: Path) -> "BlendClassifier":
         model = cls.__new__(cls)
+        encoders = sorted(p.name for p in folder.glob("encoder*") if (p / "head.pt").exists())
         model.parts = {"regression": TextClassifier.load(folder / "regression"),
-                       "encoder": EncoderClassifier.load(folder / "encoder")}
+                       **{name: EncoderClassifier.load(folder / name) for name in encoders}}
         model.classes_ = model.parts["regression"].classes_
         return model
 
 
+def _encoder_part(seed: int) -> str:
+    return "encoder" if seed == 0 else f"encoder-seed{seed}"  # seed 0 keeps the one-encoder layout
+
+
 def _cv_scores(texts: list[str], y: np.ndarray, base: str | None = None, folds: int = 5,
-               seed: int = 0, what: str = "") -> dict[str, np.ndarray]:
+               seed: int = 0, what: str = "", seeds: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
     """Out-of-fold probability of the positive class (binary) for every training row: of the blend
     (``"blend"``) and of each of its parts."""
     from sklearn.model_selection import StratifiedKFold
@@ -447,9 +469,9 @@ def _cv_scores(texts: list[str], y: np.ndarray, base: str | None = None, folds: 
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     for train, held in tqdm(splits, desc=f"cross-validating the {what} on its train split".replace("  ", " "),
                             unit="fold"):
-        model = BlendClassifier(base).fit([texts[i] for i in train], y[train])
+        model = BlendClassifier(base, seeds=seeds).fit([texts[i] for i in train], y[train])
         parts = model.part_proba([texts[i] for i in held])
-        for name, p in {**parts, "blend": np.mean(list(parts.values()), axis=0)}.items():
+        for name, p in {**parts, "blend": model.combine(parts)}.items():
             out.setdefault(name, np.zeros(len(y)))[held] = p[:, 1]
     return out
 
@@ -493,7 +515,7 @@ class Verdict:
     fast_seconds: float = 0.0    # of ``seconds``, the fast path's (the embedding classifiers)
 
 
-METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
+_METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
           "embeddings + character n-grams")
 CACHE_VERSION = 4  # bump when what is saved, or how it is chosen, changes
 
@@ -712,7 +734,7 @@ def _screen_scores(texts: list[str], rows: np.ndarray, screen: Screen, what: str
     return out
 
 
-def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
+def _cache_folder(name: str, train: list[dict], base: str | None, seeds: tuple[int, ...] = (0,)) -> Path:
     """Where a fitted classifier is kept: keyed by its training rows, the recipe, the encoder and
     the library versions, so a change to any of them fits afresh (the crisis classifiers: about 14 min
     on 2 AVX2 cores in session 14) and an unchanged set loads in seconds."""
@@ -724,7 +746,8 @@ def _cache_folder(name: str, train: list[dict], base: str | None) -> Path:
 
     key = json.dumps({"rows": [[r["text"], r["kind"], r["label"]] for r in train], "recipe": FINE_TUNE,
                       "base": str(base or "all-MiniLM-L6-v2"), "max_fp": MAX_FP_CV, "version": CACHE_VERSION,
-                      "libraries": [sklearn.__version__, torch.__version__, transformers.__version__]})
+                      "libraries": [sklearn.__version__, torch.__version__, transformers.__version__],
+                      **({"seeds": list(seeds)} if tuple(seeds) != (0,) else {})})  # one seed: the key it always had
     return cache_dir() / "safety" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -733,7 +756,7 @@ def current_cache_folders() -> dict[str, Path]:
     def train(paths, positive):
         return [r for r in load_labelled(paths, positive) if r["split"] == "train"]
 
-    return {"crisis": _cache_folder("crisis", train(CRISIS_SETS, "positive"), None),
+    return {"crisis": _cache_folder("crisis", train(CRISIS_SETS, "positive"), None, CRISIS_SEEDS),
             "replies": _cache_folder("replies", train(REPLY_SETS, "unsafe"), None)}
 
 
@@ -911,7 +934,7 @@ class CrisisDetector(_Cascade):
     cross-validation on the train split. The classifiers are fitted once per machine and cached."""
 
     def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
-                 screen: Screen | None | str = "default"):
+                 screen: Screen | None | str = "default", seeds: tuple[int, ...] = CRISIS_SEEDS):
         rows = rows if rows is not None else load_labelled(CRISIS_SETS, "positive")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
@@ -919,11 +942,11 @@ class CrisisDetector(_Cascade):
         self.screen = _screen_from_env("crisis") if screen == "default" else screen
 
         def fit():
-            scores = _cv_scores(texts, y, base, what="crisis detector")
+            scores = _cv_scores(texts, y, base, what="crisis detector", seeds=seeds)
             meta = {**_cv_summary(scores, y), "n_train": len(train)}
-            return meta, {"model": BlendClassifier(base, desc="fitting the crisis detector").fit(texts, y)}
+            return meta, {"model": BlendClassifier(base, "fitting the crisis detector", seeds).fit(texts, y)}
 
-        folder = _cache_folder("crisis", train, base) if cache else None
+        folder = _cache_folder("crisis", train, base, seeds) if cache else None
         self.cv, fitted = _cached(folder, fit, {"model": BlendClassifier})
         self.model = fitted["model"]
         triggers = {name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}
@@ -1081,16 +1104,20 @@ def _summary(flags: list[bool], rows: list[dict]) -> dict:
 
 def _method(model: _Cascade) -> str:
     rule = model.rule
+    fast = model.model if isinstance(model, CrisisDetector) else model.unsafe_model
+    encoders = sum(name.startswith("encoder") for name in fast.parts)
+    method = _METHOD if encoders == 1 else _METHOD.replace(
+        "with a linear head", f"with a linear head ({encoders} fine-tunes from different seeds, averaged)")
     if rule["screen"] is None:
-        return f"{METHOD}, flagged at >= {rule['hi']:.3f}"
+        return f"{method}, flagged at >= {rule['hi']:.3f}"
     asked = " or ".join(([f"it is >= {rule['lo']}"] if rule["lo"] is not None else [])
                         + ([f"the regular expressions ({rule['trigger']}) match"] if rule["trigger"] else []))
     if model.probe is not None:
-        return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, a logistic regression on the "
+        return (f"{method}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, a logistic regression on the "
                 f"hidden state of the judge LLM ({model.screen.model}, {PROBE['depth']:.0%} of the way up, at the end "
                 f"of the screen's question about the message) reads it, and the mean of its probability and the fast "
                 f"path's flags at >= {rule['screen']}")
-    return (f"{METHOD}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
+    return (f"{method}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
             f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
 
 

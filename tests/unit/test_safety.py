@@ -249,6 +249,36 @@ def test_encoder_classifier_learns_a_word_and_round_trips(tiny_encoder, tmp_path
     assert np.allclose(again.predict_proba(["the dinner was awful today"]), p[1:], atol=1e-6)
 
 
+def test_blend_with_several_seeds_averages_its_encoders_and_round_trips(tiny_encoder, tmp_path):
+    """With seeds (0, 1) the blend holds two fine-tuned encoders (different: different seeds), its
+    probability is the regression's averaged with the mean of theirs, and both come back from disk."""
+    good, bad = TOY
+    texts, y = good + bad, [0] * 18 + [1] * 18
+    model = safety.BlendClassifier(tiny_encoder, seeds=(0, 1))
+    for part in model.parts.values():
+        if isinstance(part, safety.EncoderClassifier):
+            part.recipe["epochs"] = 3
+    model.fit(texts, y)
+    assert set(model.parts) == {"regression", "encoder", "encoder-seed1"}
+    probe = ["the dinner was lovely today", "the dinner was awful today", "a quiet evening in"]
+    parts = model.part_proba(probe)
+    assert not np.allclose(parts["encoder"], parts["encoder-seed1"], atol=1e-3)
+    expected = (parts["regression"] + (parts["encoder"] + parts["encoder-seed1"]) / 2) / 2
+    assert np.allclose(model.predict_proba(probe), expected)
+    model.save(tmp_path / "saved")
+    again = safety.BlendClassifier.load(tmp_path / "saved")
+    assert set(again.parts) == set(model.parts)
+    assert np.allclose(again.predict_proba(probe), model.predict_proba(probe), atol=1e-6)
+
+
+def test_the_cache_key_names_the_seeds_only_when_there_are_several():
+    rows = [{"text": "hello", "kind": "short", "label": 0}]
+    one = safety._cache_folder("crisis", rows, None)
+    assert safety._cache_folder("crisis", rows, None, (0,)) == one  # fits cached before seeds existed still load
+    assert safety._cache_folder("crisis", rows, None, (0, 1, 2)) != one
+    assert safety._cache_folder("crisis", rows, None, (0, 1, 2)) != safety._cache_folder("crisis", rows, None, (0, 1))
+
+
 def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_path, monkeypatch):
     """Threshold and patterns chosen by CV on the train rows only; a second construction with the
     same rows loads the saved fit (no fitting at all) and answers identically; other rows fit anew."""
@@ -259,7 +289,8 @@ def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_pa
             + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)]
             + [{"text": "held out: never fitted", "kind": "explicit", "label": 1, "split": "test"}])
     first = safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
-    assert first.cv["n_train"] == 12 and set(first.cv["auc"]) == {"regression", "encoder", "blend"}
+    assert first.cv["n_train"] == 12
+    assert set(first.cv["auc"]) == {"regression", "blend", *(safety._encoder_part(s) for s in safety.CRISIS_SEEDS)}
     saved = list((tmp_path / "safety").iterdir())
     assert len(saved) == 1 and (saved[0] / "meta.json").exists()
 
