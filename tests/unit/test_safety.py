@@ -659,7 +659,8 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
 @pytest.mark.parametrize("name", ["crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml", "crisis_fifth.yaml",
                                   "crisis_sixth.yaml", "crisis_seventh.yaml",
                                   "crisis_eighth.yaml", "crisis_ninth.yaml", "crisis_tenth.yaml",
-                                  "crisis_eleventh.yaml", "crisis_twelfth.yaml", "crisis_thirteenth.yaml"])
+                                  "crisis_eleventh.yaml", "crisis_twelfth.yaml", "crisis_thirteenth.yaml",
+                                  "crisis_fourteenth.yaml"])
 def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_held_out_set(name):
     from utils import safety as S
 
