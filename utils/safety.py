@@ -448,6 +448,8 @@ class BlendClassifier:
     def load(cls, folder: Path) -> "BlendClassifier":
         model = cls.__new__(cls)
         encoders = sorted(p.name for p in folder.glob("encoder*") if (p / "head.pt").exists())
+        if not encoders:  # without one the blend would be NaN and flag nothing
+            raise FileNotFoundError(f"{folder}: no encoder*/head.pt")
         model.parts = {"regression": TextClassifier.load(folder / "regression"),
                        **{name: EncoderClassifier.load(folder / name) for name in encoders}}
         model.classes_ = model.parts["regression"].classes_
@@ -516,7 +518,7 @@ class Verdict:
 
 
 _METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
-          "embeddings + character n-grams")
+           "embeddings + character n-grams")
 CACHE_VERSION = 4  # bump when what is saved, or how it is chosen, changes
 
 # ---- the LLM screen: the judge asked one Yes/No question about texts the fast path cannot decide

@@ -307,6 +307,9 @@ def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_pa
     with pytest.raises(RuntimeError, match="(?s)cannot be read.*delete that folder and run `make safety`"):
         safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     assert (saved[0] / "meta.json").exists()  # nothing deleted behind the user's back
+    damaged.unlink()  # an encoder folder without its head: refused too, never a blend of no encoders
+    with pytest.raises(RuntimeError, match="(?s)cannot be read.*no encoder"):
+        safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     with pytest.raises(AssertionError, match="fitted again"):
         safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder, screen=None)  # different train rows: a new fit
 
