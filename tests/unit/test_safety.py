@@ -663,7 +663,7 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
                                   "crisis_sixth.yaml", "crisis_seventh.yaml",
                                   "crisis_eighth.yaml", "crisis_ninth.yaml", "crisis_tenth.yaml",
                                   "crisis_eleventh.yaml", "crisis_twelfth.yaml", "crisis_thirteenth.yaml",
-                                  "crisis_fourteenth.yaml"])
+                                  "crisis_fourteenth.yaml", "crisis_fifteenth.yaml"])
 def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_held_out_set(name):
     from utils import safety as S
 
