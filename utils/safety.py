@@ -885,6 +885,11 @@ class _Cascade:
     screen: Screen | None
     probe: HiddenStateProbe | None = None  # the second stage when it is the probe, else the question
 
+    @property
+    def fast_model(self) -> BlendClassifier:
+        """The fast path's classifier (each cascade names it after what it scores)."""
+        raise NotImplementedError
+
     def _decide(self, read: list[str], unsafe: np.ndarray, trigger_fired) -> tuple[list[str], float | None]:
         """Reasons to flag (empty: none), and the second stage's score when it was asked."""
         rule, p = self.rule, float(unsafe.max())
@@ -971,6 +976,10 @@ class CrisisDetector(_Cascade):
         self.rule = self.rules["chosen"]
         self.threshold, self.patterns = self.rule["hi"], self.rule["trigger"]
 
+    @property
+    def fast_model(self) -> BlendClassifier:
+        return self.model
+
     def probabilities(self, texts: list[str]) -> np.ndarray:
         return self.model.predict_proba(texts)[:, 1]
 
@@ -1014,6 +1023,10 @@ class OutputFilter(_Cascade):
         self._pick_second_stage(folder, texts, y, {}, "output filter")
         self.rule = self.rules["chosen"]
         self.threshold = self.rule["hi"]
+
+    @property
+    def fast_model(self) -> BlendClassifier:
+        return self.unsafe_model
 
     def check(self, text, config: str | None = None) -> Verdict:
         start = time.perf_counter()
@@ -1119,8 +1132,7 @@ def _summary(flags: list[bool], rows: list[dict]) -> dict:
 
 def _method(model: _Cascade) -> str:
     rule = model.rule
-    fast = model.model if isinstance(model, CrisisDetector) else model.unsafe_model
-    encoders = len(fast.encoders)
+    encoders = len(model.fast_model.encoders)
     method = _METHOD if encoders == 1 else _METHOD.replace(
         "with a linear head", f"with a linear head ({encoders} fine-tunes from different seeds, averaged)")
     if rule["screen"] is None:

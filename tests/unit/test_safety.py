@@ -268,6 +268,7 @@ def test_blend_with_several_seeds_averages_its_encoders_and_round_trips(tiny_enc
     model.save(tmp_path / "saved")
     again = safety.BlendClassifier.load(tmp_path / "saved")
     assert set(again.parts) == set(model.parts)
+    assert model.encoders == ["encoder", "encoder-seed1"] and sorted(again.encoders) == model.encoders
     assert np.allclose(again.predict_proba(probe), model.predict_proba(probe), atol=1e-6)
 
 
