@@ -1302,6 +1302,100 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
     return report
 
 
+# --------------------------------------------------------------------------- comparing two detectors
+
+# The rule every change to the crisis detector has been judged by since session 14 (README, Safety): on
+# messages neither detector was fitted on, keep a change that raises recall without more false alarms or
+# the reverse; one that trades them only if it gains at least ``TRADE_RATIO`` times what it loses.
+TRADE_RATIO = 2
+
+
+def crisis_verdicts(paths: list[Path] | None = None, held_out_split: bool = False, check=None) -> dict:
+    """The crisis detector's verdict on each message, per set: its held-out split (set ``held-out``)
+    when ``held_out_split``, and every row of each file in ``paths`` (named by file stem; a text in the
+    train split is refused by ``held_out``). ``check`` defaults to the dashboard's ``crisis_check``."""
+    from tqdm.auto import tqdm
+
+    paths = list(paths or [])
+    if not held_out_split and not paths:
+        raise ValueError("nothing to measure: give --held-out, --crisis-data FILE, or both")
+    sets = {"held-out": held_out(None, CRISIS_SETS, "positive")} if held_out_split else {}
+    for path in paths:
+        if Path(path).stem in sets:
+            raise ValueError(f"{path}: a set named {Path(path).stem!r} is already measured; give each file once")
+        sets[Path(path).stem] = held_out(Path(path), CRISIS_SETS, "positive")
+    check = check or crisis_check
+    out = {}
+    for name, rows in sets.items():
+        found = [check(r["text"]) for r in tqdm(rows, desc=f"checking {name}", unit="message")]
+        out[name] = [{"text": r["text"], "kind": r["kind"], "label": r["label"], "flag": v.flag,
+                      "fast": None if v.probability is None else round(v.probability, 4),
+                      "second_stage": None if v.screen is None else round(v.screen, 4)}
+                     for r, v in zip(rows, found)]
+    return {"method": _method(detector()) if check is crisis_check else None, "sets": out}
+
+
+def compare_verdicts(before: dict, after: dict) -> dict:
+    """Two runs of ``crisis_verdicts`` compared on the messages both measured (matched by text, counted
+    under the set they had in ``before``): caught and false alarms per set and in all, the messages whose
+    verdict changed, and the decision of the rule above (``TRADE_RATIO``). A message whose label differs
+    between the runs is refused by name."""
+    later = {_same_text(r["text"]): r for rows in after["sets"].values() for r in rows}
+    sets, changed, skipped = {}, [], 0
+    for name, rows in before["sets"].items():
+        both = [(r, later[_same_text(r["text"])]) for r in rows if _same_text(r["text"]) in later]
+        skipped += len(rows) - len(both)
+        for old, new in both:
+            if old["label"] != new["label"]:
+                raise ValueError(f"{old['text']!r} is labelled {old['label']} before and {new['label']} after")
+            if old["flag"] != new["flag"]:
+                changed.append({"set": name, "kind": old["kind"], "label": old["label"], "text": old["text"],
+                                "before": {k: old[k] for k in ("flag", "fast")},
+                                "after": {k: new[k] for k in ("flag", "fast")}})
+        if both:
+            sets[name] = {when: {"caught": sum(r[i]["flag"] for r in both if r[i]["label"]),
+                                 "crisis": sum(r[i]["label"] for r in both),
+                                 "false_alarms": sum(r[i]["flag"] for r in both if not r[i]["label"]),
+                                 "safe": sum(1 - r[i]["label"] for r in both)}
+                          for i, when in enumerate(("before", "after"))}
+    if not sets:
+        raise ValueError("the two runs share no message: measure the same files (and --held-out) in both")
+    total = {when: {k: sum(v[when][k] for v in sets.values()) for k in ("caught", "crisis", "false_alarms", "safe")}
+             for when in ("before", "after")}
+    recall_gain = total["after"]["caught"] - total["before"]["caught"]
+    alarm_gain = total["before"]["false_alarms"] - total["after"]["false_alarms"]
+    return {"sets": sets, "total": total, "not_in_both": skipped, "changed": changed,
+            **decide(recall_gain, alarm_gain)}
+
+
+def decide(recall_gain: int, alarm_gain: int) -> dict:
+    """The rule on two counts: crisis messages caught more (``recall_gain``) and false alarms fewer
+    (``alarm_gain``), each negative when the change loses there."""
+    if recall_gain >= 0 and alarm_gain >= 0:
+        keep = recall_gain + alarm_gain > 0
+        why = "it gains without losing" if keep else "caught and false alarms unchanged: nothing to keep it for"
+    elif recall_gain <= 0 and alarm_gain <= 0:
+        keep, why = False, "it loses without gaining"
+    else:
+        gain, loss = max(recall_gain, alarm_gain), -min(recall_gain, alarm_gain)
+        keep = gain >= TRADE_RATIO * loss
+        why = f"it trades: gains {gain}, loses {loss}; keep only if the gain is at least {TRADE_RATIO}x the loss"
+    return {"recall_gain": recall_gain, "false_alarms_fewer": alarm_gain, "keep": keep, "why": why}
+
+
+def _print_comparison(result: dict) -> None:
+    for name, v in {**result["sets"], "all compared": result["total"]}.items():
+        b, a = v["before"], v["after"]
+        print(f"  {name:22s} caught {b['caught']}/{b['crisis']} -> {a['caught']}/{a['crisis']}   "
+              f"false alarms {b['false_alarms']}/{b['safe']} -> {a['false_alarms']}/{a['safe']}")
+    if result["not_in_both"]:
+        print(f"  {result['not_in_both']} message(s) of the first run are not in the second: not compared")
+    for row in result["changed"]:
+        print(f"  changed ({row['set']}, {row['kind']}, label {row['label']}): {row['before']} -> {row['after']}  "
+              f"{row['text'][:70]}")
+    print(f"{'keep' if result['keep'] else 'revert'}: {result['why']}")
+
+
 def _print(report: dict) -> None:
     for part in ("crisis_detector", "output_filter"):
         r = report[part]
@@ -1341,6 +1435,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(laid out like data/eval/safety/crisis_messages.yaml)")
     p.add_argument("--replies-data", help="measure the output filter on every row of this labelled file instead "
                    "(laid out like data/eval/safety/unsafe_replies.yaml)")
+    p = sub.add_parser("verdicts", help="the crisis detector's verdict on each message, to compare two detectors")
+    p.add_argument("--held-out", action="store_true", help="the held-out split of the detector's own data")
+    p.add_argument("--crisis-data", nargs="+", default=[], help="every row of these labelled files (unseen sets)")
+    p.add_argument("--out", required=True, help="the JSON file to write (one list of messages per set)")
+    p = sub.add_parser("compare", help="two `verdicts` files (before and after a change) and the keep/revert rule")
+    p.add_argument("before")
+    p.add_argument("after")
+    p.add_argument("--out", help="also write the comparison to this JSON file")
     sub.add_parser("fit", help="fit both classifiers on their train splits (or load them: cached per machine)")
     p = sub.add_parser("prune", help="remove the cached fits of earlier data or versions (about 90 MB each)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -1358,6 +1460,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"at {rule['false_positive_rate']:.3f} false positives, screen asked for {rule['asked']:.1%}")
         return 0
     try:
+        if getattr(args, "out", None) and not Path(args.out).parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+        if args.command == "verdicts":
+            found = crisis_verdicts([Path(p) for p in args.crisis_data], args.held_out)
+            _write_aside(Path(args.out), lambda tmp: tmp.write_text(json.dumps(found, indent=1), encoding="utf-8"))
+            print(f"wrote {sum(map(len, found['sets'].values()))} verdicts to {args.out}")
+            return 0
+        if args.command == "compare":
+            runs = []
+            for path in (args.before, args.after):
+                try:
+                    runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
+                except (OSError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{path}: not a `verdicts` file ({err})") from err
+                if not isinstance(runs[-1], dict) or not isinstance(runs[-1].get("sets"), dict):
+                    raise ValueError(f"{path}: not a `verdicts` file (no \"sets\")")
+            result = compare_verdicts(*runs)
+            _print_comparison(result)
+            if args.out:
+                _write_aside(Path(args.out), lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))
+            return 0
         report = evaluate(Path(args.out) if args.out else None, args.crisis_data, args.replies_data)
     except (ValueError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -729,3 +729,66 @@ def test_prune_removes_only_the_fits_of_earlier_data(tmp_path, monkeypatch):
     assert safety.prune() == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert (root / "crisis-notes.txt").exists() and safety.prune() == []
+
+
+# --------------------------------------------------------------------------- comparing two detectors
+
+def _run(flags: dict[str, list[tuple[str, int, bool]]]) -> dict:
+    """A ``crisis_verdicts`` result from (text, label, flag) triples per set."""
+    return {"method": None, "sets": {name: [{"text": t, "kind": "explicit" if y else "everyday", "label": y,
+                                             "flag": f, "fast": 0.5, "second_stage": None} for t, y, f in rows]
+                                     for name, rows in flags.items()}}
+
+
+@pytest.mark.parametrize("recall_gain, alarm_gain, keep", [
+    (3, 0, True), (0, 2, True), (0, 0, False), (-1, 0, False), (-2, -1, False),
+    (-5, 9, False),  # session 18's five-set refit: nine fewer false alarms for five more misses
+    (-5, 10, True), (4, -2, True), (3, -2, False)])
+def test_the_keep_or_revert_rule_keeps_a_trade_only_when_it_gains_twice_what_it_loses(recall_gain, alarm_gain, keep):
+    assert safety.decide(recall_gain, alarm_gain)["keep"] is keep
+
+
+def test_comparing_two_runs_matches_messages_by_text_across_sets_and_counts_changes():
+    before = _run({"held-out": [("a", 1, True), ("b", 1, False), ("c", 0, True), ("d", 0, False)],
+                   "crisis_new": [("e", 1, False), ("f", 0, True)]})
+    # after a data change the new set's held-out rows are part of the held-out split, and "d" is gone
+    after = _run({"held-out": [("A ", 1, True), ("b", 1, True), ("c", 0, False), ("e", 1, True), ("f", 0, True)]})
+    result = safety.compare_verdicts(before, after)
+    assert result["total"]["before"] == {"caught": 1, "crisis": 3, "false_alarms": 2, "safe": 2}
+    assert result["total"]["after"] == {"caught": 3, "crisis": 3, "false_alarms": 1, "safe": 2}
+    assert result["sets"]["crisis_new"]["after"]["caught"] == 1 and result["not_in_both"] == 1
+    assert sorted(r["text"] for r in result["changed"]) == ["b", "c", "e"]
+    assert result["keep"] and result["recall_gain"] == 2 and result["false_alarms_fewer"] == 1
+    relabelled = _run({"held-out": [("a", 0, True)]})
+    with pytest.raises(ValueError, match="'a' is labelled 1 before and 0 after"):
+        safety.compare_verdicts(before, relabelled)
+    with pytest.raises(ValueError, match="share no message"):
+        safety.compare_verdicts(before, _run({"x": [("zzz", 1, True)]}))
+
+
+def test_verdicts_of_a_labelled_file_refuse_train_texts_and_the_cli_compares_two_runs(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("positive:\n  explicit: ['tonight is the night i end it, written for this test']\n"
+                    "negative:\n  everyday: ['the bins go out on a tuesday, written for this test']\n")
+    flag_all = lambda text: safety.Verdict(True, 0.9)  # noqa: E731
+    found = safety.crisis_verdicts([mine], check=flag_all)
+    assert [(r["label"], r["flag"]) for r in found["sets"]["mine"]] == [(1, True), (0, True)]
+    trained = next(r["text"] for r in safety.load_labelled(safety.CRISIS_SETS, "positive") if r["split"] == "train")
+    (tmp_path / "fitted.yaml").write_text(json.dumps({"positive": {"explicit": [trained]},
+                                                         "negative": {"everyday": ["a new text for this test"]}}))
+    with pytest.raises(ValueError, match="fitted.yaml: 1 text.* in the train split"):
+        safety.crisis_verdicts([tmp_path / "fitted.yaml"], check=flag_all)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        safety.crisis_verdicts([], check=flag_all)
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(found))
+    after.write_text(json.dumps(safety.crisis_verdicts([mine], check=lambda t: safety.Verdict("end it" in t, 0.5))))
+    assert safety.main(["compare", str(before), str(after), "--out", str(tmp_path / "cmp.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "false alarms 1/1 -> 0/1" in printed and printed.strip().endswith("keep: it gains without losing")
+    assert json.loads((tmp_path / "cmp.json").read_text())["keep"] is True
+    before.write_text("{not json")
+    assert safety.main(["compare", str(before), str(after)]) == 2
+    assert "before.json: not a `verdicts` file" in capsys.readouterr().err
+    assert safety.main(["compare", str(after), str(after), "--out", str(tmp_path / "no" / "x.json")]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
