@@ -1368,6 +1368,22 @@ def compare_verdicts(before: dict, after: dict) -> dict:
             **decide(recall_gain, alarm_gain)}
 
 
+def load_verdicts(path: Path) -> dict:
+    """A file ``python -m utils.safety verdicts`` wrote; anything else is refused naming the file and where."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a `verdicts` file ({err})") from err
+    if not isinstance(run, dict) or not isinstance(run.get("sets"), dict):
+        raise ValueError(f'{path}: not a `verdicts` file (no "sets")')
+    for name, rows in run["sets"].items():
+        for i, row in enumerate(rows if isinstance(rows, list) else [None]):
+            if not (isinstance(row, dict) and {"text", "kind", "label", "flag", "fast"} <= set(row)):
+                raise ValueError(f"{path}: set {name!r}, message {i + 1}: expected text, kind, label, flag and fast "
+                                 f"(as `verdicts` writes them)")
+    return run
+
+
 def decide(recall_gain: int, alarm_gain: int) -> dict:
     """The rule on two counts: crisis messages caught more (``recall_gain``) and false alarms fewer
     (``alarm_gain``), each negative when the change loses there."""
@@ -1468,15 +1484,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {sum(map(len, found['sets'].values()))} verdicts to {args.out}")
             return 0
         if args.command == "compare":
-            runs = []
-            for path in (args.before, args.after):
-                try:
-                    runs.append(json.loads(Path(path).read_text(encoding="utf-8")))
-                except (OSError, json.JSONDecodeError) as err:
-                    raise ValueError(f"{path}: not a `verdicts` file ({err})") from err
-                if not isinstance(runs[-1], dict) or not isinstance(runs[-1].get("sets"), dict):
-                    raise ValueError(f"{path}: not a `verdicts` file (no \"sets\")")
-            result = compare_verdicts(*runs)
+            result = compare_verdicts(load_verdicts(Path(args.before)), load_verdicts(Path(args.after)))
             _print_comparison(result)
             if args.out:
                 _write_aside(Path(args.out), lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))

@@ -790,5 +790,8 @@ def test_verdicts_of_a_labelled_file_refuse_train_texts_and_the_cli_compares_two
     before.write_text("{not json")
     assert safety.main(["compare", str(before), str(after)]) == 2
     assert "before.json: not a `verdicts` file" in capsys.readouterr().err
+    before.write_text(json.dumps({"sets": {"mine": [{"text": "a", "label": 1}]}}))
+    assert safety.main(["compare", str(before), str(after)]) == 2
+    assert "before.json: set 'mine', message 1: expected text, kind, label, flag and fast" in capsys.readouterr().err
     assert safety.main(["compare", str(after), str(after), "--out", str(tmp_path / "no" / "x.json")]) == 2
     assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
