@@ -167,7 +167,13 @@ def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
                 seen[norm] = one
                 rows.append(row)
         return rows
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:  # e.g. an unquoted text that starts with "," or "*"
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err}); "
+                         f"quote a text that starts with punctuation") from err
     if not isinstance(data, dict) or positive not in data or len(data) != 2:
         raise ValueError(f"{path}: expected two top-level groups, one named {positive!r}")
     rows = []

@@ -656,15 +656,21 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
     own.write_text("positive:\n  explicit: [i want to die]\nnegative:\n  short: [hi, no, ok]\n")  # YAML 1.1: False
     with pytest.raises(ValueError, match=r"mine.yaml: negative.short should be .*item 2 is False \(bool\): quote it"):
         S.held_out(own, S.CRISIS_DATA, "positive")
+    own.write_text("positive:\n  explicit: [i want to die]\nnegative:\n  gibberish:\n    - ,,,;;\n")
+    with pytest.raises(ValueError, match=r"mine.yaml line 5: not valid YAML .*quote a text"):
+        S.held_out(own, S.CRISIS_DATA, "positive")
     with pytest.raises(ValueError, match="nothere.yaml: no such file"):
         S.held_out(tmp_path / "nothere.yaml", S.CRISIS_DATA, "positive")
 
 
-@pytest.mark.parametrize("name", ["crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml", "crisis_fifth.yaml",
-                                  "crisis_sixth.yaml", "crisis_seventh.yaml",
-                                  "crisis_eighth.yaml", "crisis_ninth.yaml", "crisis_tenth.yaml",
-                                  "crisis_eleventh.yaml", "crisis_twelfth.yaml", "crisis_thirteenth.yaml",
-                                  "crisis_fourteenth.yaml", "crisis_fifteenth.yaml"])
+EXTRA_CRISIS_SETS = sorted(p.name for p in safety.SAFETY_DATA.glob("crisis_*.yaml") if p != safety.CRISIS_DATA)
+
+
+def test_every_crisis_set_in_the_folder_is_checked_for_shared_texts():
+    assert len(EXTRA_CRISIS_SETS) >= 16 and "crisis_sixteenth.yaml" in EXTRA_CRISIS_SETS
+
+
+@pytest.mark.parametrize("name", EXTRA_CRISIS_SETS)
 def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_held_out_set(name):
     from utils import safety as S
 
