@@ -619,28 +619,29 @@ def _screen_from_env(name: str) -> Screen | None:
 # What it reads (5-fold CV on the 801 crisis train rows, session 16, Qwen2.5-Coder-1.5B in bf16): the state at
 # the last position of the screen's question prompt, with the message inside it, gave AUC 0.984 alone and 0.993
 # averaged with the fast path, against 0.973 and 0.988 for the mean of the message's own tokens read without a
-# prompt (sessions 11-15); the question's P(Yes) from the same pass: 0.720. Depth and C kept from session 11's
-# search (layer 20 of 28, C = 0.1); layers 14-26 were within 0.01 of it read this way.
-PROBE = {"depth": 0.7, "c": 0.1, "folds": 5, "reads": "the last position of the screen's question"}
+# prompt (sessions 11-15); the question's P(Yes) from the same pass: 0.720. Depth kept from session 11's search
+# (layer 20 of 28); layers 14-26 were within 0.01 of it read this way. C (the inverse of the regularisation) is
+# chosen per cascade from ``c_grid`` on its own train split (session 19; until then one C = 0.1 for both, so a
+# change chosen on the crisis data moved the output filter too): see ``_Cascade._fit_probe``.
+PROBE = {"depth": 0.7, "c_grid": (0.1, 0.3, 1.0, 3.0), "folds": 5,
+         "reads": "the last position of the screen's question"}
 
 
 class HiddenStateProbe:
     """Is a text positive (a crisis message; an unsafe reply), read from the judge LLM's hidden states
     (``Screen.features``): standardised, then a class-weighted logistic regression. Its score in the
     cascade is the mean of its probability and the fast path's, for the texts the fast path cannot
-    decide. One recipe (``PROBE``, chosen on the crisis train split) for both."""
+    decide. The recipe is ``PROBE``; its ``c`` is chosen by each cascade on its own train split."""
 
-    def __init__(self, screen: Screen):
-        self.screen = screen
+    def __init__(self, screen: Screen, c: float):
+        self.screen, self.c = screen, c
 
-    @staticmethod
-    def _model():
+    def _model(self):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        return make_pipeline(StandardScaler(), LogisticRegression(C=PROBE["c"], class_weight="balanced",
-                                                                  max_iter=3000))
+        return make_pipeline(StandardScaler(), LogisticRegression(C=self.c, class_weight="balanced", max_iter=3000))
 
     def fit(self, features: np.ndarray, labels) -> "HiddenStateProbe":
         self.model = self._model().fit(features, np.asarray(labels))
@@ -870,7 +871,7 @@ def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenState
 
     def load(data: bytes) -> tuple[HiddenStateProbe, dict]:
         saved = pickle.loads(data)  # our own cache, written by ``_kept_beside``
-        probe = HiddenStateProbe(screen)
+        probe = HiddenStateProbe(screen, saved["rules"]["probe"]["c"])
         probe.model = saved["model"]
         return probe, saved["rules"]
 
@@ -917,16 +918,24 @@ class _Cascade:
 
     def _fit_probe(self, texts: list[str], y: np.ndarray, triggers: dict[str, np.ndarray], what: str):
         """The probe on the train rows and the rule chosen with its out-of-fold scores (averaged with
-        the fast path's), like the question's."""
+        the fast path's), like the question's. Its C is the one of ``PROBE["c_grid"]`` whose rule has the
+        best nested recall on these rows (ties: fewer texts read, then the smaller C, the stronger
+        regularisation); every C tried is kept in ``probe_c``."""
         blend = np.array(self.cv["out_of_fold"])
         features = self.screen.features(texts, desc=f"reading the {what}'s train split with the judge LLM")
-        probe = HiddenStateProbe(self.screen)
-        oof = probe.out_of_fold(features, y)
-        mix = (blend + oof) / 2
-        return probe.fit(features, y), {
-            "fast": nested_rule(blend, y), "chosen": nested_rule(blend, y, triggers, mix),
-            "screen_model": self.screen.key()[:2], "second_stage": "probe", "probe": PROBE,
-            "probe_auc": {"probe": _auc(oof, y), "mean with the fast path": _auc(mix, y)},
+        tried = {}
+        for c in PROBE["c_grid"]:
+            oof = HiddenStateProbe(self.screen, c).out_of_fold(features, y)
+            tried[c] = (oof, nested_rule(blend, y, triggers, (blend + oof) / 2))
+        c = max(tried, key=lambda c: (nested_recall(tried[c][1]), -tried[c][1]["asked"], -c))
+        oof, rule = tried[c]
+        recipe = {k: v for k, v in PROBE.items() if k != "c_grid"}
+        return HiddenStateProbe(self.screen, c).fit(features, y), {
+            "fast": nested_rule(blend, y), "chosen": rule,
+            "screen_model": self.screen.key()[:2], "second_stage": "probe", "probe": {**recipe, "c": c},
+            "probe_c": {str(k): {"nested_recall": nested_recall(r), "budget": r["budget"], "read": r["asked"]}
+                        for k, (_, r) in tried.items()},
+            "probe_auc": {"probe": _auc(oof, y), "mean with the fast path": _auc((blend + oof) / 2, y)},
             "probe_on_train": [round(float(x), 4) for x in oof]}
 
     def _pick_second_stage(self, folder: Path | None, texts: list[str], y: np.ndarray,
@@ -1148,8 +1157,8 @@ def _method(model: _Cascade) -> str:
     if model.probe is not None:
         return (f"{method}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, a logistic regression on the "
                 f"hidden state of the judge LLM ({model.screen.model}, {PROBE['depth']:.0%} of the way up, at the end "
-                f"of the screen's question about the message) reads it, and the mean of its probability and the fast "
-                f"path's flags at >= {rule['screen']}")
+                f"of the screen's question about the message; C = {model.probe.c}) reads it, and the mean of its "
+                f"probability and the fast path's flags at >= {rule['screen']}")
     return (f"{method}, flagged at >= {rule['hi']:.3f}; below that, when {asked}, the LLM screen "
             f"({model.screen.model}) is asked and flags at P(Yes) >= {rule['screen']}")
 
@@ -1159,7 +1168,8 @@ def _chosen(model: _Cascade) -> dict:
     return {**{k: v for k, v in model.cv.items() if k != "out_of_fold"}, "rule": model.rule,
             "fast_rule": model.rules["fast"], "screen": model.rules.get("screen_model"),
             "second_stage": "probe" if model.probe is not None else ("question" if model.screen else None),
-            **{name: model.rules[name] for name in ("question", "probe", "probe_auc") if name in model.rules}}
+            **{name: model.rules[name] for name in ("question", "probe", "probe_c", "probe_auc")
+               if name in model.rules}}
 
 
 def _fast_only(model: _Cascade, verdicts: list[Verdict], rows: list[dict], cascade: list[bool],

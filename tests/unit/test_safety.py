@@ -435,9 +435,17 @@ def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided
     assert det.probe is not None and det.rules["second_stage"] == "probe"
     assert det.rule["recall"] > det.rules["question"]["recall"]  # the question knows nothing; the probe does
     assert sorted(screen.read) == sorted(r["text"] for r in rows)  # every train row read once, at fit time
+    # its C: of every C tried, the best nested recall; ties go to fewer texts read, then the smaller C
+    tried = det.rules["probe_c"]
+    assert set(tried) == {str(c) for c in safety.PROBE["c_grid"]} and det.rules["probe"]["c"] == det.probe.c
+    best = max((r["nested_recall"], -r["read"]) for r in tried.values())
+    assert det.probe.c == min(float(c) for c, r in tried.items() if (r["nested_recall"], -r["read"]) == best)
+    assert tried[str(det.probe.c)]["nested_recall"] == safety.nested_recall(det.rule)
     screen.read.clear()
     again = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
     assert again.probe is not None and again.rule == det.rule and screen.read == []  # kept beside the fit
+    assert again.probe.c == det.probe.c
+    np.testing.assert_allclose(again.probe.probability(["i feel doomple"]), det.probe.probability(["i feel doomple"]))
     # at check time: read only when undecided; the score is the mean of the probe's and the fast path's
     det.rule = {**det.rule, "hi": 0.999, "lo": 0.0, "screen": 0.5, "trigger": None}
     v = det.check("i feel doomple tonight")
@@ -489,7 +497,7 @@ def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
     assert recorded == {"explicit": 48, "implicit": 35, "indirect": 21, "third_person": 17, "benign_alarming": 1,
-                        "everyday": 0, "gibberish": 0, "hyperbole": 3, "negated": 1, "quoted": 0,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 2, "negated": 1, "quoted": 0,
                         "sad_not_crisis": 0, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
@@ -501,7 +509,8 @@ def test_detector_held_out_counts(evaluation):
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
     # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
-    # the fast path's best recall with no more false alarms than the cascade's (session 16, the ninth set
+    # the fast path's best recall with no more false alarms than the cascade's (session 19, the probe's C
+    # chosen per cascade: 121 against 114 of 123, with 4 false alarms of 160 each. Session 16, the ninth set
     # added: 121 against 114 of 123, with 5 and 4 false alarms of 160; 117 at the matched threshold.
     # Before that, the probe reading the question's last position: 107 against 101 of 110, 6 of 142
     # each; session 15: 106 against
