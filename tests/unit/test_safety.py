@@ -810,3 +810,31 @@ def test_verdicts_of_a_labelled_file_refuse_train_texts_and_the_cli_compares_two
     assert "before.json: set 'mine', message 1: expected text, kind, label, flag and fast" in capsys.readouterr().err
     assert safety.main(["compare", str(after), str(after), "--out", str(tmp_path / "no" / "x.json")]) == 2
     assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_the_readme_results_table_is_the_recorded_verdicts():
+    """Each row of the README's crisis results table agrees with the per-message verdicts it cites
+    (reports/example/safety_verdicts.json, written by `python -m utils.safety verdicts`)."""
+    import re
+
+    root = Path(__file__).parents[2]
+    sets = json.loads((root / "reports" / "example" / "safety_verdicts.json").read_text())["sets"]
+    readme = (root / "README.md").read_text()
+    rows = re.findall(r"^  \| (held-out split|\w+) \((\d+)[^)]*\) \| (\d+)/(\d+) \| (\d+)/(\d+) \| (\d+)/(\d+)[^|]* \| "
+                      r"\**(\d+)/(\d+)", readme, re.M)
+    assert len(rows) == len(sets), [r[0] for r in rows]
+    total = np.zeros(8, int)
+    for name, size, *counts in rows:
+        got = sets["held-out" if name == "held-out split" else f"crisis_{name}"]
+
+        def count(keep):
+            picked = [m for m in got if keep(m)]
+            return [sum(m["flag"] for m in picked), len(picked)]
+
+        want = (count(lambda m: m["kind"] == "explicit") + count(lambda m: m["kind"] == "implicit")
+                + count(lambda m: m["label"] == 1) + count(lambda m: m["label"] == 0))
+        assert len(got) == int(size) and [int(c) for c in counts] == want, (name, counts, want)
+        total += np.array(want) * (name != "held-out split")
+    unseen = re.search(r"the ten unseen sets \((\d+)\)\*\* \| \*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),.*?\| "
+                       r"\*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),", readme)
+    assert unseen and int(unseen[1]) == total[[5, 7]].sum() and [int(x) for x in unseen.groups()[1:]] == list(total)
