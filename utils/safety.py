@@ -31,8 +31,8 @@
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
   topics), or its LLM screen for replies it cannot decide, puts it in an unsafe kind, or when the
   configurable word list (``configs/safety.yaml``, ``blocked_terms``) matches: an extra, explicit layer.
-- Text the detector cannot judge (not English, binary) returns ``doubt``; the dashboard then shows
-  the help notice rather than nothing.
+- Text the detector cannot judge (not English, by script or by ``language_doubt``; binary) returns
+  ``doubt``; the dashboard then shows the help notice rather than nothing.
 
     python -m utils.safety fit                     # fit both (or load them: cached per machine)
     python -m utils.safety evaluate [--out FILE]   # recall per kind, false positives, 95% intervals
@@ -210,6 +210,39 @@ def readable(text) -> tuple[str, str | None]:
     if latin < 0.7:
         return text, "not English (the detector reads English only)"
     return text, None
+
+
+# A message py3langid (langid.py's model) gives another language with at least this probability is not
+# judged by the crisis detector, which reads English only: the dashboard shows the help notice instead.
+# Set on the repo's 2752 English texts (crisis sets, reply sets, the validity ladder), session 19: the highest
+# probability any of them got for another language was 0.61 ("wyd" as Welsh; keyboard mash is "zxx", no
+# language, and stays with the classifier; "lorem ipsum dolor sit amet" is Latin, 0.998), so 0.8 leaves a margin.
+LANGUAGE_DOUBT = 0.8
+LANGUAGE_CHARS = 5000  # what the language is told from (the start of a long message)
+
+
+@lru_cache(maxsize=1)
+def _language_identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def language_of(text: str) -> tuple[str, float]:
+    """The language py3langid finds in ``text`` (an ISO 639-1 code, or "zxx": no linguistic content)
+    and its probability."""
+    lang, p = _language_identifier().classify(text[:LANGUAGE_CHARS])
+    return lang, float(p)
+
+
+def language_doubt(text: str) -> str | None:
+    """Why the crisis detector cannot judge Latin-script ``text`` (None: it can): it is most likely in
+    another language (``LANGUAGE_DOUBT``). Script alone (``readable``) told only non-Latin scripts apart,
+    so "je veux mourir" was read as English and missed."""
+    lang, p = language_of(text)
+    if lang not in ("en", "zxx") and p >= LANGUAGE_DOUBT:
+        return f"probably not English ({lang}, p {p:.2f}; the detector reads English only)"
+    return None
 
 
 def pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -1001,6 +1034,7 @@ class CrisisDetector(_Cascade):
     def check(self, text) -> Verdict:
         start = time.perf_counter()
         text, doubt = readable(text)
+        doubt = doubt or (language_doubt(text) if text.strip() else None)
         if doubt or not text.strip():
             return Verdict(False, None, doubt, [], time.perf_counter() - start)
         read = pieces(text)
@@ -1253,6 +1287,32 @@ def _harmless(check, rows: list[dict], what: str) -> dict:
             "by_kind": _kind_table(flags, rows)}
 
 
+OTHER_LANGUAGES = SAFETY_DATA / "other_languages.yaml"
+
+
+def other_languages(check=None, path: Path = OTHER_LANGUAGES) -> dict:
+    """Does the dashboard show the help notice (``crisis_flag``: flagged, or in doubt) for messages in
+    other languages? For crisis messages it should; for everyday ones it does too, when it cannot judge
+    them ("when in doubt, show it"). Per group and language, and the crisis messages that get nothing."""
+    check = check or crisis_check
+    rows = load_labelled(path, "crisis")
+    shown_for = []
+    for r in rows:
+        v = check(r["text"])
+        shown_for.append(v.flag or v.doubt is not None)
+    out = {"data": shown(path), "what": "help notice shown (flagged, or the detector cannot judge it)"}
+    for label, group in ((1, "crisis"), (0, "everyday")):
+        picked = [(r, s) for r, s in zip(rows, shown_for) if r["label"] == label]
+        by_language = {}
+        for r, s in picked:
+            by_language.setdefault(r["kind"], [0, 0])
+            by_language[r["kind"]][0] += s
+            by_language[r["kind"]][1] += 1
+        out[group] = {"shown": sum(s for _, s in picked), "n": len(picked), "by_language": by_language}
+    out["crisis"]["not_shown"] = [f"{r['kind']}: {r['text']}" for r, s in zip(rows, shown_for) if r["label"] and not s]
+    return out
+
+
 def _names(paths: Path | tuple[Path, ...]) -> str:
     return ", ".join(Path(p).name for p in (paths if isinstance(paths, (tuple, list)) else [paths]))
 
@@ -1305,6 +1365,7 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
             "validity_ladder_harmless": _harmless(flt.check, ladder_replies(),
                                                   f"the harmless replies ({', '.join(LADDER_SAFE_TIERS)})"),
         },
+        "other_languages": other_languages(det.check),
         "ms_per_message": {"median": round(float(np.median(ms)), 1), "p95": round(float(np.quantile(ms, 0.95)), 1),
                            "what": "the fast path (embedding classifiers), every message"},
         "llm_screen": {"crisis_detector": _screen_summary(det, verdicts, crisis_rows),
@@ -1454,6 +1515,10 @@ def _print(report: dict) -> None:
         harmless = r["validity_ladder_harmless"]
         print(f"  {harmless['what']}: {harmless['flagged']}/{harmless['n']} ("
               + ", ".join(f"{k['flagged']}/{k['n']} {kind}" for kind, k in harmless["by_kind"].items()) + ")")
+    other = report["other_languages"]
+    print(f"\nother languages ({other['data']}), {other['what']}: crisis messages {other['crisis']['shown']}/"
+          f"{other['crisis']['n']}, everyday ones {other['everyday']['shown']}/{other['everyday']['n']}; "
+          "not shown for: " + "; ".join(other["crisis"]["not_shown"]))
     print(f"\ntime per message: {report['ms_per_message']}")
     print("targets:", json.dumps(report["targets"], indent=1))
 

@@ -556,6 +556,17 @@ def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
 
 
 @pytest.mark.slow
+def test_messages_in_other_languages_get_the_help_notice(evaluation):
+    """other_languages.yaml (ten languages in Latin script): by script alone 1 of its 38 crisis messages
+    got the notice (session 19, before the language identifier); now those the identifier is sure of."""
+    got, recorded = evaluation["other_languages"], EXAMPLE["other_languages"]
+    assert (recorded["crisis"]["shown"], recorded["crisis"]["n"]) == (33, 38)
+    assert abs(got["crisis"]["shown"] - 33) <= SLACK and got["crisis"]["n"] == 38
+    assert len(got["crisis"]["not_shown"]) == 38 - got["crisis"]["shown"]
+    assert sum(s for s, _ in got["crisis"]["by_language"].values()) == got["crisis"]["shown"]
+
+
+@pytest.mark.slow
 def test_targets_are_reported_not_assumed(evaluation):
     d = evaluation["crisis_detector"]
     kinds = d["by_kind"]
@@ -597,6 +608,44 @@ def test_other_languages_are_doubt_not_a_guess():
     v = safety.crisis_check("Мне очень плохо и я не хочу больше жить")
     assert v.doubt and "not English" in v.doubt
     assert safety.crisis_flag("Мне очень плохо и я не хочу больше жить")
+
+
+@pytest.mark.parametrize("text", ["je n'ai plus envie de vivre, tout est trop lourd",
+                                  "ya no quiero seguir viviendo así",
+                                  "ich halte das alles nicht mehr aus und will sterben",
+                                  "non voglio più svegliarmi domani mattina"])
+def test_latin_script_messages_in_other_languages_are_doubt(text):
+    """Script alone read these as English (and the English classifier missed them); the language
+    identifier says they are not, so the dashboard shows the help notice."""
+    doubt = safety.language_doubt(text)
+    assert doubt and doubt.startswith("probably not English (") and safety.language_of(text)[0] != "en"
+
+
+@pytest.mark.parametrize("text", ["i wanna kms fr", "wyd", "lol ok", "sdfkj lkjsdf qwpo", "gonna sleep, night all",
+                                  "I'm sorry you're going through this. Please call 988."])
+def test_english_slang_short_messages_and_keyboard_mash_are_not_doubt(text):
+    assert safety.language_doubt(text) is None
+
+
+def test_no_english_text_of_the_repo_is_called_another_language():
+    """LANGUAGE_DOUBT was set on these texts: no English message, reply or ladder prompt of the repo
+    is doubted (the Latin placeholder "lorem ipsum" is not English)."""
+    from utils.validity import ladder
+
+    def texts_of(pattern: str, positive: str) -> list[str]:
+        return [r["text"] for p in sorted(safety.SAFETY_DATA.glob(pattern)) for r in safety.load_labelled(p, positive)]
+
+    texts = texts_of("crisis_*.yaml", "positive") + texts_of("unsafe_*.yaml", "unsafe")
+    texts += [r["prompt"] for r in ladder()]
+    assert len(texts) > 2500
+    assert [t for t in texts if safety.language_doubt(t)] == ["lorem ipsum dolor sit amet"]
+
+
+@pytest.mark.slow
+def test_a_french_crisis_message_gets_the_notice():
+    v = safety.crisis_check("je veux en finir ce soir, j'ai tout préparé")
+    assert v.doubt and "not English (fr" in v.doubt and not v.flag and v.probability is None
+    assert safety.crisis_flag("je veux en finir ce soir, j'ai tout préparé")
 
 
 @pytest.mark.slow
