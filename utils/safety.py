@@ -153,6 +153,26 @@ def _same_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _near_copy(text: str) -> str:
+    """How a near-copy is told (``utils.data.near_key``, as the data preparation de-duplicates: case,
+    spacing and punctuation ignored, so "Im going to hang myself" is "i'm going to hang myself"); a text
+    of punctuation alone is compared as it is."""
+    from .data import near_key
+
+    return near_key(text) or _same_text(text)
+
+
+def _refuse_split_near_copies(rows: list[dict]) -> None:
+    """Near-copies in the train and the test split would leak: the held-out one measures a text the
+    classifier was, in effect, fitted on. Refused by name (near-copies inside one split are allowed)."""
+    first = {}
+    for row in rows:
+        other = first.setdefault((_near_copy(row["text"])), row)
+        if other["split"] != row["split"]:
+            raise ValueError(f"{row['text']!r} ({row['split']} split) is a near-copy of {other['text']!r} "
+                             f"({other['split']} split): the held-out one would leak; keep one of them")
+
+
 def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
     """Rows {text, kind, label, split} of a labelled YAML file: two top-level groups (the
     ``positive`` one gets label 1), each a mapping of kind -> list of texts. Given several files,
@@ -166,6 +186,7 @@ def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
                     raise ValueError(f"{one}: {row['text']!r} is also in {Path(seen[norm]).name}; keep it in one file")
                 seen[norm] = one
                 rows.append(row)
+        _refuse_split_near_copies(rows)
         return rows
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -1246,7 +1267,7 @@ SPLIT_NOTE = "test = a quarter of the texts by sha1(text), never used for fittin
 def held_out(path: Path | None, default: Path | tuple[Path, ...], positive: str) -> list[dict]:
     """The rows to measure on: the test split of ``default`` (a file or several), or every row of
     ``path`` (a labelled file of the same layout, e.g. one you wrote). A text of ``path`` that is in the train split
-    (which the classifier was fitted on) is refused by name: it cannot measure anything."""
+    (which the classifier was fitted on), or a near-copy of one, is refused by name: it cannot measure anything."""
     if path is None:
         return [r for r in load_labelled(default, positive) if r["split"] == "test"]
     path = Path(path)
@@ -1255,11 +1276,11 @@ def held_out(path: Path | None, default: Path | tuple[Path, ...], positive: str)
     rows = load_labelled(path, positive)
     if {r["label"] for r in rows} != {0, 1}:
         raise ValueError(f"{path}: needs texts under both groups (recall needs positives, false positives negatives)")
-    seen = {_same_text(r["text"]) for r in load_labelled(default, positive) if r["split"] == "train"}
-    fitted = [r["text"] for r in rows if _same_text(r["text"]) in seen]
+    seen = {_near_copy(r["text"]) for r in load_labelled(default, positive) if r["split"] == "train"}
+    fitted = [r["text"] for r in rows if _near_copy(r["text"]) in seen]
     if fitted:
-        raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {_names(default)}, which the "
-                         f"classifier was fitted on: {fitted[:3]}; remove them")
+        raise ValueError(f"{path}: {len(fitted)} text(s) are in the train split of {_names(default)} (or near-copies "
+                         f"of texts in it), which the classifier was fitted on: {fitted[:3]}; remove them")
     return rows
 
 

@@ -496,12 +496,12 @@ def _counts(part: dict) -> dict:
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"explicit": 48, "implicit": 35, "indirect": 21, "third_person": 17, "benign_alarming": 1,
+    assert recorded == {"explicit": 48, "implicit": 35, "indirect": 20, "third_person": 17, "benign_alarming": 1,
                         "everyday": 0, "gibberish": 0, "hyperbole": 2, "negated": 1, "quoted": 0,
                         "sad_not_crisis": 0, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     d = evaluation["crisis_detector"]
-    assert d["recall"]["n"] == 123 and d["false_positive_rate"]["n"] == 160
+    assert d["recall"]["n"] == 122 and d["false_positive_rate"]["n"] == 159  # two near-copies removed, session 19
     lo, hi = d["recall"]["ci95"]
     assert lo < d["recall"]["share"] < hi
     # the learned detector beats the regular expressions it replaces on the same held-out messages
@@ -510,7 +510,8 @@ def test_detector_held_out_counts(evaluation):
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
     # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
     # the fast path's best recall with no more false alarms than the cascade's (session 19, the probe's C
-    # chosen per cascade: 121 against 114 of 123, with 4 false alarms of 160 each. Session 16, the ninth set
+    # chosen per cascade: 121 against 114 of 123, with 4 false alarms of 160 each; 120 against 113 of 122 after
+    # a held-out near-copy of a train text was removed. Session 16, the ninth set
     # added: 121 against 114 of 123, with 5 and 4 false alarms of 160; 117 at the matched threshold.
     # Before that, the probe reading the question's last position: 107 against 101 of 110, 6 of 142
     # each; session 15: 106 against
@@ -730,10 +731,15 @@ def test_every_crisis_set_in_the_folder_is_checked_for_shared_texts():
 
 @pytest.mark.parametrize("name", EXTRA_CRISIS_SETS)
 def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_held_out_set(name):
+    """A set measured as unseen holds not even a near-copy (case, spacing and punctuation aside: "im off"
+    and "i'm off") of another set's text; the data's own files (train and held out) no exact copy (near-copies
+    inside one split are allowed there, across the splits ``load_labelled`` refuses them)."""
     from utils import safety as S
 
+    unseen = S.SAFETY_DATA / name not in S.CRISIS_SETS
+
     def norm(rows):
-        return {" ".join(r["text"].lower().split()) for r in rows}
+        return {S._near_copy(r["text"]) if unseen else " ".join(r["text"].lower().split()) for r in rows}
 
     extra = norm(S.load_labelled(S.SAFETY_DATA / name, "positive"))
     assert len(extra) >= 80
@@ -741,6 +747,29 @@ def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_hel
     for other in S.SAFETY_DATA.glob("crisis_*.yaml"):
         if other.name not in (name, S.CRISIS_DATA.name):
             assert not extra & norm(S.load_labelled(other, "positive")), other.name
+
+
+def test_near_copies_across_the_train_and_test_split_are_refused(tmp_path):
+    """A held-out text that is a near-copy of a train text measures what the classifier was fitted on
+    (session 19 found two in the data and four in the unseen sets, all removed)."""
+    texts = [f"message number {i}" for i in range(40)]
+    test = next(t for t in texts if safety.split_of(t) == "test")
+    near = next(v for v in (test.upper() + "!", test + "?", test + " ...") if safety.split_of(v) == "train")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"positive:\n  explicit: ['{test}']\nnegative:\n  everyday: [hello there]\n")
+    b.write_text(f"positive:\n  explicit: ['{near}']\nnegative:\n  everyday: [good morning]\n")
+    with pytest.raises(ValueError, match=r"is a near-copy of .*the held-out one would leak"):
+        safety.load_labelled((a, b), "positive")
+    assert safety.load_labelled(a, "positive") and safety.load_labelled(b, "positive")  # each alone is fine
+    for paths, positive in ((safety.CRISIS_SETS, "positive"), (safety.REPLY_SETS, "unsafe")):
+        safety.load_labelled(paths, positive)  # the project's data has none
+    # nor may a set measured as unseen hold a near-copy of a train text
+    train = next(t for t in texts if safety.split_of(t) == "train")
+    data, mine = tmp_path / "data.yaml", tmp_path / "mine.yaml"
+    data.write_text(f"positive:\n  explicit: ['{train}']\nnegative:\n  everyday: [hello there]\n")
+    mine.write_text(f"positive:\n  explicit: ['{train.capitalize()}!']\nnegative:\n  everyday: [good day]\n")
+    with pytest.raises(ValueError, match=r"mine.yaml: 1 text\(s\) are in the train split .*near-copies"):
+        safety.held_out(mine, data, "positive")
 
 
 def test_the_ladders_harmless_texts_check_both_classifiers_and_none_of_them_is_in_their_data():
