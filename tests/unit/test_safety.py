@@ -913,6 +913,16 @@ def test_the_readme_results_table_is_the_recorded_verdicts():
                 + count(lambda m: m["label"] == 1) + count(lambda m: m["label"] == 0))
         assert len(got) == int(size) and [int(c) for c in counts] == want, (name, counts, want)
         total += np.array(want) * (name != "held-out split")
+    # and the held-out split by kind, with its intervals, is the recorded evaluation (reports/example/safety.json)
+    kinds = re.findall(r"^  \| (\w+) \| (caught|false alarms) \| (\d+)/(\d+) \| (\d+)% \[(\d+), (\d+)\] \|$",
+                       readme, re.M)
+    recorded = EXAMPLE["crisis_detector"]["by_kind"]
+    assert [k[0] for k in kinds] == list(recorded)
+    for kind, counted, flagged, n, share, lo, hi in kinds:
+        k = recorded[kind]
+        assert counted == ("caught" if k["label"] else "false alarms")
+        assert (int(flagged), int(n)) == (k["flagged"], k["n"])
+        assert [int(share), int(lo), int(hi)] == [round(100 * x) for x in (k["share"], *k["ci95"])], kind
     unseen = re.search(r"the ten unseen sets \((\d+)\)\*\* \| \*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),.*?\| "
                        r"\*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),", readme)
     assert unseen and int(unseen[1]) == total[[5, 7]].sum() and [int(x) for x in unseen.groups()[1:]] == list(total)
