@@ -1426,7 +1426,7 @@ def crisis_verdicts(paths: list[Path] | None = None, held_out_split: bool = Fals
     out = {}
     for name, rows in sets.items():
         found = [check(r["text"]) for r in tqdm(rows, desc=f"checking {name}", unit="message")]
-        out[name] = [{"text": r["text"], "kind": r["kind"], "label": r["label"], "flag": v.flag,
+        out[name] = [{"text": r["text"], "kind": r["kind"], "label": r["label"], "flag": v.flag, "doubt": v.doubt,
                       "fast": None if v.probability is None else round(v.probability, 4),
                       "second_stage": None if v.screen is None else round(v.screen, 4)}
                      for r, v in zip(rows, found)]

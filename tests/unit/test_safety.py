@@ -866,6 +866,8 @@ def test_verdicts_of_a_labelled_file_refuse_train_texts_and_the_cli_compares_two
     flag_all = lambda text: safety.Verdict(True, 0.9)  # noqa: E731
     found = safety.crisis_verdicts([mine], check=flag_all)
     assert [(r["label"], r["flag"]) for r in found["sets"]["mine"]] == [(1, True), (0, True)]
+    unsure = safety.crisis_verdicts([mine], check=lambda text: safety.Verdict(False, None, "probably not English"))
+    assert [r["doubt"] for r in unsure["sets"]["mine"]] == ["probably not English"] * 2  # kept: it shows the notice
     trained = next(r["text"] for r in safety.load_labelled(safety.CRISIS_SETS, "positive") if r["split"] == "train")
     (tmp_path / "fitted.yaml").write_text(json.dumps({"positive": {"explicit": [trained]},
                                                          "negative": {"everyday": ["a new text for this test"]}}))
