@@ -167,7 +167,7 @@ def _refuse_split_near_copies(rows: list[dict]) -> None:
     classifier was, in effect, fitted on. Refused by name (near-copies inside one split are allowed)."""
     first = {}
     for row in rows:
-        other = first.setdefault((_near_copy(row["text"])), row)
+        other = first.setdefault(_near_copy(row["text"]), row)
         if other["split"] != row["split"]:
             raise ValueError(f"{row['text']!r} ({row['split']} split) is a near-copy of {other['text']!r} "
                              f"({other['split']} split): the held-out one would leak; keep one of them")
