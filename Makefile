@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline lint safety test test-fast lab app benchmark sweep tracker strip clean
+.PHONY: venv pipeline lint safety validate test test-fast lab app benchmark sweep tracker strip clean
 
 venv: $(STAMP)
 
@@ -38,8 +38,16 @@ lint: $(STAMP)
 safety: $(STAMP)
 	$(PY) -m utils.safety fit
 
+# The judge's validity study (the whole ladder, with and without the category rubric lines; about 30-60
+# minutes on 2 cores cold, seconds when the judge's grades are kept): run it when the judge changes.
+# JSON into reports/validity/; `make test` checks the ladder's hard pairs only.
+validate: $(STAMP)
+	mkdir -p reports/validity
+	$(PY) -m utils.validity --pairwise --out reports/validity/validity_ladder.json
+	$(PY) -m utils.validity --notes --out reports/validity/validity_ladder_notes.json
+
 test: lint safety
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=25 $(ARGS)
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(ARGS)

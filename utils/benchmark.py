@@ -528,6 +528,60 @@ def latency_benchmark(models_list: list[str], random_models: list[str] = ("gpt2"
     return report
 
 
+JUDGE_TIERS = ("good", "terse", "wrong", "evasive")
+
+
+def judge_speed(batches: tuple[int, ...] = (1, 8), prompts: int = 8, out: Path | None = None,
+                dtype: str = "auto") -> dict:
+    """The judge's cost per graded reply and per pairwise order at each batch size (replies read in one
+    forward pass), on the validity ladder's replies of four tiers for its first ``prompts`` prompts
+    and their good vs fluent-but-wrong pairs; every batch size grades the same replies afresh (the
+    content cache is bypassed) and the grades are compared with batch 1's. JSON to ``out``."""
+    from . import judge as J, validity
+    from .hardware import cpu_summary
+    from .store import ContentStore
+
+    judge = J.LLMJudge(J.DEFAULT_JUDGE, dtype=dtype)
+    judge.calibration()  # fitted or read before any clock starts
+    by = {(r["id"], r["tier"]): r for r in validity.ladder()}
+    ids = list(dict.fromkeys(i for i, _ in by))[:prompts]
+    items = [(by[(i, t)]["prompt"], by[(i, t)]["reply"], None) for i in ids for t in JUDGE_TIERS]
+    pairs = [(by[(i, "good")]["prompt"], by[(i, "good")]["reply"], by[(i, "wrong")]["reply"]) for i in ids]
+    rows, first = [], None
+    for batch in batches:
+        judge.batch = batch
+        judge.store = ContentStore(None, f"speed-{batch}")  # nothing kept: every reply computed
+        judge.timing = {k: J.Timing() for k in judge.timing}
+        start = time.perf_counter()
+        grades = judge.grade_many(items)
+        grade_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        verdicts = judge.compare_many(pairs)
+        pair_seconds = time.perf_counter() - start
+        t = judge.timing
+        row = {"batch": batch, "replies": len(items), "pairs": len(pairs),
+               "seconds_per_reply": round(grade_seconds / len(items), 3),
+               "tokens_per_reply": round((t["grade"].tokens + t["correct"].tokens) / len(items), 1),
+               "seconds_per_pair_order": round(pair_seconds / (2 * len(pairs)), 3),
+               "tokens_per_pair_order": round(t["pair"].tokens / (2 * len(pairs)), 1),
+               "tokens_per_second": round((t["grade"].tokens + t["correct"].tokens) / grade_seconds, 1)}
+        if first is None:
+            first = (grades, verdicts)
+        else:
+            row["max_grade_difference_vs_batch_1"] = round(max(
+                abs(g[c] - f[c]) for g, f in zip(grades, first[0]) for c in (*J.CRITERIA, "correct")), 6)
+            row["same_verdicts_as_batch_1"] = sum(v["verdict"] == f["verdict"] for v, f in zip(verdicts, first[1]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"benchmark": "judge cost per graded reply and per pairwise order, by batch size",
+              "judge": J.DEFAULT_JUDGE, "dtype": judge.dtype, "pair_dtype": judge.pair_dtype,
+              "machine": {**machine(), **cpu_summary()}, "tiers": list(JUDGE_TIERS), "prompts": ids,
+              "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+    if out is not None:
+        write_json_atomically(Path(out), report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -565,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=list(COMPUTE_DTYPES), help="torch's dtype")
     p.add_argument("--train-steps", type=int, default=20, help="for models without a trained adapter")
     p.add_argument("--out", default=str(BENCH_DIR / "decode-latest.json"))
+    p = sub.add_parser("judge", help="the judge's seconds and tokens per graded reply and pairwise order, by batch")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompts", type=int, default=8, help="ladder prompts (four replies and one pair each)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--out", default=str(BENCH_DIR / "judge_speed.json"))
     p = sub.add_parser("_decode-rate")
     p.add_argument("--model", required=True)
     p.add_argument("--engine", required=True)
@@ -580,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print("RESULT " + json.dumps(decode_rate(args.model, args.engine, args.new_tokens, args.repeats, args.dtype,
                                                  args.gguf, args.lora, args.adapter_root)), flush=True)
+        return 0
+    if args.command == "judge":
+        judge_speed(tuple(args.batches), args.prompts, Path(args.out), args.dtype)
         return 0
     if args.command == "decode":
         from .decode import decode_benchmark

@@ -23,6 +23,7 @@ import yaml
 from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
 from .io import write_json_atomically, write_text_atomically
+from .store import code_key
 from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
 
 DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
@@ -53,8 +54,9 @@ class EvalConfig:
     report_dir: str | None = None  # where evaluation.json, samples.jsonl and figures go (the pipeline sets it)
     judge_model: str | None = J.DEFAULT_JUDGE  # the LLM judge (preset, folder or hub id); None: cheap signals only
     judge_dtype: str = "auto"  # auto (bf16 where the CPU has it natively, else fp32), fp32, bf16, int8
+    judge_suite: str = "auto"  # prompts the judge grades, compares: auto (domain suite if any), domain, test, both
     pairwise: bool = True  # the judge compares the models' replies in both orders
-    validity: bool = True  # score the validity ladder with the same judge (cached)
+    validity: str = "cached"  # judge validity study: "cached" (from `make validate`), "score" (30-60 min), "off"
     allow_judge_as_model: bool = False  # True lets the judge be a compared model (flagged in the report)
     loss_examples: int = 64  # validation conversations for held-out loss / perplexity
     models_dir: str = MODELS  # where trained adapters are (<models_dir>/<name>-lora/final)
@@ -172,7 +174,8 @@ def check_inputs(cfg: EvalConfig, log=print) -> None:
 def summary(result: dict) -> str:
     """What this evaluation showed (markdown): the verdicts first, then how far the judge can be
     trusted on replies of known rank."""
-    lines = [f"- {v}" for v in result["verdicts"]] or ["- One model variant only: nothing to compare."]
+    lines = ([f"**{' '.join(result['headline'])}**", ""] if result.get("headline") else []) + (
+        [f"- {v}" for v in result["verdicts"]] or ["- One model variant only: nothing to compare."])
     for key, how in VALIDITY_VIEWS.items():
         v = result.get(key)
         if v:
@@ -202,6 +205,36 @@ def validity_needed(suite: str) -> dict[str, bool]:
     return out
 
 
+JUDGE_SUITES = ("auto", "domain", "test", "both")
+VALIDITY_MODES = ("cached", "score", "off")
+
+
+def judge_suite_of(cfg: EvalConfig) -> str:
+    """What the judge grades and compares: ``judge_suite``'s prompts among those the evaluation has
+    ("auto": the domain suite when it has it, else the test split); "none" when they share none.
+    The rest of the prompts get length, reference metrics and loss only: the verdict is about the
+    domain suite, and grading the test split's one-line references too costs the judge 40% more."""
+    if cfg.judge_suite not in JUDGE_SUITES:
+        raise EvaluationError(f"judge_suite={cfg.judge_suite!r}; expected one of {list(JUDGE_SUITES)}")
+    if cfg.judge_suite == "auto":
+        return "domain" if cfg.suite in ("both", "domain") else "test"
+    parts = {"both": {"domain", "test"}, "domain": {"domain"}, "test": {"test"}}
+    have = parts.get(cfg.suite, set()) & parts[cfg.judge_suite]
+    return "both" if len(have) == 2 else next(iter(have), "none")
+
+
+def judged_prompt(judge_suite: str, item: dict) -> bool:
+    """Whether the judge grades and compares the replies to ``item`` under ``judge_suite``."""
+    return judge_suite == "both" or (item["category"] == TEST_CATEGORY) == (judge_suite == "test")
+
+
+def validity_mode(cfg: EvalConfig) -> str:
+    mode = {True: "score", False: "off"}.get(cfg.validity, cfg.validity)
+    if mode not in VALIDITY_MODES:
+        raise EvaluationError(f"validity={cfg.validity!r}; expected one of {list(VALIDITY_MODES)}")
+    return mode
+
+
 def check_judge(cfg: EvalConfig) -> list[str]:
     """Compared models that are the judge itself: refused unless ``allow_judge_as_model``, then flagged."""
     if not cfg.judge_model:
@@ -227,21 +260,8 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
-def code_key(path: Path) -> bytes:
-    """What a Python file computes, for cache keys: its syntax tree without comments and
-    docstrings (a module's, class's or function's leading string)."""
-    import ast
-
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
-
-
-def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False) -> dict:
+def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False,
+                    score: bool = True) -> dict | None:
     """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
     compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
     instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
@@ -258,42 +278,20 @@ def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True
     cache = (cache_root or models.cache_dir()) / "validity" / name
     if cache.exists():
         return json.loads(cache.read_text())
+    if not score:
+        return None
     start = time.perf_counter()
     rubric = category_notes() if notes else None
-    # every grade is also appended to a side file as it is made, so a run that is stopped (22-44
-    # minutes on 2 AVX2 cores) resumes where it stopped; the side file goes once the result is written
-    memo = _FileMemo(cache.with_name(cache.name + ".partial.jsonl"))
-    result = validity.run(validity.judge_scorer(judge, rubric, memo),
-                          pair_fn=validity.judge_pairs(judge, memo) if pairwise else None)
+    # the judge keeps every grade in its content cache as it is made, so a stopped scoring (30-60 minutes
+    # on 2 AVX2 cores) resumes where it stopped
+    result = validity.run(validity.judge_scorer(judge, rubric),
+                          pair_fn=validity.judge_pairs(judge) if pairwise else None)
     result["notes"] = bool(notes)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu", "correctness_calibration")},
                        "timing": judge.timing_summary()}
     write_json_atomically(cache, result)
-    memo.path.unlink(missing_ok=True)
     return result
-
-
-class _FileMemo(dict):
-    """A dict that appends each new entry to ``path`` (one JSON line each) and starts from the
-    entries an interrupted run left there (a last line cut short is ignored)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    key, value = json.loads(line)
-                except ValueError:
-                    break
-                super().__setitem__(key, value)
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps([key, value]) + "\n")
 
 
 def evaluate(cfg: EvalConfig, log=print) -> dict:
@@ -308,6 +306,17 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     except ValueError as err:
         raise EvaluationError(str(err)) from err
     items = eval_items(cfg)
+    validity_mode(cfg)
+    judge_suite = judge_suite_of(cfg)
+    if judge_suite == "none" and cfg.judge_model:
+        raise EvaluationError(f"judge_suite={cfg.judge_suite!r} but suite={cfg.suite!r}: the judge would grade no "
+                              "prompt; set judge_suite to one the suite has, or 'both'")
+    if not safety.fitted():  # never behind the user's back: the pipeline fits them in a step of its own
+        log("the crisis flags need the safety classifiers, which are not fitted on this machine yet: fitting them "
+            "now (once per machine, tens of minutes on 2 cores; `make safety` does it ahead) ...")
+    start = time.perf_counter()
+    safety.detector()
+    log(f"safety classifiers ready in {time.perf_counter() - start:.1f}s")
     data_dir = from_root(cfg.data_dir)
     loss_path = data_dir / "validation.jsonl"
     loss_rows = read_jsonl(loss_path)[: cfg.loss_examples] if loss_path.exists() else []
@@ -355,15 +364,19 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         gc.collect()
 
     judge = J.LLMJudge(cfg.judge_model, dtype=cfg.judge_dtype) if cfg.judge_model else None
+    judged = [judged_prompt(judge_suite, it) for it in items]
     if judge is not None:
-        log(f"judge {cfg.judge_model}: {judge.dtype} on {judge.info['cpu']['cpu']}")
+        log(f"judge {cfg.judge_model}: {judge.dtype} on {judge.info['cpu']['cpu']}; grades {sum(judged)} of "
+            f"{len(items)} prompts per model (judge_suite={cfg.judge_suite!r}); grades and verdicts already kept "
+            "in the per-machine cache are read, not recomputed")
     scorer = metrics.Scorer(metrics.Embedder(), judge)
     per_example: dict[str, list[dict]] = {}
     for name, gens in replies.items():
         texts = [g.text for g in gens]
         scores = scorer.score(prompts, texts, references, notes,
-                              progress=lambda it, name=name: tqdm(it, desc=f"judging {name}", leave=False),
-                              truncated=[g.truncated for g in gens])
+                              progress=lambda it, name=name: tqdm(it, desc=f"judging {name}", unit="batch",
+                                                                  leave=False),
+                              truncated=[g.truncated for g in gens], judged=judged)
         per_example[name] = [{"reply": g.text, "category": it["category"], "new_tokens": g.new_tokens,
                               "latency_s": g.latency_s / g.batch_size,
                               "crisis_flag": safety.crisis_flag(it["prompt"]) or safety.crisis_flag(g.text), **s}
@@ -373,16 +386,16 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     pairwise = {}
     if judge is not None and cfg.pairwise:
         for a, b in pairs:
-            verdicts = [
-                judge.compare(p, x["reply"], y["reply"])  # no rubric line: see judge.NOTE_LEAD
-                for p, x, y in tqdm(list(zip(prompts, per_example[a], per_example[b])), desc=f"{a} vs {b}",
-                                    leave=False)
-            ]
+            rows = [i for i in range(len(items)) if judged[i]]
+            verdicts = J.compare_all(  # no rubric line: see judge.NOTE_LEAD
+                judge, [(prompts[i], per_example[a][i]["reply"], per_example[b][i]["reply"]) for i in rows],
+                lambda it, a=a, b=b: tqdm(it, desc=f"{a} vs {b}", unit="batch", leave=False))
+            compared = [items[i] for i in rows]
             pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed),
-                                       "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, items)
+                                       "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, compared)
                                                                             if it["category"] == c], cfg.seed)
-                                                       for c in categories(items)},
-                                       "per_example": verdicts}
+                                                       for c in categories(compared)},
+                                       "per_example": [{"id": it["id"], **v} for it, v in zip(compared, verdicts)]}
     grade_differences = {f"{a} vs {b}": {m: metrics.paired_difference([r.get(m) for r in per_example[a]],
                                                                       [r.get(m) for r in per_example[b]], seed=cfg.seed)
                                          for m in metrics.GRADES + ("words",)}
@@ -393,10 +406,14 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     by_category = {name: {c: {m: metrics.bootstrap_ci([r.get(m) for r in rows if r["category"] == c], seed=cfg.seed)
                               for m in metrics.GRADES + ("words",)} for c in categories(items)}
                    for name, rows in per_example.items()}
-    needed = validity_needed(cfg.suite) if judge is not None and cfg.validity else {}
+    needed = validity_needed(judge_suite) if judge is not None and validity_mode(cfg) != "off" else {}
     # pairwise verdicts never see a rubric line, so the ladder's pairwise check is the same in both views
-    validity_results = {key: validity_cached(judge, notes=notes, pairwise=not (notes and "validity" in needed))
+    validity_results = {key: validity_cached(judge, notes=notes, pairwise=True, score=validity_mode(cfg) == "score")
                         for key, notes in needed.items()}
+    for key in [k for k, v in validity_results.items() if v is None]:
+        del validity_results[key]
+        log(f"the judge's validity study ({VALIDITY_VIEWS[key]}) has not been scored on this machine with this judge: "
+            "`make validate` scores it (30-60 minutes on 2 cores), or set validity='score'")
 
     result = {
         "schema": 2,
@@ -410,6 +427,9 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "comparisons": [list(p) for p in pairs],
         "pairwise": {k: {kk: vv for kk, vv in v.items() if kk != "per_example"} for k, v in pairwise.items()},
         "grade_differences": grade_differences,
+        "headline": headline(pairs, pairwise, grade_differences,
+                             {"domain": "the domain suite", "test": "the test split", "both": "the domain suite and "
+                              "the test split"}[judge_suite] if judge is not None else "the prompts"),
         "verdicts": verdict_sentences(pairs, pairwise, grade_differences),
         "scores_explained": metrics.__doc__,
         "dtype": dtype,
@@ -451,6 +471,50 @@ def pairwise_summary(verdicts: Sequence[dict], seed: int) -> dict:
             "mean_preference": metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)}
 
 
+def _direction(w: dict | None, d: dict | None) -> str:
+    """"better", "worse", "mixed" or "unclear" for the first of a pair, from the pairwise win rate
+    ``w`` and the paired overall-grade difference ``d`` (each counts where its interval excludes no
+    difference)."""
+    says = set()
+    if w and w.get("n") and w.get("low") is not None:
+        says |= {"better"} if w["low"] > 0.5 else {"worse"} if w["high"] < 0.5 else set()
+    if d and d.get("mean") is not None:
+        says |= {"better"} if d["low"] > 0 else {"worse"} if d["high"] < 0 else set()
+    return "mixed" if len(says) == 2 else next(iter(says), "unclear")
+
+
+def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain suite") -> list[str]:
+    """The answer first: which fine-tuned model answers better, then what fine-tuning did to each
+    model, by the judge's overall grade and its pairwise verdicts (n and 95% intervals), and reply length."""
+    def evidence(key: str, a: str) -> str:
+        w, d, words = pairwise.get(key), differences[key].get("overall"), differences[key].get("words")
+        bits = []
+        if d and d.get("mean") is not None:
+            bits.append(f"overall grade {metrics.interval_text(d, signed=True)} (n={d['n']})")
+        if w and w.get("n"):
+            bits.append(f"{a} wins {metrics.interval_text(w, keys=WIN)} of {w['n']} pairwise verdicts")
+        if words and words.get("mean") is not None:
+            bits.append(f"replies {metrics.interval_text(words, 1, signed=True)} words")
+        return "; ".join(bits)
+
+    first, rest = [], []
+    for a, b in pairs:
+        key = f"{a} vs {b}"
+        way = _direction(pairwise.get(key), differences[key].get("overall"))
+        if a.endswith("(LoRA)") and b == a.replace("(LoRA)", "(base)"):
+            model = a[:-len(" (LoRA)")]
+            what = {"better": "better", "worse": "worse", "mixed": "better by one measure and worse by the other",
+                    "unclear": "no measurable difference"}[way]
+            made = f"Fine-tuning made {model} {what}" if way != "unclear" else f"Fine-tuning {model} made {what}"
+            rest.append(f"{made} on {suite}: {evidence(key, a)}.")
+        else:
+            what = {"better": f"{a} answers better than {b}", "worse": f"{b} answers better than {a}",
+                    "mixed": f"{a} and {b} split: one measure favours each",
+                    "unclear": f"{a} and {b} cannot be told apart"}[way]
+            first.append(f"On {suite}, {what}: {evidence(key, a)}.")
+    return first + rest
+
+
 def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
     """One sentence per comparison: who is better on what, and where the data cannot tell."""
     out = []
@@ -467,10 +531,12 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
             else:
                 parts.append(f"the judge's pairwise verdicts cannot tell them apart ({span})")
         better, worse, unclear = [], [], []
+        n = None
         for m in metrics.GRADES:
             d = differences[key].get(m)
             if not d or d["mean"] is None:
                 continue
+            n = d["n"]
             text = f"{m} {metrics.interval_text(d, signed=True)}"
             (better if d["low"] > 0 else worse if d["high"] < 0 else unclear).append(text)
         if better:
@@ -479,9 +545,12 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
             parts.append(f"{a} grades lower on " + ", ".join(worse))
         if unclear:
             parts.append("the data cannot tell them apart on " + ", ".join(unclear))
+        if n is not None:
+            parts[-1] += f" (judge's grades, paired over {n} prompts)"
         words = differences[key].get("words")
         if words and words["mean"] is not None:
-            parts.append(f"reply length differs by {metrics.interval_text(words, 1, signed=True)} words")
+            parts.append(f"replies of {a} are {metrics.interval_text(words, 1, signed=True)} words longer "
+                         f"(n={words['n']})")
         out.append(f"{key}: " + "; ".join(parts) + "." if parts else f"{key}: nothing to compare.")
     return out
 

@@ -50,6 +50,8 @@ bf16 met their targets there.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -65,6 +67,11 @@ DEFAULT_JUDGE = "qwen2.5-coder-1.5b"
 # bf16 flipped 3 of the ladder's 24 hard pairs to ties (module docstring).
 PAIR_DTYPES = {"bf16": "fp32"}
 CRITERIA = ("coherence", "relevance", "overall")  # the order of the answer lines
+# Replies (or pairwise orders) read in one forward pass: on 2 cores a pass over ~50-100 tokens runs the
+# matrix products well below the rate a few hundred tokens reach. Measured (`python -m utils.benchmark judge`,
+# AMD EPYC AVX2, fp32, 24 ladder replies): 7.4 s per graded reply one at a time, 5.0 s four or eight at a time,
+# grades within 2e-5 of one at a time
+BATCH = 4
 
 SYSTEM = (
     "You grade an AI assistant's answers from 1 to 5 on three criteria.\n"
@@ -281,6 +288,28 @@ class LLMJudge:
         self._correct_prefix = self._prefix(self.correct_messages())
         self._calibration: dict | None = None  # fitted on CALIBRATION_SET on the first grade (cached per machine)
         self.timing["correct"] = Timing()
+        self.store = self._store()
+        self.batch = BATCH  # replies (or pairwise orders) per forward pass
+
+    def _store(self):
+        """Grades and pairwise preferences kept by content (``utils.store``): on disk, in
+        ``$LORA_COMPARE_CACHE/judge/verdicts.sqlite``, for weights known by their content (the shipped
+        GGUF's sha256); in memory for a judge read from a folder. The key holds ``fingerprint()``
+        (weights, dtype, every prompt piece, the calibration set), the code that grades and formats
+        the prompt, and the torch and transformers versions, so any change to those grades afresh."""
+        from pathlib import Path
+
+        import torch
+        import transformers
+
+        from . import chat, store
+        from .models import cache_dir
+
+        code = store.code_key(Path(chat.__file__)) + store.code_key(Path(__file__))
+        namespace = json.dumps([self.fingerprint(), hashlib.sha256(code).hexdigest()[:16], torch.__version__,
+                                transformers.__version__])
+        path = cache_dir() / "judge" / "verdicts.sqlite" if self.info.get("gguf_sha256") else None
+        return store.ContentStore(path, namespace)
 
     # ------------------------------------------------------------------ prompt pieces
 
@@ -367,45 +396,107 @@ class LLMJudge:
                                            logits_to_keep=1).logits
         return torch.softmax(logits[0, -1, list(option_ids)].float(), -1)
 
+    def _read(self, prefix: dict, feeds: list[list[int]], option_ids: Sequence[int], model=None, state=None):
+        """For each feed, the probabilities of ``option_ids`` after its last token, all feeds in one
+        forward pass: each continues ``prefix`` (its kept cache, repeated per feed) or, with the
+        ``state`` an earlier call returned, the same rows further on. Feeds are right-padded; the
+        padding is masked out and every row keeps its own positions, so a row reads exactly what it
+        would alone (up to float rounding). Returns ``(probs [rows, options], state)``."""
+        import torch
+
+        rows = len(feeds)
+        if state is None:
+            cache = copy.deepcopy(prefix["cache"])
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+            mask = torch.ones(rows, len(prefix["ids"]), dtype=torch.long)
+            lengths = torch.full((rows,), len(prefix["ids"]), dtype=torch.long)
+        else:
+            cache, mask, lengths = state
+        sizes = torch.tensor([len(f) for f in feeds])
+        width = int(sizes.max())
+        ids = torch.zeros(rows, width, dtype=torch.long)  # padding (token 0) is masked out below
+        new = torch.arange(width)[None, :] < sizes[:, None]
+        for i, feed in enumerate(feeds):
+            ids[i, :len(feed)] = torch.tensor(feed)
+        mask = torch.cat([mask, new.long()], 1)
+        keep = sorted(set((sizes - 1).tolist()))  # the positions whose next-token logits are read
+        with torch.inference_mode():
+            logits = (model or self.model)(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
+                                           position_ids=lengths[:, None] + torch.arange(width)[None, :],
+                                           logits_to_keep=torch.tensor(keep)).logits
+        last = logits[torch.arange(rows), torch.tensor([keep.index(int(n) - 1) for n in sizes])]
+        return torch.softmax(last[:, list(option_ids)].float(), -1), (cache, mask, lengths + sizes)
+
     def grade(self, prompt: str, reply: str, note: str | None = None) -> dict:
         """Expected grade 1-5 per criterion (and the probability of each grade); ``note`` is a
         category's rubric line. A reference answer is not shown to the judge (see ``NOTE_LEAD``):
         the reference metrics use it. An empty reply gets 1 on every criterion without asking the judge."""
+        return self.grade_many([(prompt, reply, note)])[0]
+
+    def grade_many(self, items: Sequence[tuple[str, str, str | None]], progress=None) -> list[dict]:
+        """``grade`` for each ``(prompt, reply, note)``: grades kept in the content cache are read,
+        the rest computed ``BATCH`` replies to one forward pass (replies of similar length together,
+        one rubric line per batch). ``progress`` wraps the iterable of batches (tqdm, for example)."""
+        out: list[dict | None] = [None] * len(items)
+        todo: dict[str | None, list[int]] = {}
+        for i, (prompt, reply, note) in enumerate(items):
+            if not reply.strip():
+                out[i] = _empty_grade()
+            elif (kept := self.store.get("grade", [prompt, reply, note], valid_grade)) is not None:
+                out[i] = kept
+            else:
+                todo.setdefault(note, []).append(i)
+        batches = []
+        for note, where in todo.items():
+            where = sorted(where, key=lambda i: len(items[i][0]) + len(items[i][1]))
+            batches += [(note, where[first:first + self.batch]) for first in range(0, len(where), self.batch)]
+        for note, chunk in (progress(batches) if progress is not None else batches):
+            for i, grade in zip(chunk, self._grade_batch([items[i][:2] for i in chunk], note)):
+                self.store.put("grade", [*items[i][:2], note], grade)
+                out[i] = grade
+        return out
+
+    def _grade_batch(self, pairs: Sequence[tuple[str, str]], note: str | None) -> list[dict]:
+        """The three passes (coherence alone, the rubric lines, the fact check) for several
+        (prompt, reply) under one rubric line, each pass one forward over all of them."""
         import torch
 
-        if not reply.strip():
-            ones = [1.0, 0.0, 0.0, 0.0, 0.0]
-            return {**{c: 1.0 for c in CRITERIA}, "judge_seconds": 0.0, **{f"{c}_probs": ones for c in CRITERIA},
-                    "correct": 0.0, "correct_calibrated": 0.0, "overall_rubric": 1.0, "overall_rubric_probs": ones,
-                    "correct_seconds": 0.0}
         self.calibration()  # fitted (or read from the cache) before the clock starts
         start = time.perf_counter()
-        out, tokens = {}, 0
+        outs: list[dict] = [{} for _ in pairs]
+        tokens = 0
 
-        def read(criterion: str, feed: list[int], cache) -> int:
+        def read(criterion: str, prefix: dict, feeds: list[list[int]], state=None):
             nonlocal tokens
-            tokens += len(feed)
-            probs = self._step(feed, cache, self.grade_ids)
-            out[criterion] = float((probs * torch.arange(1, 6)).sum())
-            out[f"{criterion}_probs"] = [round(float(p), 4) for p in probs]
-            return int(probs.argmax()) + 1  # the grade the judge "writes" before the next line
+            tokens += sum(map(len, feeds))
+            probs, state = self._read(prefix, feeds, self.grade_ids, state=state)
+            for out, row in zip(outs, probs):
+                out[criterion] = float((row * torch.arange(1, 6)).sum())
+                out[f"{criterion}_probs"] = [round(float(p), 4) for p in row]
+            # the grade the judge "writes" before the next line
+            return [int(row.argmax()) + 1 for row in probs], state
 
         prefix = self._coherence_prefix
-        written = read("coherence", self._encode(f"Text: {_clip(reply, MAX_REPLY_CHARS)}" + prefix["tail"] + "Grade: "),
-                       copy.deepcopy(prefix["cache"]))
+        written, _ = read("coherence", prefix, [
+            self._encode(f"Text: {_clip(reply, MAX_REPLY_CHARS)}" + prefix["tail"] + "Grade: ") for _, reply in pairs])
         prefix = self._grade_prefix_for(note)
-        cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(reply_block(prompt, reply) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
+        feeds = [self._encode(reply_block(prompt, reply) + prefix["tail"] + f"{CRITERIA[0].capitalize()}: ")
+                 for prompt, reply in pairs]
+        state = None
         for criterion in CRITERIA[1:]:
-            feed += self._encode(f"{written}\n{criterion.capitalize()}: ")
-            written = read(criterion, feed, cache)
-            feed = []
-        rubric_seconds = self._account("grade", start, tokens)
+            feeds = [feed + self._encode(f"{w}\n{criterion.capitalize()}: ") for feed, w in zip(feeds, written)]
+            written, state = read(criterion, prefix, feeds, state)
+            feeds = [[] for _ in pairs]
+        rubric_seconds = self._account("grade", start, tokens, calls=len(pairs))
         start = time.perf_counter()
-        out.update(self._with_correctness(out, self.correct(prompt, reply)))
-        out["correct_seconds"] = time.perf_counter() - start
-        out["judge_seconds"] = rubric_seconds + out["correct_seconds"]
-        return out
+        p_yes = self.correct_many(pairs)
+        correct_seconds = (time.perf_counter() - start) / len(pairs)
+        for out, p in zip(outs, p_yes):
+            out.update(self._with_correctness(out, p))
+            out["correct_seconds"] = correct_seconds
+            out["judge_seconds"] = rubric_seconds / len(pairs) + correct_seconds
+        return outs
 
     def _with_correctness(self, grades: dict, p_yes: float) -> dict:
         """``overall`` after the correctness check: with the calibrated probability ``q`` that the
@@ -422,12 +513,20 @@ class LLMJudge:
     def correct(self, prompt: str, reply: str) -> float:
         """The judge's probability that the reply is true and safe ("Yes" against "No" after the
         fact-checker's instructions and examples): one forward pass on its kept prefix."""
-        start = time.perf_counter()
+        return self.correct_many([(prompt, reply)])[0]
+
+    def correct_many(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """``correct`` for each (prompt, reply), ``BATCH`` to a forward pass."""
+        out = []
         prefix = self._correct_prefix
-        feed = self._encode(f"{reply_block(prompt, reply)}\n{CORRECT_QUESTION}" + prefix["tail"])
-        p = float(self._step(feed, copy.deepcopy(prefix["cache"]), self.verdict_ids)[0])
-        self._account("correct", start, len(feed))
-        return p
+        for first in range(0, len(pairs), self.batch):
+            start = time.perf_counter()
+            feeds = [self._encode(f"{reply_block(prompt, reply)}\n{CORRECT_QUESTION}" + prefix["tail"])
+                     for prompt, reply in pairs[first:first + self.batch]]
+            probs, _ = self._read(prefix, feeds, self.verdict_ids)
+            self._account("correct", start, sum(map(len, feeds)), calls=len(feeds))
+            out += [float(p) for p in probs[:, 0]]
+        return out
 
     def calibrated(self, p_yes: float) -> float:
         """``p_yes`` mapped through the logistic fit on the calibration set: the judge says "Yes"
@@ -459,16 +558,40 @@ class LLMJudge:
 
     def prefer(self, prompt: str, first: str, second: str) -> float:
         """Probability (the judge's) that ``first`` is the better reply, shown in the order first, second."""
-        if not first.strip() and not second.strip():
-            return 0.5
+        return self.prefer_many([(prompt, first, second)])[0]
+
+    def prefer_many(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
+        """``prefer`` for each (prompt, first, second): kept answers read from the content cache, the
+        rest ``BATCH`` to a forward pass."""
+        def valid(p):
+            return isinstance(p, float) and 0.0 <= p <= 1.0
+
+        out: list[float | None] = [None] * len(items)
+        todo = []
+        for i, (prompt, first, second) in enumerate(items):
+            if not first.strip() and not second.strip():
+                out[i] = 0.5
+            elif (kept := self.store.get("prefer", [prompt, first, second], valid)) is not None:
+                out[i] = kept
+            else:
+                todo.append(i)
+        todo.sort(key=lambda i: sum(map(len, items[i])))
+        for start in range(0, len(todo), self.batch):
+            chunk = todo[start:start + self.batch]
+            for i, p in zip(chunk, self._prefer_batch([items[i] for i in chunk])):
+                self.store.put("prefer", list(items[i]), p)
+                out[i] = p
+        return out
+
+    def _prefer_batch(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
         model = self._pair_judge()
         start = time.perf_counter()
         prefix = self._pair_prefix
-        cache = copy.deepcopy(prefix["cache"])
-        feed = self._encode(pair_block(prompt, first, second) + PAIR_QUESTION + prefix["tail"])
-        probs = self._step(feed, cache, self.letter_ids, model)
-        self._account("pair", start, len(feed))
-        return float(probs[0])
+        feeds = [self._encode(pair_block(prompt, first, second) + PAIR_QUESTION + prefix["tail"])
+                 for prompt, first, second in items]
+        probs, _ = self._read(prefix, feeds, self.letter_ids, model)
+        self._account("pair", start, sum(map(len, feeds)), calls=len(feeds))
+        return [float(p) for p in probs[:, 0]]
 
     def _pair_judge(self):
         """The model that gives pairwise verdicts: the judge itself, or (where it runs in bf16) a copy
@@ -483,10 +606,21 @@ class LLMJudge:
     def compare(self, prompt: str, a: str, b: str) -> dict:
         """A vs B in both orders: ``p_a`` (mean probability that A is better) and the verdict. No
         category line (see ``NOTE_LEAD``): with one, good beat fluent-but-wrong less often."""
-        ab = self.prefer(prompt, a, b)
-        ba = 1.0 - self.prefer(prompt, b, a)
-        verdict = "A" if ab > 0.5 and ba > 0.5 else "B" if ab < 0.5 and ba < 0.5 else "tie"
-        return {"p_a": (ab + ba) / 2, "p_a_shown_first": ab, "p_a_shown_second": ba, "verdict": verdict}
+        return self.compare_many([(prompt, a, b)])[0]
+
+    def compare_many(self, items: Sequence[tuple[str, str, str]], progress=None) -> list[dict]:
+        """``compare`` for each (prompt, a, b): both orders of ``BATCH // 2`` pairs to a forward pass;
+        ``progress`` wraps the iterable of batches."""
+        step = max(1, self.batch // 2)
+        batches = [items[first:first + step] for first in range(0, len(items), step)]
+        out = []
+        for chunk in (progress(batches) if progress is not None else batches):
+            p = self.prefer_many([o for prompt, a, b in chunk for o in ((prompt, a, b), (prompt, b, a))])
+            for ab, ba in zip(p[0::2], p[1::2]):
+                ba = 1.0 - ba
+                verdict = "A" if ab > 0.5 and ba > 0.5 else "B" if ab < 0.5 and ba < 0.5 else "tie"
+                out.append({"p_a": (ab + ba) / 2, "p_a_shown_first": ab, "p_a_shown_second": ba, "verdict": verdict})
+        return out
 
     def _ask_feed(self, system: str, text: str, question: str) -> tuple[list[int], object]:
         """Token ids after the kept prefix of ``system`` and a fresh copy of that prefix's cache."""
@@ -516,17 +650,18 @@ class LLMJudge:
                              logits_to_keep=1)
         return out.hidden_states[layer][0, -1].float().numpy()
 
-    def _account(self, kind: str, start: float, tokens: int) -> float:
+    def _account(self, kind: str, start: float, tokens: int, calls: int = 1) -> float:
         seconds = time.perf_counter() - start
         timing = self.timing[kind]
-        timing.calls += 1
+        timing.calls += calls
         timing.seconds += seconds
         timing.tokens += tokens
         return seconds
 
     def timing_summary(self) -> dict:
-        """Judge time per graded reply and per pairwise order, and tokens fed per call."""
-        out = {}
+        """Judge time per graded reply and per pairwise order, and tokens fed per call (computed
+        calls only); ``cache``: per kind, how many answers were read from the content cache."""
+        out = {"cache": self.store.counts()}
         for kind, t in self.timing.items():
             out[kind] = {"calls": t.calls, "seconds": round(t.seconds, 2),
                          "seconds_per_call": round(t.seconds / t.calls, 3) if t.calls else None,
@@ -545,6 +680,41 @@ class LLMJudge:
                           CALIBRATION_SET.read_text(encoding="utf-8") if CALIBRATION_SET.is_file() else ""],
                          sort_keys=True)
         return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def grade_all(judge, items: Sequence[tuple[str, str, str | None]], progress=None) -> list[dict]:
+    """Grades of ``(prompt, reply, note)`` items by any judge-like object: batched by its
+    ``grade_many`` where it has one (``LLMJudge``), else one ``grade`` call at a time."""
+    if hasattr(judge, "grade_many"):
+        return judge.grade_many(items, progress)
+    return [judge.grade(*item) for item in (progress(items) if progress is not None else items)]
+
+
+def compare_all(judge, items: Sequence[tuple[str, str, str]], progress=None) -> list[dict]:
+    """Both-order verdicts of ``(prompt, a, b)`` items, as ``grade_all`` for ``compare``."""
+    if hasattr(judge, "compare_many"):
+        return judge.compare_many(items, progress)
+    return [judge.compare(*item) for item in (progress(items) if progress is not None else items)]
+
+
+def _empty_grade() -> dict:
+    """An empty reply: 1 on every criterion, without asking the judge."""
+    ones = [1.0, 0.0, 0.0, 0.0, 0.0]
+    return {**{c: 1.0 for c in CRITERIA}, "judge_seconds": 0.0, **{f"{c}_probs": ones for c in CRITERIA},
+            "correct": 0.0, "correct_calibrated": 0.0, "overall_rubric": 1.0, "overall_rubric_probs": ones,
+            "correct_seconds": 0.0}
+
+
+def valid_grade(value) -> bool:
+    """A kept grade that could have come from ``LLMJudge.grade``: every criterion in 1..5, five
+    grade probabilities that sum to one, the fact check's probabilities in 0..1."""
+    try:
+        return (all(1.0 <= float(value[c]) <= 5.0 and len(value[f"{c}_probs"]) == 5
+                    and abs(sum(value[f"{c}_probs"]) - 1.0) < 0.01 for c in CRITERIA)
+                and all(0.0 <= float(value[k]) <= 1.0 for k in ("correct", "correct_calibrated"))
+                and 1.0 <= float(value["overall_rubric"]) <= 5.0)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def calibration_set(path=None) -> list[tuple[str, str, int]]:
@@ -602,7 +772,9 @@ def _calibration(judge: "LLMJudge") -> dict:
 
     rows = calibration_set()
     start = time.perf_counter()
-    p = np.array([judge.correct(q, a) for q, a, _ in tqdm(rows, desc="calibrating the correctness check")])
+    pairs = [(q, a) for q, a, _ in rows]
+    p = np.array([x for first in tqdm(range(0, len(pairs), BATCH), desc="calibrating the correctness check",
+                                      unit="batch") for x in judge.correct_many(pairs[first:first + BATCH])])
     y = np.array([label for *_, label in rows])
     x = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))[:, None]
     model = LogisticRegression(C=1e6).fit(x, y)

@@ -119,9 +119,11 @@ class Scorer:
 
     def score(self, prompts: Sequence[str], replies: Sequence[str], references: Sequence[str | None] | None = None,
               notes: Sequence[str | None] | None = None, progress: Callable | None = None,
-              truncated: Sequence[bool] | None = None) -> list[dict]:
+              truncated: Sequence[bool] | None = None, judged: Sequence[bool] | None = None) -> list[dict]:
         """Every score for each (prompt, reply[, reference][, category note]). A reply marked
-        ``truncated`` (cut by the length limit) is shown to the judge up to its last complete sentence."""
+        ``truncated`` (cut by the length limit) is shown to the judge up to its last complete sentence;
+        with ``judged``, only the rows marked True are graded by the judge (the others get the cheap
+        and reference scores)."""
         n = len(replies)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts but {n} replies")
@@ -140,13 +142,14 @@ class Scorer:
             if references[i]:
                 rows[i].update(rouge_l=rouge_l(replies[i], references[i]), chrf=chrf(replies[i], references[i]))
         if self.judge is not None:
-            items = range(n) if progress is None else progress(range(n))
-            from .judge import complete_part
+            from .judge import complete_part, grade_all
 
             cut = list(truncated) if truncated is not None else [False] * n
-            for i in items:
-                judged = complete_part(replies[i]) if cut[i] else replies[i]
-                rows[i].update(self.judge.grade(prompts[i], judged, notes[i]), truncated=cut[i])
+            graded = [i for i in range(n) if judged is None or judged[i]]
+            grades = grade_all(self.judge, [(prompts[i], complete_part(replies[i]) if cut[i] else replies[i], notes[i])
+                                            for i in graded], progress)
+            for i, grade in zip(graded, grades):
+                rows[i].update(grade, truncated=cut[i])
         return rows
 
 

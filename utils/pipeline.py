@@ -203,6 +203,36 @@ def finish_report(run_dir: Path, steps: list[Step]) -> None:
     print(f"report: {run_dir / 'report.html'}", flush=True)
 
 
+SAFETY_STEP = "safety_classifiers"
+
+
+def fit_safety(state: dict, run_dir: Path, command: list[str] | None = None) -> None:
+    """The safety classifiers (the crisis flags of the evaluation), fitted as a named, timed step of
+    their own before the evaluation, in a child process that shows the fit's progress and frees its
+    memory: once per machine (tens of minutes on 2 cores), seconds when the per-machine cache holds
+    them. Recorded in the run's state like a notebook step."""
+    import subprocess
+
+    from . import safety
+    from .paths import ROOT
+
+    already = safety.fitted()
+    print(f"[safety] {'loading the' if already else 'fitting the'} safety classifiers (python -m utils.safety fit"
+          + ("" if already else "; once per machine, tens of minutes on 2 cores") + ") ...", flush=True)
+    start = time.perf_counter()
+    state["steps"][SAFETY_STEP] = {"status": "running", "already_fitted": already}
+    _write_state(run_dir, state)
+    code = subprocess.run(command or [sys.executable, "-m", "utils.safety", "fit"], cwd=ROOT).returncode
+    seconds = round(time.perf_counter() - start, 2)
+    state["steps"][SAFETY_STEP] = {"status": "done" if code == 0 else "failed", "already_fitted": already,
+                                   "seconds": seconds}
+    _write_state(run_dir, state)
+    if code != 0:
+        raise PipelineError(f"step {SAFETY_STEP} failed (python -m utils.safety fit exited with {code}); its "
+                            "messages are above")
+    print(f"[safety] done in {seconds:.1f}s", flush=True)
+
+
 class StepFailed(RuntimeError):
     def __init__(self, step: str, notebook: Path, error: BaseException):
         self.step, self.notebook = step, notebook
@@ -282,8 +312,10 @@ def _snapshot(run_dir: Path) -> dict[str, float]:
 
 
 def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False, run_id: str | None = None,
-        kernel_name: str | None = None, progress: bool = True) -> Path:
-    """Execute ``steps`` with papermill; return the run directory."""
+        kernel_name: str | None = None, progress: bool = True, safety_command: list[str] | None = None) -> Path:
+    """Execute ``steps`` with papermill; return the run directory. Before the evaluation the safety
+    classifiers are fitted as a step of their own (``safety_command``: the command that does it,
+    default ``python -m utils.safety fit``; ``[]`` leaves it to the evaluation)."""
     import papermill
 
     reports_dir = Path(reports_dir)
@@ -321,6 +353,8 @@ def run(steps: list[Step], reports_dir: Path = REPORTS_DIR, force: bool = False,
             print(f"[{i}/{len(steps)}] {step.name}: inputs and parameters unchanged since run {prev_dir.name}, "
                   "reused (--force reruns)", flush=True)
             continue
+        if step.notebook == SECTIONS["evaluate"] and safety_command != []:
+            fit_safety(state, run_dir, safety_command)
         print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
         start = time.perf_counter()
         before = _snapshot(run_dir)

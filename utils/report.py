@@ -104,6 +104,7 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         out["by_category"] = evaluation.get("by_category")
         out["categories"] = evaluation.get("categories")
         out["heldout"] = {n: v["heldout"] for n, v in evaluation["variants"].items()}
+        out["headline"] = evaluation.get("headline", [])
         out["verdicts"] = evaluation.get("verdicts", [])
         out["pairwise"] = evaluation.get("pairwise", {})
         out["grade_differences"] = evaluation.get("grade_differences", {})
@@ -116,6 +117,7 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         out["dtype"] = evaluation.get("dtype")
         out["dtype_probe"] = evaluation.get("dtype_probe")
 
+    out["timings"] = run_timings(state, evaluation)
     out["human_ratings"] = human_agreement(ratings_db)
 
     out["trainable_params"] = {m: {"trainable": r["trainable_params"], "total": r["total_params"],
@@ -131,6 +133,25 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         versions = installed()
     out["versions"] = versions
     return out
+
+
+def run_timings(state: dict, evaluation: dict | None) -> dict:
+    """Where the run's time went: seconds per step (a step reused from an earlier run says so), the
+    total, the CPU it ran on, and the judge's seconds per graded reply and per pairwise order (computed
+    ones; ``cache`` counts the answers read from the content cache instead)."""
+    from .hardware import cpu_summary
+
+    steps = {name: {"seconds": s.get("seconds"), **({"reused_from": s["reused_from"]} if "reused_from" in s else {})}
+             for name, s in (state.get("steps") or {}).items()}
+    judge = (evaluation or {}).get("judge") or {}
+    timing = judge.get("timing") or {}
+    return {"steps": steps,
+            "total_seconds": round(sum(s["seconds"] or 0 for s in steps.values() if "reused_from" not in s), 1),
+            "cpu": judge.get("cpu") or cpu_summary(),
+            "judge_dtype": judge.get("dtype"),
+            "judge_seconds_per_reply": judge.get("seconds_per_reply"),
+            "judge_seconds_per_pair_order": (timing.get("pair") or {}).get("seconds_per_call"),
+            "judge_cache": timing.get("cache")}
 
 
 # --------------------------------------------------------------------------- HTML
@@ -183,6 +204,8 @@ def render_html(m: dict, run_dir: Path) -> str:
     run_dir = Path(run_dir)
     figs = run_dir / "figures"
     parts = [f"<h1>LoRA comparison report · run {html.escape(m['run_id'])}</h1>"]
+    if m.get("headline"):
+        parts.append("<p><b>" + " ".join(html.escape(s) for s in m["headline"]) + "</b></p>")
     if m.get("verdicts"):
         parts += ["<h2>Verdicts</h2><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in m["verdicts"]) + "</ul>",
                   "<p>Pairwise: the judge compares the two replies to the same prompt in both orders; a win counts "

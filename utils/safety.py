@@ -836,6 +836,12 @@ def current_cache_folders() -> dict[str, Path]:
             "replies": _cache_folder("replies", train(REPLY_SETS, "unsafe"), None)}
 
 
+def fitted() -> bool:
+    """Whether both default classifiers are already fitted on this machine (their cache folders
+    hold a fit): otherwise the first ``detector()``/``output_filter()`` call fits them (minutes)."""
+    return all((folder / "meta.json").exists() for folder in current_cache_folders().values())
+
+
 def prune(dry_run: bool = False) -> list[Path]:
     """Remove the cache folders of earlier fits (other data, recipe or library versions; about 90 MB
     each), keeping the current ones and any fit being written; returns what was (or, with ``dry_run``,

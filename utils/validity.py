@@ -13,7 +13,6 @@ the score cannot tell them apart.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -155,39 +154,32 @@ def rubric_for(row: dict, notes: dict[str, str] | None) -> str | None:
     return notes[row["category"]]
 
 
-def _memoised(memo: dict | None, key: str, compute: Callable[[], dict]) -> dict:
-    """``memo[key]`` when an earlier, interrupted run already computed it, else ``compute()`` (and
-    ``memo`` is told: see ``evaluation.validity_cached``, which keeps it in a file as it grows)."""
-    if memo is None:
-        return compute()
-    if key not in memo:
-        memo[key] = compute()
-    return memo[key]
-
-
-def judge_scorer(judge, notes: dict[str, str] | None = None, memo: dict | None = None) -> Callable:
+def judge_scorer(judge, notes: dict[str, str] | None = None) -> Callable:
     """Grades by ``judge``; with ``notes`` (category -> rubric line) each reply is graded with its
-    prompt's category line, as the evaluation grades the domain suite."""
+    prompt's category line, as the evaluation grades the domain suite. The judge keeps every grade
+    in its content cache as it is made, so a stopped scoring resumes where it stopped."""
     from tqdm.auto import tqdm
 
     def score(rows):
         for r in rows:
             rubric_for(r, notes)  # a missing category stops before any grading
-        return [_memoised(memo, json.dumps(["grade", r["prompt"], r["reply"], rubric_for(r, notes)]),
-                          lambda r=r: judge.grade(r["prompt"], r["reply"], rubric_for(r, notes)))
-                for r in tqdm(rows, desc="validity ladder")]
+        from .judge import grade_all
+
+        return grade_all(judge, [(r["prompt"], r["reply"], rubric_for(r, notes)) for r in rows],
+                         lambda it: tqdm(it, desc="validity ladder"))
 
     return score
 
 
-def judge_pairs(judge, memo: dict | None = None) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
+def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
     """Pairwise verdicts by ``judge``, as the evaluation asks for them (no rubric line)."""
     from tqdm.auto import tqdm
 
     def compare(pairs):
-        return [_memoised(memo, json.dumps(["pair", a["prompt"], a["reply"], b["reply"]]),
-                          lambda a=a, b=b: judge.compare(a["prompt"], a["reply"], b["reply"]))
-                for a, b in tqdm(pairs, desc="validity pairs")]
+        from .judge import compare_all
+
+        return compare_all(judge, [(a["prompt"], a["reply"], b["reply"]) for a, b in pairs],
+                           lambda it: tqdm(it, desc="validity pairs"))
 
     return compare
 

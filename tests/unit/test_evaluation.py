@@ -96,7 +96,7 @@ def test_batched_generation_equals_one_by_one(setup):
 def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "load_domain_suite", lambda: SUITE_SAMPLE)  # tiny models: a small suite
     cfg = evaluation.EvalConfig(models=[str(setup["llama"]), str(setup["gpt2"])], data_dir=str(setup["data"]),
-                                suite="both", num_examples=5, max_new_tokens=5, batch_size=4,
+                                suite="both", judge_suite="both", num_examples=5, max_new_tokens=5, batch_size=4,
                                 judge_model=str(setup["judge"]), judge_dtype="fp32", validity=False,
                                 loss_examples=4, report_dir=str(tmp_path), models_dir=str(setup["root"] / "models"))
     res = evaluation.evaluate(cfg, log=lambda *a: None)
@@ -138,10 +138,48 @@ def test_evaluate_base_and_lora_side_by_side_and_build_report(setup, tmp_path, m
         for field in ("avg_len_words", "overall", "coherence", "relevance"):
             assert {"mean", "low", "high", "n"} <= set(row[field])
     assert set(m["trainable_params"]) == {"llama", "gpt2"}
-    assert m["verdicts"] == res["verdicts"]
+    assert m["verdicts"] == res["verdicts"] and m["headline"] == res["headline"] and len(res["headline"]) == 3
+    assert res["headline"][0].startswith("On the domain suite and the test split, ")
+    assert {"steps", "total_seconds", "cpu", "judge_seconds_per_reply", "judge_seconds_per_pair_order",
+            "judge_cache"} <= set(m["timings"]) and m["timings"]["judge_seconds_per_reply"] > 0
     text = html_path.read_text()
+    assert text.index(res["headline"][0].split(":")[0]) < text.index("<h2>Verdicts</h2>")
     assert text.index("<h2>Verdicts</h2>") < text.index("Response quality") < text.index("Trainable parameters")
     assert "data:image/png;base64" in text
+
+
+def test_by_default_the_judge_grades_the_domain_suite_and_the_test_split_gets_reference_metrics(setup, tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(evaluation, "load_domain_suite", lambda: SUITE_SAMPLE)
+    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], data_dir=str(setup["data"]), suite="both",
+                                num_examples=3, max_new_tokens=4, judge_model=str(setup["judge"]), judge_dtype="fp32",
+                                loss_examples=2, models_dir=str(setup["root"] / "models"))
+    assert cfg.judge_suite == "auto" and cfg.validity == "cached"
+    res = evaluation.evaluate(cfg, log=lambda *a: None)
+    rows = res["per_example"]["llama (LoRA)"]
+    domain = [r for r in rows if r["category"] != evaluation.TEST_CATEGORY]
+    test = [r for r in rows if r["category"] == evaluation.TEST_CATEGORY]
+    assert len(domain) == len(SUITE_SAMPLE) and len(test) == 3
+    assert all("overall" in r for r in domain) and not any("overall" in r for r in test)
+    assert all("rouge_l" in r for r in test)  # the test split's references still score the replies
+    w = res["pairwise"]["llama (LoRA) vs llama (base)"]
+    assert w["n"] == len(SUITE_SAMPLE) and res["summary"]["llama (LoRA)"]["overall"]["n"] == len(SUITE_SAMPLE)
+    assert res["headline"][0].startswith("Fine-tuning ") and "on the domain suite" in res["headline"][0]
+    # a tiny judge has no validity study on this machine: not scored behind the user's back, and said so
+    assert res.get("validity_notes") is None
+
+
+@pytest.mark.parametrize("suite, judge_suite, error", [
+    ("test", "domain", "the judge would grade no prompt"), ("both", "all", "expected one of"),
+])
+def test_a_judge_suite_that_grades_nothing_or_is_unknown_is_refused(setup, suite, judge_suite, error):
+    cfg = evaluation.EvalConfig(models=[str(setup["llama"])], data_dir=str(setup["data"]), suite=suite,
+                                judge_suite=judge_suite, judge_model=str(setup["judge"]))
+    with pytest.raises(evaluation.EvaluationError, match=error):
+        evaluation.evaluate(cfg, log=lambda *a: None)
+    with pytest.raises(evaluation.EvaluationError, match="validity='sometimes'; expected one of"):
+        evaluation.evaluate(evaluation.EvalConfig(models=[str(setup["llama"])], data_dir=str(setup["data"]),
+                                                  validity="sometimes"), log=lambda *a: None)
 
 
 def test_the_judge_is_not_silently_a_compared_model(setup, tmp_path):

@@ -46,9 +46,31 @@ def test_cached_prefix_and_chained_lines_equal_full_passes(tiny_judge):
     for c in ("coherence", "relevance", "correct"):
         assert got[c] == pytest.approx(ref[c], abs=1e-4)
     assert got["overall_rubric"] == pytest.approx(ref["overall"], abs=1e-4)
-    # the cached prefix is not changed by use: the same reply grades the same the second time
-    again = tiny_judge.grade("how are you?", "fine thanks, and you?")
+    # the cached prefix is not changed by use: the same reply grades the same the second time (computed
+    # again, past the content cache)
+    again = tiny_judge._grade_batch([("how are you?", "fine thanks, and you?")], None)[0]
     assert all(again[c] == pytest.approx(got[c], abs=1e-6) for c in (*J.CRITERIA, "correct"))
+
+
+def test_replies_graded_together_get_the_grades_each_gets_alone(tiny_judge):
+    """Several replies of different lengths in one forward pass (right-padded, padding masked, each
+    row at its own positions, the chained answer lines continuing each row): the same grades and
+    pairwise probabilities as one at a time, and the same as full passes without any cache."""
+    items = [("how are you?", "fine thanks, and you?"), ("what is two and two?", "four"),
+             ("name a colour", "blue, or perhaps a deep green like the sea on a grey winter morning"),
+             ("say cat", "cat")]
+    together = tiny_judge._grade_batch(items, "be kind")
+    for (prompt, reply), got in zip(items, together):
+        alone = tiny_judge._grade_batch([(prompt, reply)], "be kind")[0]
+        for key in (*J.CRITERIA, "correct", "overall_rubric"):
+            assert got[key] == pytest.approx(alone[key], abs=1e-4), (reply, key)
+    ref = full_pass_grades(tiny_judge, *items[2])  # (no rubric line there: graded without one here)
+    plain = tiny_judge._grade_batch(items, None)[2]
+    assert plain["relevance"] == pytest.approx(ref["relevance"], abs=1e-4)
+    assert plain["correct"] == pytest.approx(ref["correct"], abs=1e-4)
+    triples = [(p, r, "no") for p, r in items]
+    batched = tiny_judge._prefer_batch(triples)
+    assert batched == pytest.approx([tiny_judge._prefer_batch([t])[0] for t in triples], abs=1e-4)
 
 
 def test_overall_is_the_rubric_grade_kept_with_the_calibrated_probability_of_true_and_safe(tiny_judge):
@@ -72,9 +94,9 @@ class ScriptedJudge:
         self.p_of, self.calls = p_of, 0
         self.info, self.dtype, self.fmt = {"weights": "scripted"}, "fp32", "plain"
 
-    def correct(self, prompt, reply):
-        self.calls += 1
-        return self.p_of(prompt, reply)
+    def correct_many(self, pairs):
+        self.calls += len(pairs)
+        return [self.p_of(prompt, reply) for prompt, reply in pairs]
 
 
 def test_calibration_is_fitted_once_and_follows_the_labels(tmp_path, monkeypatch):
@@ -189,11 +211,11 @@ def test_pairwise_verdicts_run_in_fp32_where_the_grades_run_in_bf16(tiny_judge):
 
 
 def test_verdict_needs_both_orders_to_agree(tiny_judge, monkeypatch):
-    answers = iter([0.8, 0.3])  # A wins shown first; B wins when B is shown first
-    monkeypatch.setattr(tiny_judge, "prefer", lambda *a, **k: next(answers))
+    # prefer_many gets (q, a, b) then (q, b, a): the probability that the reply shown first is better
+    monkeypatch.setattr(tiny_judge, "prefer_many", lambda items: [0.8, 0.3])  # A wins in both orders
     assert tiny_judge.compare("q", "a", "b")["verdict"] == "A"
-    answers = iter([0.8, 0.6])  # whichever is shown first wins: position bias, no verdict
-    monkeypatch.setattr(tiny_judge, "prefer", lambda *a, **k: next(answers))
+    # whichever is shown first wins: position bias, no verdict
+    monkeypatch.setattr(tiny_judge, "prefer_many", lambda items: [0.8, 0.6])
     out = tiny_judge.compare("q", "a", "b")
     assert out["verdict"] == "tie" and out["p_a"] == pytest.approx(0.6)
 
@@ -291,54 +313,6 @@ def test_ask_refuses_a_judge_whose_yes_is_not_one_token(tmp_path):
     judge = J.LLMJudge(str(save_tiny_model(tmp_path / "llama", "llama")), dtype="fp32")
     with pytest.raises(J.JudgeError, match="'Yes' is not a single token"):
         judge.ask("You screen messages.", "hello", "Flag it?")
-
-
-class CountingJudge:
-    """Grades from the reply's length; counts its calls; can be told to fail after some."""
-
-    def __init__(self, fail_after=None):
-        self.calls, self.fail_after = 0, fail_after
-        self.info, self.dtype = {"model": "counting"}, "fp32"
-
-    def fingerprint(self):
-        return "counting"
-
-    def timing_summary(self):
-        return {}
-
-    def _tick(self):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt("stopped")
-
-    def grade(self, prompt, reply, note=None):
-        self._tick()
-        g = 1 + min(4, len(reply) / 60)
-        return {c: g for c in J.CRITERIA}
-
-    def compare(self, prompt, a, b):
-        self._tick()
-        p = 0.9 if len(a) > len(b) else 0.1
-        return {"p_a": p, "verdict": "A" if p > 0.5 else "B"}
-
-
-def test_validity_scoring_resumes_where_a_stopped_run_left_off(tmp_path):
-    """A stopped scoring keeps what it graded (a side file); the next run grades only the rest and
-    gets the same result as one uninterrupted run; the side file goes once the result is written."""
-    from utils import evaluation
-
-    whole = evaluation.validity_cached(CountingJudge(), cache_root=tmp_path / "a")
-    first = CountingJudge(fail_after=100)
-    with pytest.raises(KeyboardInterrupt):
-        evaluation.validity_cached(first, cache_root=tmp_path / "b")
-    side = list((tmp_path / "b" / "validity").glob("*.partial.jsonl"))
-    assert len(side) == 1 and len(side[0].read_text().splitlines()) == 100
-    second = CountingJudge()
-    resumed = evaluation.validity_cached(second, cache_root=tmp_path / "b")
-    n = whole["replies"] + whole["pairwise"]["n"]
-    assert second.calls == n - 100
-    assert resumed["shares"] == whole["shares"] and resumed["pairwise"] == whole["pairwise"]
-    assert not list((tmp_path / "b" / "validity").glob("*.partial.jsonl"))
 
 
 def test_the_validity_cache_key_ignores_comments_and_docstrings_but_not_code(tmp_path):
