@@ -2,7 +2,7 @@
 Generate, wait for both outputs, save a screenshot."""
 import pytest
 
-from streamlit_server import CHROMIUM, CHROMIUM_ARGS, ROOT, dashboard, require_chromium, tiny_world
+from streamlit_server import CHROMIUM, CHROMIUM_ARGS, dashboard, require_chromium, tiny_world
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ def test_type_prompt_generate_and_screenshot(tmp_path):
         page.get_by_text("tokens/s").nth(1).wait_for(timeout=120_000)
         assert page.get_by_text("latency").count() >= 2
         assert page.locator(".st-key-reply_A").count() == 1 and page.locator(".st-key-reply_B").count() == 1
-        shot = ROOT / "reports" / "screenshots" / "compare.png"
-        shot.parent.mkdir(parents=True, exist_ok=True)
+        shot = tmp_path / "compare.png"  # tests never write into the checkout
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000

@@ -9,7 +9,7 @@ from tiny import fake_lora_run
 from utils import chat, decode, engine, export, models
 from utils.generation import prompt_ids
 
-pytest.importorskip("xllamacpp")
+import xllamacpp  # noqa: E402,F401  (a declared dependency: missing or broken is a failure, never a skip)
 pytestmark = pytest.mark.slow
 
 

@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from utils import data
@@ -241,7 +241,9 @@ def test_split_is_grouped_disjoint_complete_and_deterministic(prompts, seed, val
         splits = data.split_conversations(convs, val, test, seed)
     except DataError as err:  # only for inputs with too few distinct prompts or a train split left empty
         assert "distinct prompts" in str(err) or "train split" in str(err)
-        return
+        # not a splittable input: hypothesis counts it as rejected and fails the test (health check) when
+        # most inputs are, so the assertions below run on most of the generated inputs
+        assume(False)
     keys = {s: {data.near_key(c.first_user) for c in rows} for s, rows in splits.items()}
     assert not keys["train"] & keys["validation"]
     assert not keys["train"] & keys["test"]

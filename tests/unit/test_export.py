@@ -9,7 +9,7 @@ import pytest
 from tiny import fake_lora_run as _fake_run
 from utils import export as E
 
-gguf = pytest.importorskip("gguf")
+import gguf  # a declared dependency: missing or broken is a failure, never a skip  # noqa: E402
 
 
 def test_rope_permute_interleaves_the_two_halves_of_each_head():

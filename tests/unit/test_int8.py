@@ -8,7 +8,7 @@ import torch
 from tiny import save_tiny_model
 from utils import int8, models
 
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: E402,F401  (a declared dependency: missing or broken is a failure, never a skip)
 
 
 @pytest.fixture(scope="module")

@@ -81,10 +81,20 @@ def test_overall_is_the_rubric_grade_kept_with_the_calibrated_probability_of_tru
     assert g["overall_probs"] == pytest.approx(mixed, abs=1e-3)
     assert g["overall"] == pytest.approx(1 + q * (g["overall_rubric"] - 1), abs=1e-3)
     assert 1 <= g["overall"] <= g["overall_rubric"] + 1e-9
-    # a judge surer that the answer is true and safe keeps more of the rubric's grade
+    # q is the logistic map of the calibration fit, computed here from its two numbers
     cal = tiny_judge.calibration()
-    if cal["slope"] > 0:
-        assert tiny_judge.calibrated(0.9) > tiny_judge.calibrated(0.5) > tiny_judge.calibrated(0.1)
+    p = min(max(g["correct"], 1e-6), 1 - 1e-6)
+    assert q == pytest.approx(1 / (1 + math.exp(-(cal["slope"] * math.log(p / (1 - p)) + cal["intercept"]))))
+
+
+def test_a_judge_surer_the_answer_is_true_keeps_more_of_the_rubric_grade(tiny_judge, monkeypatch):
+    monkeypatch.setattr(tiny_judge, "_calibration", {"slope": 1.5, "intercept": -2.9})  # the shipped judge's fit
+    q = [tiny_judge.calibrated(p) for p in (0.1, 0.5, 0.9, 0.99)]
+    assert q == sorted(q) and q[0] < 0.01 and q[-1] > 0.9
+    assert q[2] == pytest.approx(1 / (1 + math.exp(-(1.5 * math.log(9) - 2.9))))
+    grades = {**{f"{c}_probs": [0.0, 0.0, 0.0, 0.0, 1.0] for c in J.CRITERIA}, **{c: 5.0 for c in J.CRITERIA}}
+    sure, unsure = tiny_judge._with_correctness(grades, 0.99), tiny_judge._with_correctness(grades, 0.5)
+    assert 1 < unsure["overall"] < sure["overall"] < 5 and sure["overall_rubric"] == unsure["overall_rubric"] == 5
 
 
 class ScriptedJudge:
