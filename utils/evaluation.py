@@ -260,22 +260,34 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     return pairs
 
 
+def validity_key(judge, pairwise: bool = True, notes: bool = False) -> str:
+    """The validity study's cache file name: the judge's fingerprint (weights, dtype, every prompt
+    piece), the ladder (and the suite's rubric lines when graded with them), the code that formats,
+    grades and counts (``utils/chat.py``, ``utils/judge.py``, ``utils/validity.py``, comments and
+    docstrings aside) and the torch and transformers versions."""
+    import torch
+    import transformers
+
+    from . import chat, validity
+
+    code = [code_key(Path(m.__file__)) for m in (validity, J, chat)]
+    parts = ([validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
+             + [torch.__version__.encode(), transformers.__version__.encode()])
+    ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+    return f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
+
+
 def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False,
                     score: bool = True) -> dict | None:
     """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
     compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
     instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
-    prompts), ladder, suite rubric and the grading code (``utils/validity.py``, ``utils/judge.py``)."""
+    prompts), ladder, suite rubric, the code and the library versions (``validity_key``): a cached
+    result is only ever one that this judge, this data and this code would compute again. ``score``
+    False: None when nothing is cached (nothing is scored)."""
     from . import validity
 
-    # the ladder (and suite), and the code that grades and counts it: a cached result is only ever
-    # one that this judge, this data and this code would compute again (comments and docstrings
-    # aside: editing them does not cost a new scoring)
-    code = [code_key(Path(validity.__file__)), code_key(Path(validity.__file__).with_name("judge.py"))]
-    parts = [validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
-    ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
-    name = f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
-    cache = (cache_root or models.cache_dir()) / "validity" / name
+    cache = (cache_root or models.cache_dir()) / "validity" / validity_key(judge, pairwise, notes)
     if cache.exists():
         return json.loads(cache.read_text())
     if not score:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from utils import pipeline
@@ -119,3 +121,38 @@ def test_saved_paths_carry_no_machine_folder_and_read_back(tmp_path, monkeypatch
     elsewhere = tmp_path / "other" / "x.json"  # neither in the repository nor at home: as given
     assert shown(elsewhere) == str(elsewhere)
     assert shown(home) == str(home) and shown(Path("data/processed")) == "data/processed"
+
+
+def test_the_safety_classifiers_are_a_named_timed_step_run_before_the_evaluation(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import papermill
+
+    from utils import safety
+
+    order = []
+    marker = tmp_path / "fitted"
+    monkeypatch.setattr(safety, "fitted", lambda: marker.exists())
+
+    def fake_execute(source, output, parameters=None, **kw):
+        order.append(("notebook", Path(source).name, marker.exists()))
+        Path(output).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    monkeypatch.setattr(pipeline, "finish_report", lambda run_dir, steps: None)
+    fit = [sys.executable, "-c", f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')"]
+    steps = [Step("02_train_lora-x", "02_train_lora.ipynb", {"model": "smollm2-135m"}),
+             Step("03_evaluate", "03_evaluate.ipynb", {"models": []})]
+    monkeypatch.setattr(pipeline, "step_inputs", lambda step: [])
+    monkeypatch.setattr(pipeline, "external_outputs_present", lambda step: True)
+    run_dir = pipeline.run(steps, tmp_path / "reports", progress=False, run_id="r", safety_command=fit)
+    # the fit ran between training and the evaluation, which found the classifiers fitted
+    assert order == [("notebook", "02_train_lora.ipynb", False), ("notebook", "03_evaluate.ipynb", True)]
+    step = json.loads((run_dir / "run.json").read_text())["steps"][pipeline.SAFETY_STEP]
+    assert step["status"] == "done" and step["already_fitted"] is False and step["seconds"] >= 0
+    # a failing fit stops the run, named, and is recorded as failed
+    state = {"steps": {}}
+    with pytest.raises(PipelineError, match=r"safety_classifiers failed .*exited with 3"):
+        pipeline.fit_safety(state, tmp_path, [sys.executable, "-c", "raise SystemExit(3)"])
+    assert state["steps"][pipeline.SAFETY_STEP]["status"] == "failed"
