@@ -110,3 +110,25 @@ def test_every_training_variant_is_a_valid_config_and_lean_ones_are_asked_for_by
     lean = {v: benchmark.TRAIN_VARIANTS[v] for v in ("repo-fp32-lean", "repo-8bit-lean")}
     assert all(v["lean_allocator"] for v in lean.values())
     assert {v["load_in_8bit"] for v in lean.values()} == {True, False}  # a pair: the ratio compares like with like
+
+
+def test_measure_variant_times_full_generations_and_first_tokens_separately(monkeypatch):
+    """Two untimed warm-ups, then per prompt and repeat one 1-token generation (time to first token)
+    and one full one; decode rate from the difference of their means."""
+    from utils import generation
+
+    calls = []
+    durations = {1: 0.2, 9: 1.0}  # seconds for a 1-token and a 9-token generation
+
+    def fake(model, tokenizer, prompt, new_tokens, batch):
+        calls.append((tuple(prompt), new_tokens, batch))
+        return durations[new_tokens] * (2 if prompt == [7] else 1)
+
+    monkeypatch.setattr(generation, "time_generation", fake)
+    res = benchmark.measure_variant(None, None, [[5], [7]], new_tokens=9, repeats=2, batch=3)
+    assert calls[:2] == [((5,), 9, 3)] * 2  # warm-ups at full length, not counted
+    assert calls[2:] == [((5,), 1, 3), ((5,), 9, 3), ((7,), 1, 3), ((7,), 9, 3)] * 2
+    assert res["n"] == 4 and res["latencies_s"] == [1.0, 2.0, 1.0, 2.0]
+    assert res["latency_mean_s"] == pytest.approx(1.5) and res["ttft_mean_s"] == pytest.approx(0.3)
+    assert res["decode_steps_per_s"] == pytest.approx(8 / 1.2)  # 8 tokens after the first, in 1.5 - 0.3 s
+    assert res["decode_tokens_per_s"] == pytest.approx(3 * 8 / 1.2)
