@@ -334,7 +334,7 @@ def run_trial(trial: Trial, cfg: dict, out: Path, judge: _Judge) -> dict:
     import subprocess
 
     from . import metrics
-    from .judge import complete_part
+    from .judge import complete_part, grade_all
 
     folder = out / "trials" / trial.key
     if folder.exists():  # an earlier attempt of this trial (a worker killed mid-trial): start again
@@ -350,9 +350,9 @@ def run_trial(trial: Trial, cfg: dict, out: Path, judge: _Judge) -> dict:
     record = json.loads((folder / "record.json").read_text())
     scorer = judge.get()
     if scorer is not None:
-        record["grades"] = [  # a reply cut by max_new_tokens is graded up to its last complete sentence
-            scorer.grade(r["prompt"], complete_part(r["reply"]) if r["truncated"] else r["reply"],
-                         r.get("note"))["overall"] for r in record["replies"]]
+        record["grades"] = [g["overall"] for g in grade_all(  # a cut reply: graded up to its last full sentence
+            scorer, [(r["prompt"], complete_part(r["reply"]) if r["truncated"] else r["reply"], r.get("note"))
+                     for r in record["replies"]])]
         record["quality"] = metrics.bootstrap_ci(record["grades"], seed=cfg.get("seed", 42))
         record["judge_info"] = {k: scorer.info[k] for k in ("model", "dtype")}
     return record
