@@ -641,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  args.gguf, args.lora, args.adapter_root)), flush=True)
         return 0
     if args.command == "judge":
+        if any(b < 1 for b in args.batches) or args.prompts < 1:
+            parser.error(f"--batches {args.batches} --prompts {args.prompts}: expected whole numbers of at least 1")
         judge_speed(tuple(args.batches), args.prompts, Path(args.out), args.dtype)
         return 0
     if args.command == "decode":
