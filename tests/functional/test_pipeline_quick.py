@@ -46,7 +46,15 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert m["trainable_params"]["smollm2-135m"]["trainable"] == 460_800
     assert m["versions"]["transformers"] and m["evaluation_parameters"]["num_examples"] == 4
     # the verdict of the one comparison, from the real judge
-    assert m["judge"]["model"] == "qwen2.5-coder-1.5b" and m["judge"]["seconds_per_reply"] > 0
+    judge = m["judge"]
+    assert judge["model"] == "qwen2.5-coder-1.5b"
+    # 4 prompts x (base, LoRA) graded: computed now, or kept from an earlier run with the same replies
+    grades = judge["timing"]["cache"].get("grade", {"kept": 0, "computed": 0})
+    assert grades["kept"] + grades["computed"] == 8, grades
+    if grades["computed"]:
+        assert judge["seconds_per_reply"] > 0
+    else:
+        assert judge["seconds_per_reply"] is None and m["timings"]["judge_cache"] == judge["timing"]["cache"]
     assert len(m["verdicts"]) == 1 and m["verdicts"][0].startswith("smollm2-135m (LoRA) vs smollm2-135m (base): ")
     assert m["pairwise"]["smollm2-135m (LoRA) vs smollm2-135m (base)"]["n"] == 4
     html = (run / "report.html").read_text()

@@ -15,6 +15,7 @@ def test_there_are_numbered_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_outputs_stripped_and_parameters_tagged(path):
     nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)  # e.g. cell ids in a notebook that declares a format without them
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "run `make strip`"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
