@@ -561,7 +561,7 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
             parts[-1] += f" (judge's grades, paired over {n} prompts)"
         words = differences[key].get("words")
         if words and words["mean"] is not None:
-            parts.append(f"replies of {a} are {metrics.interval_text(words, 1, signed=True)} words longer "
+            parts.append(f"reply length, {a} minus {b}: {metrics.interval_text(words, 1, signed=True)} words "
                          f"(n={words['n']})")
         out.append(f"{key}: " + "; ".join(parts) + "." if parts else f"{key}: nothing to compare.")
     return out

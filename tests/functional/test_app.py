@@ -30,7 +30,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def app(world, monkeypatch, tmp_path):
-    def make(models_dir=None, data_dir=None, reports_dir=None):
+    def make(models_dir=None, data_dir=None, reports_dir=None, screen=False):
         monkeypatch.setenv("LORA_COMPARE_MODELS_DIR", str(models_dir or world["models"]))
         monkeypatch.setenv("LORA_COMPARE_DATA_DIR", str(data_dir or world["data"]))
         monkeypatch.setenv("LORA_COMPARE_REPORTS_DIR", str(reports_dir or tmp_path / "reports"))
@@ -39,7 +39,11 @@ def app(world, monkeypatch, tmp_path):
         monkeypatch.setenv("LORA_COMPARE_JUDGE", str(world["base"]))  # the tiny model stands in for the judge
         # the safety classifiers without their LLM screen (tested in tests/unit/test_safety.py): loading
         # the 1.5B judge would only slow these tests of how the dashboard draws what they decide
-        monkeypatch.setenv("LORA_COMPARE_SAFETY_SCREEN", "none")
+        # (test_the_default_screen_decides_the_help_notice below runs the default set-up, screen and all)
+        if screen:
+            monkeypatch.delenv("LORA_COMPARE_SAFETY_SCREEN", raising=False)
+        else:
+            monkeypatch.setenv("LORA_COMPARE_SAFETY_SCREEN", "none")
         st.cache_resource.clear()
         at = AppTest.from_file(APP, default_timeout=120)
         at.run()
@@ -323,3 +327,29 @@ def test_an_ordinary_message_and_its_replies_get_no_help_notice(app):
         at.button(key="generate").click().run()
         assert not at.exception, at.exception
         assert safety.HELP_NOTICE not in [w.value for w in at.warning], prompt
+
+
+def test_the_default_screen_decides_the_help_notice(app):
+    """The dashboard's default set-up end to end: the crisis detector with its LLM screen (the 1.5B judge).
+    Of messages written here that hint at a crisis without saying it, the fast path cannot decide some and
+    asks the screen; for those the page shows the help notice exactly when the screened verdict says so."""
+    from utils import safety
+
+    at = app(screen=True)
+    assert safety.detector().screen is not None  # the page's detector is the screened one
+    hints = ["Everyone would honestly be better off without me around.",
+             "I've started giving my things away, it just feels right now.",
+             "I keep thinking about how many of my pills it would take.",
+             "Sometimes I hope I just don't wake up tomorrow.",
+             "I don't really see the point of anything anymore.",
+             "I wrote letters to my family today, just in case.",
+             "Nothing is going to get better, I've made my peace with it.",
+             "I looked up how high the bridge near my house is."]
+    asked = [(text, v) for text in hints if (v := safety.crisis_check(text)).screen is not None]
+    assert asked, "the screen was asked about none of these messages"
+    for text, verdict in asked:
+        at.text_area(key="prompt").input(text)
+        at.button(key="generate").click().run()
+        assert not at.exception, at.exception
+        shown = safety.HELP_NOTICE in [w.value for w in at.warning]
+        assert shown == (verdict.flag or verdict.doubt is not None), (text, verdict)

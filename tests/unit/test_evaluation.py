@@ -266,6 +266,7 @@ def test_verdict_sentences_say_where_the_data_cannot_tell():
     assert text.startswith("A vs B: the judge prefers A (A wins 0.70 [0.62, 0.78] of 100")
     assert "A grades higher on overall +0.50" in text and "A grades lower on relevance -0.40" in text
     assert "cannot tell them apart on coherence" in text
+    assert "reply length, A minus B: +3.0 [+1.0, +5.0] words (n=100)" in text  # signed, never "-3 words longer"
     pairwise["A vs B"].update(win_rate=0.52, low=0.44, high=0.60)
     assert "pairwise verdicts cannot tell them apart" in evaluation.verdict_sentences([("A", "B")], pairwise, diffs)[0]
 

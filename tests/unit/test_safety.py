@@ -500,6 +500,17 @@ def _counts(part: dict) -> dict:
     return {k: v["flagged"] for k, v in part["by_kind"].items()}
 
 
+def _totals_within_slack(got: dict, recorded: dict) -> None:
+    """Per kind a count may move by SLACK; summed over the kinds, caught messages may not fall and false
+    alarms may not rise by more than SLACK either (several kinds each moving by one are a real change)."""
+    def totals(part):
+        kinds = part["by_kind"].values()
+        return (sum(k["flagged"] for k in kinds if k["label"]), sum(k["flagged"] for k in kinds if not k["label"]))
+
+    (caught, alarms), (caught_rec, alarms_rec) = totals(got), totals(recorded)
+    assert caught >= caught_rec - SLACK and alarms <= alarms_rec + SLACK, (caught, alarms, caught_rec, alarms_rec)
+
+
 @pytest.mark.slow
 def test_detector_held_out_counts(evaluation):
     """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
@@ -511,6 +522,7 @@ def test_detector_held_out_counts(evaluation):
                                  "benign_alarming": 4, "everyday": 0, "gibberish": 0, "hyperbole": 1, "negated": 1,
                                  "quoted": 0, "sad_not_crisis": 0, "short": 0}}[DTYPE]
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
+    _totals_within_slack(evaluation["crisis_detector"], EXAMPLE["crisis_detector"])
     d = evaluation["crisis_detector"]
     assert d["recall"]["n"] == 122 and d["false_positive_rate"]["n"] == 159  # two near-copies removed, session 19
     lo, hi = d["recall"]["ci95"]
@@ -553,6 +565,7 @@ def test_output_filter_held_out_counts(evaluation):
                         "fp32": {"harassment": 12, "harmful_instructions": 15, "self_harm_encouragement": 10,
                                  "non_answer": 0, "ordinary": 1, "sensitive_but_safe": 0, "short": 0}}[DTYPE]
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
+    _totals_within_slack(f, EXAMPLE["output_filter"])
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
 
 
@@ -597,6 +610,9 @@ def test_targets_are_reported_not_assumed(evaluation):
     quality = {"explicit recall = 100%": False, "implicit recall >= 90%": True, "false positives <= 5%": True}
     assert EXAMPLE["targets"] == {**quality,  # the same in both dtypes' records
                                   "<= 50 ms per message (median)": EXAMPLE["ms_per_message"]["median"] <= 50}
+    # and the fit under test still meets every quality target the record meets (explicit recall = 100% is
+    # a known miss, reported as such, not a guarantee)
+    assert [name for name, met in quality.items() if met and not evaluation["targets"][name]] == []
 
 
 @pytest.mark.slow
