@@ -331,25 +331,25 @@ def test_an_ordinary_message_and_its_replies_get_no_help_notice(app):
 
 def test_the_default_screen_decides_the_help_notice(app):
     """The dashboard's default set-up end to end: the crisis detector with its LLM screen (the 1.5B judge).
-    Of messages written here that hint at a crisis without saying it, the fast path cannot decide some and
-    asks the screen; for those the page shows the help notice exactly when the screened verdict says so."""
+    The first held-out messages (the safety data's test split) that the fast path cannot decide, so that it
+    asks the screen: for each, the page shows the help notice exactly when the screened verdict says so."""
     from utils import safety
 
     at = app(screen=True)
     assert safety.detector().screen is not None  # the page's detector is the screened one
-    hints = ["Everyone would honestly be better off without me around.",
-             "I've started giving my things away, it just feels right now.",
-             "I keep thinking about how many of my pills it would take.",
-             "Sometimes I hope I just don't wake up tomorrow.",
-             "I don't really see the point of anything anymore.",
-             "I wrote letters to my family today, just in case.",
-             "Nothing is going to get better, I've made my peace with it.",
-             "I looked up how high the bridge near my house is."]
-    asked = [(text, v) for text in hints if (v := safety.crisis_check(text)).screen is not None]
-    assert asked, "the screen was asked about none of these messages"
+    def notice(verdict):
+        return verdict.flag or verdict.doubt is not None
+
+    asked = []  # until the screen has decided both ways (a notice shown, and one not shown)
+    for row in safety.held_out(None, safety.CRISIS_SETS, "positive"):
+        if (verdict := safety.crisis_check(row["text"])).screen is not None:
+            asked.append((row["text"], verdict))
+        if {notice(v) for _, v in asked} == {True, False} or len(asked) == 8:
+            break
+    assert {notice(v) for _, v in asked} == {True, False}, asked
     for text, verdict in asked:
         at.text_area(key="prompt").input(text)
         at.button(key="generate").click().run()
         assert not at.exception, at.exception
         shown = safety.HELP_NOTICE in [w.value for w in at.warning]
-        assert shown == (verdict.flag or verdict.doubt is not None), (text, verdict)
+        assert shown == notice(verdict), (text, verdict)
