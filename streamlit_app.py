@@ -59,11 +59,11 @@ def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) ->
 
 
 @st.cache_resource(show_spinner="loading the safety classifiers and their LLM screen (the first time on a machine "
-                                "the classifiers are fitted: several minutes; then under a minute) ...")
+                                "their fast path is fitted: about a minute) ...")
 def safety_models() -> bool:
-    """The crisis detector and the output filter: fitted on their labelled data on first use on a
-    machine, then loaded from the cache; and the judge LLM that screens what they cannot decide
-    (``utils.safety``), loaded now so that no message waits for it."""
+    """The crisis detector and the output filter: their fast paths fitted on first use on a machine
+    (about a minute), then loaded from the cache, their second stages shipped fitted; and the judge
+    LLM that screens what they cannot decide (``utils.safety``), loaded now so no message waits for it."""
     safety.preload()
     return True
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,12 +16,10 @@ import pytest
 
 from tiny import save_tiny_model, write_splits
 from utils import training
+from utils.coldstart import CHROMIUM, CHROMIUM_ARGS  # noqa: F401  (the browser tests import them from here)
 from utils.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 
 def require_chromium() -> None:

@@ -1,12 +1,12 @@
 """Safety for the dashboard and the evaluation outputs, measured on labelled data we wrote.
 
 - **Crisis detector** (``crisis_check``, ``crisis_flag``): does a message say that the writer, or
-  someone they describe, may be at risk of suicide or self-harm? The mean of two classifiers
-  (``BlendClassifier``): all-MiniLM-L6-v2, the sentence encoder the project already ships,
-  fine-tuned for the task, and a logistic regression on its frozen embeddings and character
-  n-grams; trained on the train split of ``data/eval/safety/crisis_messages.yaml`` (440 messages,
-  ten kinds: explicit, implicit, indirect, third-person; and hyperbole, alarming words in benign
-  use, negated, quoted, sad but not in crisis, everyday) and of the sets written later as unseen
+  someone they describe, may be at risk of suicide or self-harm? A logistic regression
+  (``TextClassifier``) on the frozen sentence embeddings of all-MiniLM-L6-v2 (the encoder the project
+  already ships) and character n-grams, trained on the train split of
+  ``data/eval/safety/crisis_messages.yaml`` (440 messages, ten kinds: explicit, implicit, indirect,
+  third-person; and hyperbole, alarming words in benign use, negated, quoted, sad but not in crisis,
+  everyday) and of the sets written later as unseen
   tests and added once measured, and short and phone-typed messages written as training data (``CRISIS_ADDED``;
   1053 messages in all). Its threshold is the lowest whose false-positive rate in 5-fold cross-validation
   *on the train split* stays within a budget (5%, or less when a nested split says 5% does not hold:
@@ -23,9 +23,10 @@
   of question and probe the one whose rule recalls more in that nested split is used;
   without a screen (``LORA_COMPARE_SAFETY_SCREEN=none``) the fast threshold alone is used. The
   held-out test split is fixed by a hash of each text (``split_of``) and is used only by
-  ``evaluate``. Fitted once per machine (several minutes) and cached under
-  ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, recipe and library versions; the rules (and
-  the probe) are kept beside it, one file per screen.
+  ``evaluate``. The fast path is fitted once per machine (about a minute) and cached under
+  ``$LORA_COMPARE_CACHE/safety/``, keyed by the data, its code and library versions; the second
+  stage (rule, probe), which needs the judge to read every train text, ships fitted with the
+  repository (``SHIPPED_FIT``, keyed by data, code and screen; a test keeps it current).
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
   classifier (trained on ``data/eval/safety/unsafe_replies.yaml`` and ``REPLY_ADDED``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
@@ -34,12 +35,13 @@
 - Text the detector cannot judge (not English, by script or by ``language_doubt``; binary) returns
   ``doubt``; the dashboard then shows the help notice rather than nothing.
 
-    python -m utils.safety fit                     # fit both (or load them: cached per machine)
+    python -m utils.safety fit [--ship]            # fit both (or load them); --ship: write SHIPPED_FIT
     python -m utils.safety evaluate [--out FILE]   # recall per kind, false positives, 95% intervals
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import re
@@ -58,7 +60,7 @@ from .validity import LADDER, ladder
 
 SAFETY_DATA = DATA_DIR / "eval" / "safety"
 CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
-# Sets written later as unseen tests, each measured once as written (README), then added to the data:
+# Sets written later as unseen tests, each measured once as written (docs/safety.md), then added to the data:
 # they are split by the same hash, so a quarter of each joins the held-out test split.
 CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml",
                                                      "crisis_short.yaml", "crisis_slang.yaml", "crisis_seventh.yaml",
@@ -319,7 +321,8 @@ def embed(texts: list[str]) -> np.ndarray:
 class TextClassifier:
     """Logistic regression on two views of a text: its all-MiniLM-L6-v2 sentence embedding (what it
     is about) and TF-IDF of its character 2-5-grams within words (how it is said: "kill myself" vs
-    "killing me", typos). Fits in seconds; one half of ``BlendClassifier``."""
+    "killing me", typos). Fits in seconds: the fast path of both cascades (fine-tuning the encoder
+    instead cost about 100 minutes cold on 2 AVX2 cores for both cascades; docs/safety.md)."""
 
     def __init__(self, c: float = 4.0):
         self.c = c
@@ -360,190 +363,18 @@ class TextClassifier:
         return model
 
 
-# How the encoder is fine-tuned (chosen by 5-fold cross-validation on the crisis train split:
-# 10 epochs beat 5, AUC 0.943 vs 0.932; a second seed gave 0.946). Part of the cache key.
-FINE_TUNE = {"epochs": 10, "lr": 4e-5, "head_lr": 1e-3, "batch_size": 16, "max_length": 128, "seed": 0}
-# The seeds of the crisis detector's encoders: with several, the fast path averages one fine-tune from each.
-# Session 17, 5-fold CV on the 879 train messages: encoders from seeds 0, 1, 2 differed by more than 0.3 on
-# 7-8% of the out-of-fold messages; blended with the regression, one seed each scored AUC 0.979, 0.982,
-# 0.983, the mean of the three 0.986. Fitted with (0, 1, 2) the detector chose a stricter rule (budget 4%,
-# flag >= 0.80, probe for 0.4-0.8) and on the 715 messages no fit trained on caught 286/307 against 293/307
-# with 32/408 false positives against 35/408: reverted to one seed (README, Safety;
-# reports/example/safety_three_seeds_reverted.json). Each seed costs one encoder pass per message.
-CRISIS_SEEDS = (0,)
-
-
-class EncoderClassifier:
-    """all-MiniLM-L6-v2 fine-tuned end to end for the task: a linear head on its normalised
-    mean-pooled output (how the sentence embeddings are made), class-weighted cross-entropy, all
-    weights trained (freezing the word table was worse: CV AUC 0.923 vs 0.943). A frozen embedding
-    plus a linear model cannot move a negated or quoted mention away from a real one; letting the
-    encoder's layers adapt can (train-split CV recall at 5% false positives: 64% -> 81-86% for the
-    crisis detector, two seeds). ``base`` is a folder with a BERT-like encoder and its tokenizer
-    (default: the shipped MiniLM)."""
-
-    def __init__(self, base: str | None = None, recipe: dict | None = None, desc: str | None = None):
-        self.base = base
-        self.recipe = {**FINE_TUNE, **(recipe or {})}
-        self.desc = desc
-
-    def _load(self):
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-
-        from .metrics import minilm_path
-
-        base = self.base or minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
-        self.encoder = AutoModel.from_pretrained(base)
-
-    def _logits(self, texts: list[str]):
-        import torch
-
-        batch = self.tokenizer(list(texts), padding=True, truncation=True,
-                               max_length=self.recipe["max_length"], return_tensors="pt")
-        hidden = self.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-        return self.head(pooled)
-
-    def fit(self, texts: list[str], labels) -> "EncoderClassifier":
-        import torch
-        from tqdm.auto import tqdm
-
-        r = self.recipe
-        labels = np.asarray(labels)
-        self.classes_, y = np.unique(labels, return_inverse=True)
-        torch.manual_seed(r["seed"])
-        self._load()
-        self.head = torch.nn.Linear(self.encoder.config.hidden_size, len(self.classes_))
-        optimiser = torch.optim.AdamW(
-            [{"params": self.encoder.parameters(), "lr": r["lr"]},
-             {"params": self.head.parameters(), "lr": r["head_lr"]}], weight_decay=0.01)
-        counts = np.bincount(y, minlength=len(self.classes_))
-        weight = torch.tensor(len(y) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32)
-        target = torch.tensor(y)
-        order_rng = np.random.default_rng(r["seed"])
-        self.encoder.train()
-        for _ in tqdm(range(r["epochs"]), desc=self.desc or "fine-tuning the encoder", unit="epoch",
-                      leave=False, disable=self.desc is None):
-            order = order_rng.permutation(len(y))
-            for start in range(0, len(order), r["batch_size"]):
-                idx = order[start:start + r["batch_size"]]
-                loss = torch.nn.functional.cross_entropy(self._logits([texts[i] for i in idx]), target[idx],
-                                                         weight=weight)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-        self.encoder.eval()
-        return self
-
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            out = [torch.softmax(self._logits(texts[i:i + 32]), -1).numpy() for i in range(0, len(texts), 32)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes_)))
-
-    def save(self, folder: Path) -> None:
-        import torch
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(folder / "encoder")
-        self.tokenizer.save_pretrained(folder / "encoder")
-        torch.save({"head": self.head.state_dict(), "classes": self.classes_.tolist(), "recipe": self.recipe},
-                   folder / "head.pt")
-
-    @classmethod
-    def load(cls, folder: Path) -> "EncoderClassifier":
-        import torch
-
-        saved = torch.load(folder / "head.pt", weights_only=True)
-        model = cls(str(folder / "encoder"), saved["recipe"])
-        model._load()
-        model.encoder.eval()
-        model.classes_ = np.array(saved["classes"])
-        model.head = torch.nn.Linear(model.encoder.config.hidden_size, len(model.classes_))
-        model.head.load_state_dict(saved["head"])
-        return model
-
-
-class BlendClassifier:
-    """The mean of two classifiers' probabilities: the fine-tuned encoder and the logistic regression
-    on frozen embeddings + character n-grams. Chosen by 5-fold CV on the train splits (AUC, crisis:
-    0.909 regression, 0.943 encoder, 0.951 blend; replies: 0.945, 0.955, 0.971): the regression
-    steadies the encoder where a small fine-tune goes astray. With several ``seeds`` the encoder's
-    probability is the mean of one encoder fine-tuned from each: single fine-tunes differ a lot
-    (``CRISIS_SEEDS``)."""
-
-    def __init__(self, base: str | None = None, desc: str | None = None, seeds: tuple[int, ...] = (0,)):
-        self.parts = {"regression": TextClassifier(),
-                      **{_encoder_part(s): EncoderClassifier(base, {"seed": s}, desc=desc) for s in seeds}}
-
-    def fit(self, texts: list[str], labels) -> "BlendClassifier":
-        for part in self.parts.values():
-            part.fit(texts, labels)
-        self.classes_ = self.parts["regression"].classes_
-        return self
-
-    def part_proba(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return {name: part.predict_proba(texts) for name, part in self.parts.items()}
-
-    @staticmethod
-    def is_encoder(name: str) -> bool:
-        """Whether the part called ``name`` is a fine-tuned encoder (``_encoder_part``), not the regression."""
-        return name.startswith("encoder")
-
-    @property
-    def encoders(self) -> list[str]:
-        return [name for name in self.parts if self.is_encoder(name)]
-
-    @classmethod
-    def combine(cls, parts: dict[str, np.ndarray]) -> np.ndarray:
-        """The regression's probability averaged with the mean of the encoders'."""
-        encoders = [p for name, p in parts.items() if cls.is_encoder(name)]
-        return (parts["regression"] + np.mean(encoders, axis=0)) / 2
-
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
-        return self.combine(self.part_proba(texts))
-
-    def save(self, folder: Path) -> None:
-        for name, part in self.parts.items():
-            part.save(folder / name)
-
-    @classmethod
-    def load(cls, folder: Path) -> "BlendClassifier":
-        model = cls.__new__(cls)
-        encoders = sorted(p.name for p in folder.iterdir() if cls.is_encoder(p.name) and (p / "head.pt").exists())
-        if not encoders:  # without one the blend would be NaN and flag nothing
-            raise FileNotFoundError(f"{folder}: no encoder*/head.pt")
-        model.parts = {"regression": TextClassifier.load(folder / "regression"),
-                       **{name: EncoderClassifier.load(folder / name) for name in encoders}}
-        model.classes_ = model.parts["regression"].classes_
-        return model
-
-
-def _encoder_part(seed: int) -> str:
-    return "encoder" if seed == 0 else f"encoder-seed{seed}"  # seed 0 keeps the one-encoder layout
-
-
-def _cv_scores(texts: list[str], y: np.ndarray, base: str | None = None, folds: int = 5,
-               seed: int = 0, what: str = "", seeds: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
-    """Out-of-fold probability of the positive class (binary) for every training row: of the blend
-    (``"blend"``) and of each of its parts."""
+def _cv_scores(texts: list[str], y: np.ndarray, folds: int = 5, seed: int = 0, what: str = "") -> np.ndarray:
+    """Out-of-fold probability of the positive class (binary) of ``TextClassifier`` for every training row."""
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 
-    out: dict[str, np.ndarray] = {}
+    out = np.zeros(len(y))
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    embed(texts)  # each text embedded once, before the folds, with its own progress
     for train, held in tqdm(splits, desc=f"cross-validating the {what} on its train split".replace("  ", " "),
                             unit="fold"):
-        model = BlendClassifier(base, seeds=seeds).fit([texts[i] for i in train], y[train])
-        parts = model.part_proba([texts[i] for i in held])
-        for name, p in {**parts, "blend": model.combine(parts)}.items():
-            out.setdefault(name, np.zeros(len(y)))[held] = p[:, 1]
+        model = TextClassifier().fit([texts[i] for i in train], y[train])
+        out[held] = model.predict_proba([texts[i] for i in held])[:, 1]
     return out
 
 
@@ -586,9 +417,7 @@ class Verdict:
     fast_seconds: float = 0.0    # of ``seconds``, the fast path's (the embedding classifiers)
 
 
-_METHOD = ("mean of all-MiniLM-L6-v2 fine-tuned with a linear head and logistic regression on its frozen "
-           "embeddings + character n-grams")
-CACHE_VERSION = 4  # bump when what is saved, or how it is chosen, changes
+_METHOD = "logistic regression on frozen all-MiniLM-L6-v2 sentence embeddings + character n-grams"
 
 # ---- the LLM screen: the judge asked one Yes/No question about texts the fast path cannot decide
 SCREENS = {
@@ -657,9 +486,48 @@ class Screen:
         llm = judge.shared(self.model, self.dtype)
         layer = round(PROBE["depth"] * llm.model.config.num_hidden_layers)
         system, question = SCREENS[self.name]
-        rows = [llm.asked_state(system, t, question, layer)
-                for t in tqdm(texts, desc=desc, unit="text", disable=desc is None)]
+        kept = _state_store(llm)
+
+        def state(text: str) -> np.ndarray:
+            def compute() -> str:
+                return base64.b64encode(llm.asked_state(system, text, question, layer).astype("<f4").tobytes()).decode()
+
+            value = kept.get_or_compute("state", [layer, system, question, text], compute,
+                                        lambda v: isinstance(v, str) and len(v) > 0)
+            return np.frombuffer(base64.b64decode(value), dtype="<f4").copy()
+
+        rows = [state(t) for t in tqdm(texts, desc=desc, unit="text", disable=desc is None)]
         return np.stack(rows) if rows else np.zeros((0, llm.model.config.hidden_size), np.float32)
+
+
+def _state_store(llm):
+    """The probe's hidden states kept by content, per machine (``$LORA_COMPARE_CACHE/safety/states.sqlite``):
+    keyed by the judge's weights and dtype, the code that builds the screen's input and reads the state,
+    the torch and transformers versions, the layer, the screen's prompt and the text. A refit after a
+    change to the rule or the classifiers then reads only texts the judge has not read before (about
+    1.2 s each on 2 AVX2 cores in fp32). A judge read from a folder (weights not known by content) keeps
+    them in memory only."""
+    import inspect
+
+    import torch
+    import transformers
+
+    from . import chat, judge, store
+    from .models import cache_dir
+
+    if id(llm) not in _STATE_STORES:
+        code = b"".join(inspect.getsource(f).encode() for f in (
+            judge.LLMJudge.asked_state, judge.LLMJudge._ask_feed, judge.LLMJudge._prefix, judge._clip))
+        code += store.code_key(Path(chat.__file__))
+        weights = llm.info.get("gguf_sha256")
+        namespace = json.dumps([weights, llm.dtype, hashlib.sha256(code).hexdigest()[:16], torch.__version__,
+                                transformers.__version__])
+        _STATE_STORES[id(llm)] = store.ContentStore(cache_dir() / "safety" / "states.sqlite" if weights else None,
+                                                    namespace)
+    return _STATE_STORES[id(llm)]
+
+
+_STATE_STORES: dict[int, object] = {}
 
 
 def _screen_from_env(name: str) -> Screen | None:
@@ -698,8 +566,28 @@ class HiddenStateProbe:
         return make_pipeline(StandardScaler(), LogisticRegression(C=self.c, class_weight="balanced", max_iter=3000))
 
     def fit(self, features: np.ndarray, labels) -> "HiddenStateProbe":
-        self.model = self._model().fit(features, np.asarray(labels))
+        model = self._model().fit(features, np.asarray(labels))
+        scaler, regression = model[0], model[-1]
+        if list(regression.classes_) != [0, 1]:
+            raise ValueError(f"the probe needs labels 0 and 1; got {regression.classes_.tolist()}")
+        self.params = {"c": self.c, **{name: _pack(v) for name, v in (
+            ("mean", scaler.mean_), ("scale", scaler.scale_), ("coef", regression.coef_[0]),
+            ("intercept", regression.intercept_))}}
         return self
+
+    @classmethod
+    def from_params(cls, screen: Screen, params: dict) -> "HiddenStateProbe":
+        """The probe as ``params`` (what ``fit`` keeps) describes it: no fitting, no sklearn objects."""
+        probe = cls(screen, params["c"])
+        probe.params = params
+        return probe
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """The probe's probability for rows of features: the standardised features' logistic regression,
+        computed from ``params`` (float32, as kept), so a fresh fit and a shipped one answer alike."""
+        p = {k: _unpack(self.params[k]) for k in ("mean", "scale", "coef", "intercept")}
+        z = ((np.asarray(features, np.float64) - p["mean"]) / p["scale"]) @ p["coef"] + p["intercept"][0]
+        return 1.0 / (1.0 + np.exp(-z))
 
     def out_of_fold(self, features: np.ndarray, labels) -> np.ndarray:
         """Cross-validated probabilities for the train rows (what the rule is chosen on)."""
@@ -712,7 +600,16 @@ class HiddenStateProbe:
         return out
 
     def probability(self, texts: list[str]) -> np.ndarray:
-        return self.model.predict_proba(self.screen.features(texts))[:, 1]
+        return self.scores(self.screen.features(texts))
+
+
+def _pack(values) -> str:
+    """Numbers as base64 of little-endian float32 (compact, exact for what the probe keeps)."""
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float64)
 
 
 def choose_rule(blend: np.ndarray, y: np.ndarray, triggers: dict[str, np.ndarray] | None = None,
@@ -810,51 +707,145 @@ def _screen_scores(texts: list[str], rows: np.ndarray, screen: Screen, what: str
     return out
 
 
-def _cache_folder(name: str, train: list[dict], base: str | None, seeds: tuple[int, ...] = (0,)) -> Path:
-    """Where a fitted classifier is kept: keyed by its training rows, the recipe, the encoder and
-    the library versions, so a change to any of them fits afresh (the crisis classifiers: about 14 min
-    on 2 AVX2 cores in session 14) and an unchanged set loads in seconds."""
+def _rows_key(train: list[dict]) -> str:
+    return hashlib.sha256(json.dumps([[r["text"], r["kind"], r["label"]] for r in train]).encode()).hexdigest()[:16]
+
+
+def _fast_code() -> str:
+    """What the fast path's fit computes: the code of the classifier, the embedding and the cross-validation."""
+    from . import store
+    from .metrics import Embedder
+
+    return store.objects_key(TextClassifier, embed, _cv_scores, Embedder)
+
+
+def _stage_code() -> str:
+    """What the second stage's fit computes: the rule's choice, the probe, the screen's input and the
+    hidden state it reads, and the fast path's out-of-fold scores the rule is chosen on."""
+    from . import judge, store
+
+    return store.objects_key(TextClassifier, embed, _cv_scores, pick_threshold, _rates, choose_rule, _asked, rule_flags,
+                             nested_rule, nested_recall, _screen_rows, _screen_scores, HiddenStateProbe, Screen,
+                             _Cascade._choose, _Cascade._fit_probe, _Cascade._pick_second_stage,
+                             _Cascade._fit_stage, pattern_flag, judge.LLMJudge.ask, judge.LLMJudge.asked_state,
+                             judge.LLMJudge._ask_feed, judge.LLMJudge._prefix, judge._clip)
+
+
+def _cache_folder(name: str, train: list[dict]) -> Path:
+    """Where the fast path's fit is kept on this machine: keyed by its training rows, the code that
+    fits it (``_fast_code``) and the library versions, so a change to any of them fits afresh (about
+    a minute on 2 AVX2 cores) and an unchanged set loads in seconds."""
     import sklearn
     import torch
     import transformers
 
     from .models import cache_dir
 
-    key = json.dumps({"rows": [[r["text"], r["kind"], r["label"]] for r in train], "recipe": FINE_TUNE,
-                      "base": str(base or "all-MiniLM-L6-v2"), "max_fp": MAX_FP_CV, "version": CACHE_VERSION,
-                      "libraries": [sklearn.__version__, torch.__version__, transformers.__version__],
-                      **({"seeds": list(seeds)} if tuple(seeds) != (0,) else {})})  # one seed: the key it always had
+    key = json.dumps({"rows": _rows_key(train), "code": _fast_code(), "max_fp": MAX_FP_CV,
+                      "libraries": [sklearn.__version__, torch.__version__, transformers.__version__]})
     return cache_dir() / "safety" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def current_cache_folders() -> dict[str, Path]:
-    """The cache folders the default detector and output filter load from (this data, recipe and libraries)."""
-    def train(paths, positive):
-        return [r for r in load_labelled(paths, positive) if r["split"] == "train"]
+# The second stage's fit (the rule, the question's scores on the train rows, the probe) ships with the
+# repository, one small JSON file per cascade: it reads every train text with the 1.5B judge (about
+# 25 minutes on 2 AVX2 cores in fp32), which a brand-new machine should not wait for. Each file holds the
+# key it was fitted under (train rows, code, screen prompts, grids); a file whose key differs from the
+# current one is not used: the stage is fitted on this machine instead (named, with progress) and
+# ``python -m utils.safety fit --ship`` writes the file again. A test keeps the shipped files current.
+SHIPPED_FIT = DATA_DIR / "safety_fit"
 
-    return {"crisis": _cache_folder("crisis", train(CRISIS_SETS, "positive"), None, CRISIS_SEEDS),
-            "replies": _cache_folder("replies", train(REPLY_SETS, "unsafe"), None)}
+
+def _stage_key(name: str, train: list[dict], screen) -> dict:
+    """What the second stage's fit depends on, in parts (so a mismatch can say which part moved).
+    Not the dtype the judge runs in: a fit made in fp32 is used in bf16 too (``fitted_with`` says which)."""
+    k = list(screen.key())
+    return {"cascade": name, "rows": _rows_key(train), "code": _stage_code(),
+            "screen": hashlib.sha256(json.dumps([k[0], *k[2:]]).encode()).hexdigest()[:16],
+            "settings": hashlib.sha256(json.dumps([HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV, BUDGETS, PROBE,
+                                                   _EXPLICIT, _IMPLICIT]).encode()).hexdigest()[:16]}
+
+
+def _stage_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_stage(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if not {"key", "rules", "probe"} <= set(saved):
+            raise ValueError("expected the keys key, rules and probe")
+        return saved
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"{shown(path)}: the saved second stage of the safety classifiers cannot be read "
+                           f"({type(err).__name__}: {err}); delete it and run `make safety` to fit it again") from err
+
+
+def stale_shipped(keys: dict[str, dict] | None = None) -> dict[str, list[str]]:
+    """For each default cascade whose shipped second stage does not match the current data and code:
+    which parts of its key moved (``rows``, ``code``, ``screen``, ``settings``; ``missing``)."""
+    keys = keys if keys is not None else current_stage_keys()
+    out = {}
+    for name, key in keys.items():
+        path = SHIPPED_FIT / f"{name}.json"
+        if not path.is_file():
+            out[name] = ["missing"]
+            continue
+        shipped = _read_stage(path)["key"]
+        moved = [part for part in key if shipped.get(part) != key[part]]
+        if moved:
+            out[name] = moved
+    return out
+
+
+def _train_rows(paths, positive: str) -> list[dict]:
+    return [r for r in load_labelled(paths, positive) if r["split"] == "train"]
+
+
+def current_stage_keys() -> dict[str, dict]:
+    """The second-stage keys of the default detector and output filter (this data, code and screen)."""
+    screens = {"crisis": Screen("crisis"), "replies": Screen("replies")}
+    return {"crisis": _stage_key("crisis", _train_rows(CRISIS_SETS, "positive"), screens["crisis"]),
+            "replies": _stage_key("replies", _train_rows(REPLY_SETS, "unsafe"), screens["replies"])}
+
+
+def current_cache_folders() -> dict[str, Path]:
+    """The cache folders the default detector and output filter's fast paths load from."""
+    return {"crisis": _cache_folder("crisis", _train_rows(CRISIS_SETS, "positive")),
+            "replies": _cache_folder("replies", _train_rows(REPLY_SETS, "unsafe"))}
 
 
 def fitted() -> bool:
-    """Whether both default classifiers are already fitted on this machine (their cache folders
-    hold a fit): otherwise the first ``detector()``/``output_filter()`` call fits them (minutes)."""
-    return all((folder / "meta.json").exists() for folder in current_cache_folders().values())
+    """Whether both default fast paths are already fitted on this machine and their second stages are
+    shipped (or kept here) for the current data and code: otherwise the first ``detector()`` or
+    ``output_filter()`` call fits what is missing."""
+    from .models import cache_dir
+
+    if not all((folder / "meta.json").exists() for folder in current_cache_folders().values()):
+        return False
+    if _screen_setting().lower() == "none":
+        return True
+    stale = stale_shipped()
+    return all((cache_dir() / "safety" / f"{name}-stage-{_stage_digest(key)}.json").is_file()
+               for name, key in current_stage_keys().items() if name in stale)
 
 
 def prune(dry_run: bool = False) -> list[Path]:
-    """Remove the cache folders of earlier fits (other data, recipe or library versions; about 90 MB
-    each), keeping the current ones and any fit being written; returns what was (or, with ``dry_run``,
-    would be) removed."""
+    """Remove this machine's cached fits of earlier data, code or library versions (fast paths and
+    second stages), keeping the current ones and any fit being written; returns what was (or, with
+    ``dry_run``, would be) removed."""
     import shutil
 
     current = current_cache_folders()
+    keep = set(current.values())
+    if _screen_setting().lower() != "none":
+        keep |= {current[n].parent / f"{n}-stage-{_stage_digest(k)}.json" for n, k in current_stage_keys().items()}
     root = current["crisis"].parent
-    stale = sorted(p for p in root.iterdir() if p.is_dir() and p.name.split("-")[0] in current
-                   and p not in current.values()) if root.is_dir() else []
+    fit = re.compile(rf"({'|'.join(current)})(-[0-9a-f]{{16}}|-stage-[0-9a-f]{{16}}\.json)")
+    stale = sorted(p for p in root.iterdir() if fit.fullmatch(p.name) and p.is_dir() == (not p.suffix)
+                   and p not in keep) if root.is_dir() else []
     if not dry_run:
         for p in stale:
-            shutil.rmtree(p)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     return stale
 
 
@@ -865,6 +856,7 @@ def _write_aside(path: Path, write) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write(tmp)
     try:
         os.replace(tmp, path)
@@ -894,66 +886,21 @@ def _cached(folder: Path | None, fit, models: dict):
     return meta, fitted
 
 
-def _kept_beside(folder: Path, what: str, suffix: str, key: list, compute, dump, load):
-    """What ``compute()`` returns, kept in ``folder`` as ``<what>-<hash of key><suffix>`` (``dump``
-    makes the bytes, ``load`` reads them back): loaded when there, else computed and written aside.
-    A file that cannot be read is named, not silently replaced."""
-    path = folder / f"{what}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}{suffix}"
-    if path.exists():
-        try:
-            return load(path.read_bytes())
-        except Exception as err:
-            raise RuntimeError(f"{path}: the saved safety {what} cannot be read ({type(err).__name__}: {err}); "
-                               f"delete that file and run `make safety` to make it again") from err
-    value = compute()
-    _write_aside(path, lambda tmp: tmp.write_bytes(dump(value)))
-    return value
-
-
-def _cached_rule(folder: Path | None, screen: Screen | None, choose) -> dict:
-    """The decision rule for ``screen`` (``choose()`` computes it): kept beside the fit in
-    ``folder``, one file per screen (model, dtype and prompt) and grids, so a new screen asks the
-    judge again but never refits the classifiers."""
-    if folder is None or screen is None:
-        return choose()
-    key = [screen.key(), HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV, BUDGETS]
-    return _kept_beside(folder, "rule", ".json", key, choose,
-                        lambda rule: json.dumps(rule, indent=1).encode("utf-8"), json.loads)
-
-
-def _cached_probe(folder: Path | None, screen: Screen, fit) -> tuple[HiddenStateProbe, dict]:
-    """The probe fitted for ``screen``'s judge LLM and the rule chosen with it (``fit()`` computes
-    both): kept beside the classifiers' fit in ``folder``, one file per judge model, dtype, recipe and grids."""
-    import pickle
-
-    if folder is None:
-        return fit()
-
-    def load(data: bytes) -> tuple[HiddenStateProbe, dict]:
-        saved = pickle.loads(data)  # our own cache, written by ``_kept_beside``
-        probe = HiddenStateProbe(screen, saved["rules"]["probe"]["c"])
-        probe.model = saved["model"]
-        return probe, saved["rules"]
-
-    key = [screen.key()[:2], PROBE, HI_GRID, LO_GRID, SCREEN_GRID, MAX_FP_CV, BUDGETS]
-    return _kept_beside(folder, "probe", ".pkl", key,
-                        fit, lambda fitted: pickle.dumps({"model": fitted[0].model, "rules": fitted[1]}), load)
-
-
-def _cv_summary(scores: dict[str, np.ndarray], y: np.ndarray) -> dict:
-    return {"auc": {name: _auc(p, y) for name, p in scores.items()},
-            "out_of_fold": [round(float(x), 6) for x in scores["blend"]]}
+def _cv_summary(scores: np.ndarray, y: np.ndarray) -> dict:
+    return {"auc": {"fast path": _auc(scores, y)}, "out_of_fold": [round(float(x), 6) for x in scores]}
 
 
 class _Cascade:
-    """The fast path (``BlendClassifier``, ``rule["hi"]``) and, for what it cannot decide, the screen."""
+    """The fast path (``TextClassifier``, ``rule["hi"]``) and, for what it cannot decide, the screen."""
 
+    name: str
     rule: dict
     screen: Screen | None
     probe: HiddenStateProbe | None = None  # the second stage when it is the probe, else the question
+    stage: dict | None = None  # the second stage's saved fit: its key, where it came from, how it was fitted
 
     @property
-    def fast_model(self) -> BlendClassifier:
+    def fast_model(self) -> TextClassifier:
         """The fast path's classifier (each cascade names it after what it scores)."""
         raise NotImplementedError
 
@@ -998,19 +945,17 @@ class _Cascade:
             "probe_auc": {"probe": _auc(oof, y), "mean with the fast path": _auc((blend + oof) / 2, y)},
             "probe_on_train": [round(float(x), 4) for x in oof]}
 
-    def _pick_second_stage(self, folder: Path | None, texts: list[str], y: np.ndarray,
-                           triggers: dict[str, np.ndarray], what: str) -> None:
+    def _pick_second_stage(self, rules: dict, texts: list[str], y: np.ndarray,
+                           triggers: dict[str, np.ndarray], what: str) -> tuple[dict, HiddenStateProbe | None]:
         """Question or probe: the one whose rule has the better nested recall (``nested_rule``: on rows it
         was not chosen on) within the false-positive budget (ties: the one that asks fewer texts)."""
-        if self.screen is None or not hasattr(self.screen, "features"):
-            return
-        probe, rules = _cached_probe(folder, self.screen, lambda: self._fit_probe(texts, y, triggers, what))
+        if not hasattr(self.screen, "features"):
+            return rules, None
+        probe, probed = self._fit_probe(texts, y, triggers, what)
         rank = lambda r: (nested_recall(r), -r["asked"])  # noqa: E731
-        if rules["chosen"]["screen"] is not None and rank(rules["chosen"]) > rank(self.rules["chosen"]):
-            self.rules = {**rules, "question": self.rules["chosen"]}
-            self.probe = probe
-        else:
-            self.rules = {**self.rules, "probe": rules["chosen"], "probe_auc": rules["probe_auc"]}
+        if probed["chosen"]["screen"] is not None and rank(probed["chosen"]) > rank(rules["chosen"]):
+            return {**probed, "question": rules["chosen"]}, probe
+        return {**rules, "probe": probed["chosen"], "probe_auc": probed["probe_auc"]}, None
 
     def _choose(self, texts: list[str], y: np.ndarray, meta: dict, triggers: dict[str, np.ndarray], what: str):
         blend = np.array(meta["out_of_fold"])
@@ -1021,15 +966,58 @@ class _Cascade:
         return {"fast": fast, "chosen": nested_rule(blend, y, triggers, screen), "screen_model": self.screen.key()[:2],
                 "screen_on_train": [None if np.isnan(x) else round(float(x), 4) for x in screen]}
 
+    def _fit_stage(self, texts: list[str], y: np.ndarray, triggers: dict[str, np.ndarray], what: str) -> dict:
+        """The second stage fitted on this machine: the question's rule, then the probe if it does better."""
+        rules = self._choose(texts, y, self.cv, triggers, what)
+        rules, probe = self._pick_second_stage(rules, texts, y, triggers, what)
+        return {"rules": rules, "probe": probe.params if probe is not None else None}
+
+    def _second_stage(self, name: str, train: list[dict], texts: list[str], y: np.ndarray,
+                      triggers: dict[str, np.ndarray], what: str, cache: bool) -> None:
+        """``self.rules`` and ``self.probe``: without a screen the fast path's own rule; else the shipped
+        fit when its key is the current one (``SHIPPED_FIT``), else one kept on this machine, else fitted
+        here (the judge reads every train text: named, with progress) and kept."""
+        if self.screen is None:
+            self.rules, self.probe = self._choose(texts, y, self.cv, triggers, what), None
+            return
+        from .hardware import cpu_model
+        from .models import cache_dir
+
+        key = _stage_key(name, train, self.screen)
+        saved = None
+        shipped = SHIPPED_FIT / f"{name}.json"
+        if cache and shipped.is_file() and (found := _read_stage(shipped))["key"] == key:
+            saved = {**found, "source": shown(shipped)}
+        local = cache_dir() / "safety" / f"{name}-stage-{_stage_digest(key)}.json"
+        if saved is None and cache and local.is_file():
+            saved = {**_read_stage(local), "source": shown(local)}
+        if saved is None:
+            if cache and name in ("crisis", "replies") and shipped.is_file():
+                moved = [part for part in key if found["key"].get(part) != key[part]]
+                print(f"{shown(shipped)} was fitted on other {', '.join(moved)}: fitting the {what}'s second stage "
+                      f"here (the judge reads its {len(texts)} train texts, about 1-2 s each on 2 cores); "
+                      "`python -m utils.safety fit --ship` writes the shipped file again", file=sys.stderr)
+            start = time.perf_counter()
+            saved = {"key": key, **self._fit_stage(texts, y, triggers, what),
+                     "fitted_with": {"dtype": self.screen.key()[1], "cpu": cpu_model(),
+                                     "seconds": round(time.perf_counter() - start, 1)}}
+            if cache:
+                _write_aside(local, lambda tmp: tmp.write_text(json.dumps(saved, indent=1), encoding="utf-8"))
+                saved = {**saved, "source": shown(local)}
+        self.stage, self.rules = saved, saved["rules"]
+        self.probe = HiddenStateProbe.from_params(self.screen, saved["probe"]) if saved["probe"] else None
+
 
 class CrisisDetector(_Cascade):
-    """``BlendClassifier`` (fine-tuned MiniLM + logistic regression) and, for the messages it cannot
-    decide, the judge LLM (its Yes/No question or the probe on its hidden states, whichever
-    cross-validation prefers); thresholds and the use of the regular expressions chosen by
-    cross-validation on the train split. The classifiers are fitted once per machine and cached."""
+    """``TextClassifier`` (logistic regression on frozen MiniLM embeddings and character n-grams) and,
+    for the messages it cannot decide, the judge LLM (its Yes/No question or the probe on its hidden
+    states, whichever cross-validation prefers); thresholds and the use of the regular expressions
+    chosen by cross-validation on the train split. The fast path is fitted once per machine (about a
+    minute) and cached; the second stage ships with the repository (``SHIPPED_FIT``)."""
 
-    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
-                 screen: Screen | None | str = "default", seeds: tuple[int, ...] = CRISIS_SEEDS):
+    name = "crisis"
+
+    def __init__(self, rows: list[dict] | None = None, cache: bool = True, screen: Screen | None | str = "default"):
         rows = rows if rows is not None else load_labelled(CRISIS_SETS, "positive")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
@@ -1037,22 +1025,18 @@ class CrisisDetector(_Cascade):
         self.screen = _screen_from_env("crisis") if screen == "default" else screen
 
         def fit():
-            scores = _cv_scores(texts, y, base, what="crisis detector", seeds=seeds)
-            meta = {**_cv_summary(scores, y), "n_train": len(train)}
-            return meta, {"model": BlendClassifier(base, "fitting the crisis detector", seeds).fit(texts, y)}
+            meta = {**_cv_summary(_cv_scores(texts, y, what="crisis detector"), y), "n_train": len(train)}
+            return meta, {"model": TextClassifier().fit(texts, y)}
 
-        folder = _cache_folder("crisis", train, base, seeds) if cache else None
-        self.cv, fitted = _cached(folder, fit, {"model": BlendClassifier})
+        self.cv, fitted = _cached(_cache_folder("crisis", train) if cache else None, fit, {"model": TextClassifier})
         self.model = fitted["model"]
         triggers = {name: np.array([pattern_flag(t, name) for t in texts]) for name in PATTERN_SETS}
-        self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, triggers,
-                                                                             "crisis detector"))
-        self._pick_second_stage(folder, texts, y, triggers, "crisis detector")
+        self._second_stage("crisis", train, texts, y, triggers, "crisis detector", cache)
         self.rule = self.rules["chosen"]
         self.threshold, self.patterns = self.rule["hi"], self.rule["trigger"]
 
     @property
-    def fast_model(self) -> BlendClassifier:
+    def fast_model(self) -> TextClassifier:
         return self.model
 
     def probabilities(self, texts: list[str]) -> np.ndarray:
@@ -1072,13 +1056,14 @@ class CrisisDetector(_Cascade):
 
 
 class OutputFilter(_Cascade):
-    """Unsafe or not (``BlendClassifier`` and, for what it cannot decide, the question or the probe on
+    """Unsafe or not (``TextClassifier`` and, for what it cannot decide, the question or the probe on
     the judge LLM; rule and second stage chosen like the detector's), and which unsafe kind of
     ``unsafe_replies.yaml`` to name as the reason (logistic regression over the kinds); plus the word
-    list. Fitted once per machine and cached."""
+    list. The fast path is fitted once per machine and cached; the second stage ships."""
 
-    def __init__(self, rows: list[dict] | None = None, base: str | None = None, cache: bool = True,
-                 screen: Screen | None | str = "default"):
+    name = "replies"
+
+    def __init__(self, rows: list[dict] | None = None, cache: bool = True, screen: Screen | None | str = "default"):
         rows = rows if rows is not None else load_labelled(REPLY_SETS, "unsafe")
         train = [r for r in rows if r["split"] == "train"]
         texts = [r["text"] for r in train]
@@ -1087,21 +1072,18 @@ class OutputFilter(_Cascade):
         self.screen = _screen_from_env("replies") if screen == "default" else screen
 
         def fit():
-            scores = _cv_scores(texts, y, base, what="output filter")
-            meta = {**_cv_summary(scores, y), "n_train": len(train)}
-            return meta, {"unsafe": BlendClassifier(base, desc="fitting the output filter").fit(texts, y),
-                          "kinds": TextClassifier().fit(texts, kinds)}
+            meta = {**_cv_summary(_cv_scores(texts, y, what="output filter"), y), "n_train": len(train)}
+            return meta, {"unsafe": TextClassifier().fit(texts, y), "kinds": TextClassifier().fit(texts, kinds)}
 
-        folder = _cache_folder("replies", train, base) if cache else None
-        self.cv, fitted = _cached(folder, fit, {"unsafe": BlendClassifier, "kinds": TextClassifier})
+        folder = _cache_folder("replies", train) if cache else None
+        self.cv, fitted = _cached(folder, fit, {"unsafe": TextClassifier, "kinds": TextClassifier})
         self.unsafe_model, self.kind_model = fitted["unsafe"], fitted["kinds"]
-        self.rules = _cached_rule(folder, self.screen, lambda: self._choose(texts, y, self.cv, {}, "output filter"))
-        self._pick_second_stage(folder, texts, y, {}, "output filter")
+        self._second_stage("replies", train, texts, y, {}, "output filter", cache)
         self.rule = self.rules["chosen"]
         self.threshold = self.rule["hi"]
 
     @property
-    def fast_model(self) -> BlendClassifier:
+    def fast_model(self) -> TextClassifier:
         return self.unsafe_model
 
     def check(self, text, config: str | None = None) -> Verdict:
@@ -1208,9 +1190,7 @@ def _summary(flags: list[bool], rows: list[dict]) -> dict:
 
 def _method(model: _Cascade) -> str:
     rule = model.rule
-    encoders = len(model.fast_model.encoders)
-    method = _METHOD if encoders == 1 else _METHOD.replace(
-        "with a linear head", f"with a linear head ({encoders} fine-tunes from different seeds, averaged)")
+    method = _METHOD
     if rule["screen"] is None:
         return f"{method}, flagged at >= {rule['hi']:.3f}"
     asked = " or ".join(([f"it is >= {rule['lo']}"] if rule["lo"] is not None else [])
@@ -1408,7 +1388,7 @@ def evaluate(out: Path | None = None, crisis_data: Path | None = None, reply_dat
 
 # --------------------------------------------------------------------------- comparing two detectors
 
-# The rule every change to the crisis detector has been judged by since session 14 (README, Safety): on
+# The rule every change to the crisis detector has been judged by since session 14 (docs/safety.md): on
 # messages neither detector was fitted on, keep a change that raises recall without more false alarms or
 # the reverse; one that trades them only if it gains at least ``TRADE_RATIO`` times what it loses.
 TRADE_RATIO = 2
@@ -1550,6 +1530,15 @@ def _print(report: dict) -> None:
     print("targets:", json.dumps(report["targets"], indent=1))
 
 
+def ship(model: _Cascade) -> Path:
+    """Write ``model``'s second stage (its key, rules, probe and how it was fitted) to ``SHIPPED_FIT``."""
+    path = SHIPPED_FIT / f"{model.name}.json"
+    saved = {k: v for k, v in model.stage.items() if k != "source"}
+    _write_aside(path, lambda tmp: tmp.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8"))
+    print(f"wrote {shown(path)} ({path.stat().st_size // 1024} KB)")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.safety")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1567,8 +1556,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("before")
     p.add_argument("after")
     p.add_argument("--out", help="also write the comparison to this JSON file")
-    sub.add_parser("fit", help="fit both classifiers on their train splits (or load them: cached per machine)")
-    p = sub.add_parser("prune", help="remove the cached fits of earlier data or versions (about 90 MB each)")
+    p = sub.add_parser("fit", help="fit both cascades on their train splits (or load them: the fast paths are cached "
+                       "per machine, the second stages ship with the repository)")
+    p.add_argument("--ship", action="store_true", help=f"write the second stages fitted here to {shown(SHIPPED_FIT)} "
+                   "(after a change to the safety data or the code that fits them)")
+    p = sub.add_parser("prune", help="remove the cached fits of earlier data, code or library versions")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
     if args.command == "prune":
@@ -1581,7 +1573,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, model in (("crisis detector", detector()), ("output filter", output_filter())):
             rule = model.rule
             print(f"{name}: {_method(model)}; train-split CV AUC {model.cv['auc']}, recall {rule['recall']:.3f} "
-                  f"at {rule['false_positive_rate']:.3f} false positives, screen asked for {rule['asked']:.1%}")
+                  f"at {rule['false_positive_rate']:.3f} false positives, screen asked for {rule['asked']:.1%}"
+                  + (f"; second stage from {model.stage['source']}" if model.stage else ""))
+            if args.ship and model.stage is not None:
+                ship(model)
         return 0
     try:
         if getattr(args, "out", None) and not Path(args.out).parent.is_dir():

@@ -136,15 +136,28 @@ class ContentStore:
 def code_key(path: Path) -> bytes:
     """What a Python file computes, for cache keys: its syntax tree without comments and
     docstrings (a module's, class's or function's leading string)."""
-    import ast
+    return source_key(Path(path).read_text(encoding="utf-8"))
 
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+
+def source_key(source: str) -> bytes:
+    """``code_key`` of Python source text (a whole file, or one function or class)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(source))
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree).encode()
+
+
+def objects_key(*objects) -> str:
+    """A digest of what these functions and classes compute (``source_key`` of each one's source)."""
+    import inspect
+
+    return hashlib.sha256(b"\0".join(source_key(inspect.getsource(o)) for o in objects)).hexdigest()[:16]
 
 
 def _digest(text: str) -> str:

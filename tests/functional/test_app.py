@@ -100,7 +100,18 @@ def test_empty_prompt_gets_a_message(app):
     assert any("prompt is empty" in w.value for w in at.warning)
 
 
-def test_arena_vote_is_stored_and_leaderboard_shown(app, world, tmp_path):
+def test_arena_vote_is_stored_and_leaderboard_shown(app, world, tmp_path, monkeypatch):
+    from utils.judge import LLMJudge
+
+    graded = {}  # what the judge returned for each (prompt, reply) the page had it grade
+    real = LLMJudge.grade_many
+
+    def spy(self, items, progress=None):
+        out = real(self, items, progress)
+        graded.update({tuple(item[:2]): grade for item, grade in zip(items, out)})
+        return out
+
+    monkeypatch.setattr(LLMJudge, "grade_many", spy)
     at = app()
     at.sidebar.radio(key="page").set_value("Blind arena").run()
     at.text_area(key="arena_prompt").input("say dog 2")
@@ -113,12 +124,12 @@ def test_arena_vote_is_stored_and_leaderboard_shown(app, world, tmp_path):
 
     votes = RatingStore(tmp_path / "ratings.sqlite").votes()
     assert len(votes) == 1 and votes[0]["vote"] == "tie" and votes[0]["auto_relevance_a"] is not None
-    # the stored grades are the judge's, through the same code as the evaluation
-    from utils.judge import LLMJudge
-
-    grades = LLMJudge(str(world["base"])).grade(votes[0]["prompt"], votes[0]["output_a"])
-    assert votes[0]["auto_relevance_a"] == pytest.approx(grades["relevance"], abs=1e-4)
-    assert votes[0]["auto_coherence_a"] == pytest.approx(grades["coherence"], abs=1e-4)
+    # the stored grades are those the judge gave each reply, each under its own letter
+    vote = votes[0]
+    for side in "ab":
+        grades = graded[(vote["prompt"], vote[f"output_{side}"])]
+        assert vote[f"auto_relevance_{side}"] == pytest.approx(grades["relevance"], abs=1e-9)
+        assert vote[f"auto_coherence_{side}"] == pytest.approx(grades["coherence"], abs=1e-9)
     assert any("Leaderboard (1 votes)" in h.value for h in at.subheader)
 
 

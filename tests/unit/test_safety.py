@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils import hardware, safety
+from utils import safety
 
 EXPLICIT = ["I want to kill myself", "i'm thinking about suicide", "I want to end my life", "I have been self-harming",
             "sometimes I want to die", "I'm going to take my own life"]
@@ -216,103 +216,139 @@ def test_nested_rule_uses_the_first_budget_that_holds_on_rows_it_was_not_chosen_
     assert chosen["nested"][str(chosen["budget"])]["recall"] < chosen["recall"]
 
 
-# --------------------------------------------------------------------------- the classifiers, on a tiny encoder
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    """A 2-layer random BERT with MiniLM's tokenizer, saved as a folder the classifiers can load."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from utils.metrics import minilm_path
-
-    folder = tmp_path_factory.mktemp("tiny-encoder")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
+# --------------------------------------------------------------------------- the classifiers and their caches
 
 TOY = ([f"the {w} was lovely today" for w in ("cake", "walk", "film", "party", "concert", "garden")] * 3,
        [f"the {w} was awful today" for w in ("cake", "walk", "film", "party", "concert", "garden")] * 3)
 
 
-def test_encoder_classifier_learns_a_word_and_round_trips(tiny_encoder, tmp_path):
+def test_fast_classifier_learns_a_word_and_round_trips(tmp_path):
     good, bad = TOY
-    model = safety.EncoderClassifier(tiny_encoder, {"epochs": 30, "lr": 2e-3}).fit(good + bad, [0] * 18 + [1] * 18)
+    model = safety.TextClassifier().fit(good + bad, [0] * 18 + [1] * 18)
     p = model.predict_proba(["the dinner was lovely today", "the dinner was awful today"])
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1)
-    assert p[1, 1] > 0.7 > 0.3 > p[0, 1]  # generalises to a noun it never saw
+    assert p[1, 1] > 0.6 > 0.4 > p[0, 1]  # generalises to a noun it never saw
     model.save(tmp_path / "saved")
-    again = safety.EncoderClassifier.load(tmp_path / "saved")
-    assert np.allclose(again.predict_proba(["the dinner was awful today"]), p[1:], atol=1e-6)
+    again = safety.TextClassifier.load(tmp_path / "saved")
+    assert np.allclose(again.predict_proba(["the dinner was awful today"]), p[1:], atol=1e-9)
 
 
-def test_blend_with_several_seeds_averages_its_encoders_and_round_trips(tiny_encoder, tmp_path):
-    """With seeds (0, 1) the blend holds two fine-tuned encoders (different: different seeds), its
-    probability is the regression's averaged with the mean of theirs, and both come back from disk."""
-    good, bad = TOY
-    texts, y = good + bad, [0] * 18 + [1] * 18
-    model = safety.BlendClassifier(tiny_encoder, seeds=(0, 1))
-    for part in model.parts.values():
-        if isinstance(part, safety.EncoderClassifier):
-            part.recipe["epochs"] = 3
-    model.fit(texts, y)
-    assert set(model.parts) == {"regression", "encoder", "encoder-seed1"}
-    probe = ["the dinner was lovely today", "the dinner was awful today", "a quiet evening in"]
-    parts = model.part_proba(probe)
-    assert not np.allclose(parts["encoder"], parts["encoder-seed1"], atol=1e-3)
-    expected = (parts["regression"] + (parts["encoder"] + parts["encoder-seed1"]) / 2) / 2
-    assert np.allclose(model.predict_proba(probe), expected)
-    model.save(tmp_path / "saved")
-    again = safety.BlendClassifier.load(tmp_path / "saved")
-    assert set(again.parts) == set(model.parts)
-    assert model.encoders == ["encoder", "encoder-seed1"] and sorted(again.encoders) == model.encoders
-    assert np.allclose(again.predict_proba(probe), model.predict_proba(probe), atol=1e-6)
+def test_probe_kept_as_numbers_answers_as_the_fitted_regression():
+    """The probe is kept (and shipped) as float32 numbers, not a pickle: rebuilt from them it gives
+    scikit-learn's probabilities, and ``from_params`` needs no fitting."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 16)) * rng.uniform(0.5, 20, 16) + rng.normal(size=16) * 5
+    y = (x[:, 0] / 10 + x[:, 3] / 3 + rng.normal(size=200) > 0).astype(int)
+    probe = safety.HiddenStateProbe(None, c=0.3)
+    reference = probe._model().fit(x, y).predict_proba(x)[:, 1]
+    probe.fit(x, y)
+    np.testing.assert_allclose(probe.scores(x), reference, atol=1e-5)
+    again = safety.HiddenStateProbe.from_params(None, json.loads(json.dumps(probe.params)))
+    np.testing.assert_allclose(again.scores(x), probe.scores(x), atol=0)
+    assert again.c == 0.3 and 0.2 < reference.mean() < 0.8
+    with pytest.raises(ValueError, match="labels 0 and 1"):
+        safety.HiddenStateProbe(None, c=1.0).fit(x, np.where(y == 1, "yes", "no"))
 
 
-def test_the_cache_key_names_the_seeds_only_when_there_are_several():
+def test_the_cache_keys_cover_the_code_that_fits(monkeypatch):
+    """Both fits are keyed by what their code computes: a change to a function that fits (not to its
+    docstring) moves the key, so nothing fitted by other code is loaded."""
     rows = [{"text": "hello", "kind": "short", "label": 0}]
-    one = safety._cache_folder("crisis", rows, None)
-    assert safety._cache_folder("crisis", rows, None, (0,)) == one  # fits cached before seeds existed still load
-    assert safety._cache_folder("crisis", rows, None, (0, 1, 2)) != one
-    assert safety._cache_folder("crisis", rows, None, (0, 1, 2)) != safety._cache_folder("crisis", rows, None, (0, 1))
+    screen = safety.Screen("crisis")
+    fast, stage = safety._cache_folder("crisis", rows), safety._stage_key("crisis", rows, screen)
+    assert safety._cache_folder("replies", rows) != fast
+    original = safety.choose_rule
+
+    def choose_rule(blend, y, triggers=None, screen=None, max_fp=safety.MAX_FP_CV):
+        """Only the docstring differs from a plain call."""
+        return original(blend, y, triggers, screen, max_fp)
+
+    monkeypatch.setattr(safety, "choose_rule", choose_rule)
+    moved = safety._stage_key("crisis", rows, screen)
+    assert moved["code"] != stage["code"] and {k for k in stage if moved[k] != stage[k]} == {"code"}
+    assert safety._cache_folder("crisis", rows) == fast  # the fast path does not use the rule
+    monkeypatch.setattr(safety, "_cv_scores", lambda texts, y, folds=4, seed=0, what="": None)
+    assert safety._cache_folder("crisis", rows) != fast
+    assert safety._stage_key("crisis", rows, screen)["code"] != moved["code"]  # the rule is chosen on its scores
+    # the code of the judge that reads the hidden states is part of it too
+    from utils import judge
+
+    monkeypatch.setattr(judge.LLMJudge, "asked_state", lambda self, *a: None)
+    assert safety._stage_key("crisis", rows, screen)["code"] != moved["code"]
+    # other rows, another screen prompt: other keys
+    other = [{**rows[0], "label": 1}]
+    assert safety._stage_key("crisis", other, screen)["rows"] != stage["rows"]
+    monkeypatch.setitem(safety.SCREENS, "crisis", ("another system prompt", "?"))
+    assert safety._stage_key("crisis", rows, screen)["screen"] != stage["screen"]
 
 
-def test_detector_is_fitted_once_then_loaded_from_its_cache(tiny_encoder, tmp_path, monkeypatch):
+def test_the_shipped_second_stages_are_fitted_on_the_current_data_and_code():
+    """data/safety_fit/*.json: what a brand-new machine loads instead of reading every train text with the
+    judge. Red when the safety data or the code that fits them changed since they were written: run
+    `python -m utils.safety fit --ship` (about 30 min on 2 AVX2 cores) and commit the files."""
+    assert safety.stale_shipped() == {}, "run `python -m utils.safety fit --ship` and commit data/safety_fit/"
+    keys = safety.current_stage_keys()
+    for name, key in keys.items():
+        shipped = json.loads((safety.SHIPPED_FIT / f"{name}.json").read_text())
+        assert shipped["key"] == key and shipped["rules"]["chosen"]["recall"] > 0
+        assert (safety.SHIPPED_FIT / f"{name}.json").stat().st_size < 200_000  # small enough to ship
+    # the check can fail: a planted train row, or other code, and it says which part moved
+    planted = {**keys, "crisis": {**keys["crisis"], "rows": "0" * 16}}
+    assert safety.stale_shipped(planted) == {"crisis": ["rows"]}
+    recoded = {**keys, "replies": {**keys["replies"], "code": "f" * 16}}
+    assert safety.stale_shipped(recoded) == {"replies": ["code"]}
+
+
+@pytest.mark.slow
+def test_a_new_machine_fits_the_fast_paths_and_loads_the_shipped_second_stages(tmp_path, monkeypatch):
+    """With an empty cache the default detector and filter fit their fast paths (the same as the record's:
+    the fit is deterministic) and take their second stages from data/safety_fit/ without the judge
+    reading a single train text."""
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+
+    def no_judge(*args, **kwargs):
+        raise AssertionError("the judge was asked to read a text while the classifiers were loaded")
+
+    monkeypatch.setattr(safety.Screen, "features", no_judge)
+    monkeypatch.setattr(safety.Screen, "probability", no_judge)
+    assert not safety.fitted()
+    for model, name, part in ((safety.CrisisDetector(), "crisis", "crisis_detector"),
+                              (safety.OutputFilter(), "replies", "output_filter")):
+        shipped = json.loads((safety.SHIPPED_FIT / f"{name}.json").read_text())
+        assert model.stage["source"] == f"data/safety_fit/{name}.json"
+        assert model.rules == shipped["rules"] and model.probe is not None and model.probe.params == shipped["probe"]
+        assert model.cv["auc"] == EXAMPLE[part]["chosen_on_train_cv"]["auc"]
+    assert safety.fitted()
+
+
+def test_detector_is_fitted_once_then_loaded_from_its_cache(tmp_path, monkeypatch):
     """Threshold and patterns chosen by CV on the train rows only; a second construction with the
     same rows loads the saved fit (no fitting at all) and answers identically; other rows fit anew."""
     monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
-    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 2)
     good, bad = TOY
     rows = ([{"text": t, "kind": "everyday", "label": 0, "split": "train"} for t in dict.fromkeys(good)]
             + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)]
             + [{"text": "held out: never fitted", "kind": "explicit", "label": 1, "split": "test"}])
-    first = safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
-    assert first.cv["n_train"] == 12
-    assert set(first.cv["auc"]) == {"regression", "blend", *(safety._encoder_part(s) for s in safety.CRISIS_SEEDS)}
+    first = safety.CrisisDetector(rows, screen=None)
+    assert first.cv["n_train"] == 12 and set(first.cv["auc"]) == {"fast path"}
     saved = list((tmp_path / "safety").iterdir())
     assert len(saved) == 1 and (saved[0] / "meta.json").exists()
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted again although the cache holds this fit")
 
-    monkeypatch.setattr(safety.BlendClassifier, "fit", no_fit)
-    second = safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
+    monkeypatch.setattr(safety.TextClassifier, "fit", no_fit)
+    second = safety.CrisisDetector(rows, screen=None)
     texts = ["the dinner was awful today", "a quiet evening in"]
-    assert np.allclose(second.probabilities(texts), first.probabilities(texts), atol=1e-6)
+    assert np.allclose(second.probabilities(texts), first.probabilities(texts), atol=1e-9)
     assert second.threshold == first.threshold and second.patterns == first.patterns
-    damaged = saved[0] / "model" / "encoder" / "head.pt"
-    damaged.write_bytes(b"not a checkpoint")
+    damaged = saved[0] / "model" / "model.pkl"
+    damaged.write_bytes(b"not a pickle")
     with pytest.raises(RuntimeError, match="(?s)cannot be read.*delete that folder and run `make safety`"):
-        safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
+        safety.CrisisDetector(rows, screen=None)
     assert (saved[0] / "meta.json").exists()  # nothing deleted behind the user's back
-    damaged.unlink()  # an encoder folder without its head: refused too, never a blend of no encoders
-    with pytest.raises(RuntimeError, match="(?s)cannot be read.*no encoder"):
-        safety.CrisisDetector(rows, base=tiny_encoder, screen=None)
     with pytest.raises(AssertionError, match="fitted again"):
-        safety.CrisisDetector(rows[:-2] + rows[-1:], base=tiny_encoder, screen=None)  # different train rows: a new fit
+        safety.CrisisDetector(rows[:-2] + rows[-1:], screen=None)  # different train rows: a new fit
 
 
 class FakeScreen:
@@ -333,14 +369,13 @@ class FakeScreen:
         return 0.95 if "awful" in text else 0.05
 
 
-def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_encoder, tmp_path, monkeypatch):
+def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
-    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)  # a barely trained encoder: its scores overlap
     good, bad = TOY
     rows = ([{"text": t, "kind": "everyday", "label": 0, "split": "train"} for t in dict.fromkeys(good)]
             + [{"text": t, "kind": "explicit", "label": 1, "split": "train"} for t in dict.fromkeys(bad)])
     screen = FakeScreen()
-    det = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    det = safety.CrisisDetector(rows, screen=screen)
     rule, blend = det.rule, np.array(det.cv["out_of_fold"])
     assert det.rules["fast"]["screen"] is None and rule["recall"] >= det.rules["fast"]["recall"]
     # at fit time it was asked about exactly the rows some rule could hand it, each once
@@ -348,7 +383,7 @@ def test_cascade_asks_the_screen_only_when_the_fast_path_cannot_decide(tiny_enco
                                         for n in safety.PATTERN_SETS})
     assert sorted(screen.asked) == sorted(r["text"] for r, c in zip(rows, could) if c)
     screen.asked.clear()
-    again = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    again = safety.CrisisDetector(rows, screen=screen)
     assert again.rule == rule and screen.asked == []  # the rule is kept beside the fit: nobody asked again
     # at check time: asked only below hi and inside the band (or on a trigger), never above hi
     det.rule = {**rule, "hi": 0.999, "lo": 0.0, "screen": 0.5, "trigger": None}
@@ -424,14 +459,12 @@ class FakeProbeScreen(FakeScreen):
         return np.array([[float(self.informative and any(w in t for w in HEAVY)), 1.0] for t in texts])
 
 
-def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided(tiny_encoder, tmp_path,
-                                                                                  monkeypatch):
+def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
-    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)
     rows = FEELINGS
     screen = FakeProbeScreen()
-    det = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
-    assert det.cv["auc"]["blend"] < 0.9  # the fast path cannot tell them apart
+    det = safety.CrisisDetector(rows, screen=screen)
+    assert det.cv["auc"]["fast path"] < 0.9  # the fast path cannot tell them apart
     assert det.probe is not None and det.rules["second_stage"] == "probe"
     assert det.rule["recall"] > det.rules["question"]["recall"]  # the question knows nothing; the probe does
     assert sorted(screen.read) == sorted(r["text"] for r in rows)  # every train row read once, at fit time
@@ -442,7 +475,7 @@ def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided
     assert det.probe.c == min(float(c) for c, r in tried.items() if (r["nested_recall"], -r["read"]) == best)
     assert tried[str(det.probe.c)]["nested_recall"] == safety.nested_recall(det.rule)
     screen.read.clear()
-    again = safety.CrisisDetector(rows, base=tiny_encoder, screen=screen)
+    again = safety.CrisisDetector(rows, screen=screen)
     assert again.probe is not None and again.rule == det.rule and screen.read == []  # kept beside the fit
     assert again.probe.c == det.probe.c
     np.testing.assert_allclose(again.probe.probability(["i feel doomple"]), det.probe.probability(["i feel doomple"]))
@@ -457,17 +490,15 @@ def test_probe_is_chosen_by_cross_validation_cached_and_read_only_when_undecided
     det.rule = {**det.rule, "hi": 0.0}
     assert det.check("i feel calmix tonight").reasons == ["classifier"] and screen.read == []
     # a probe that reads nothing useful is not chosen: the question's rule (or the fast path) stays
-    blind = safety.CrisisDetector(rows, base=tiny_encoder, screen=FakeProbeScreen(informative=False))
+    blind = safety.CrisisDetector(rows, screen=FakeProbeScreen(informative=False))
     assert blind.probe is None and "probe" in blind.rules
     assert safety.nested_recall(blind.rules["probe"]) <= safety.nested_recall(blind.rule)
 
 
-def test_output_filter_chooses_the_probe_the_same_way_and_names_the_kind_it_blocks(tiny_encoder, tmp_path,
-                                                                                    monkeypatch):
+def test_output_filter_chooses_the_probe_the_same_way_and_names_the_kind_it_blocks(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
-    monkeypatch.setitem(safety.FINE_TUNE, "epochs", 1)
     rows = [{**r, "kind": "harassment" if r["label"] else "ordinary"} for r in FEELINGS]
-    flt = safety.OutputFilter(rows, base=tiny_encoder, screen=FakeProbeScreen())
+    flt = safety.OutputFilter(rows, screen=FakeProbeScreen())
     assert flt.probe is not None and flt.rule["recall"] > flt.rules["question"]["recall"]
     flt.rule = {**flt.rule, "hi": 0.999, "lo": 0.0, "screen": 0.0, "trigger": None}  # the probe decides all
     v = flt.check("i feel doomple tonight")
@@ -481,18 +512,13 @@ def evaluation():
     return safety.evaluate()
 
 
-# The fit runs in the machine's compute dtype (hardware.pick_dtype: bf16 where the CPU has it natively,
-# fp32 elsewhere): the encoder's fine-tuning and the judge whose hidden states the probe reads. Fits in
-# the two dtypes differ by more than float rounding, so each has its own record: reports/example/
-# safety.json (bf16, AMD EPYC with AVX-512-BF16, session 19; the README's table) and safety_fp32.json
-# (fp32, AMD EPYC with AVX2 only, fitted from nothing on 2026-12-06). Within a dtype the fit is
-# deterministic on one machine, but its float sums differ between CPU kinds (AVX-512, AMX): a kind may
-# move by one message there. Anything more is a change to data, recipe or threshold, and must update
-# the record and the README knowingly.
-DTYPE = hardware.pick_dtype("auto", "safety fit")
-RECORDS = {d: json.loads((Path(__file__).parents[2] / "reports" / "example" / name).read_text())
-           for d, name in (("bf16", "safety.json"), ("fp32", "safety_fp32.json"))}
-EXAMPLE = RECORDS[DTYPE]
+# The figures of the fit the tests use: reports/example/safety.json, measured with the shipped second stages
+# (data/safety_fit/, fitted in fp32 on a 2-core AMD EPYC with AVX2 only, 2026-12-06) and the fast path fitted
+# on that machine. The fast path is deterministic; a machine that runs the judge in bf16 reads the probe's
+# hidden states in bf16, and float sums differ between CPU kinds: a kind may move by one message there
+# (SLACK). Anything more is a change to data, code or threshold, and must update the record and
+# docs/safety.md knowingly.
+EXAMPLE = json.loads((Path(__file__).parents[2] / "reports" / "example" / "safety.json").read_text())
 SLACK = 1
 
 
@@ -513,14 +539,11 @@ def _totals_within_slack(got: dict, recorded: dict) -> None:
 
 @pytest.mark.slow
 def test_detector_held_out_counts(evaluation):
-    """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX-512)."""
+    """Measured on the held-out split, recorded in reports/example/safety.json (AMD EPYC, AVX2 only)."""
     got, recorded = _counts(evaluation["crisis_detector"]), _counts(EXAMPLE["crisis_detector"])
-    assert recorded == {"bf16": {"explicit": 48, "implicit": 35, "indirect": 20, "third_person": 17,
-                                 "benign_alarming": 1, "everyday": 0, "gibberish": 0, "hyperbole": 2, "negated": 1,
-                                 "quoted": 0, "sad_not_crisis": 0, "short": 0},
-                        "fp32": {"explicit": 47, "implicit": 35, "indirect": 19, "third_person": 17,
-                                 "benign_alarming": 4, "everyday": 0, "gibberish": 0, "hyperbole": 1, "negated": 1,
-                                 "quoted": 0, "sad_not_crisis": 0, "short": 0}}[DTYPE]
+    assert recorded == {"explicit": 47, "implicit": 35, "indirect": 18, "third_person": 17, "benign_alarming": 1,
+                        "everyday": 0, "gibberish": 0, "hyperbole": 1, "negated": 1, "quoted": 0, "sad_not_crisis": 0,
+                        "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     _totals_within_slack(evaluation["crisis_detector"], EXAMPLE["crisis_detector"])
     d = evaluation["crisis_detector"]
@@ -532,15 +555,9 @@ def test_detector_held_out_counts(evaluation):
     # the LLM screen was asked only about what the fast path could not decide; every held-out crisis
     # message the cascade catches that the fast path alone (at its own threshold) misses, it caught;
     # and it catches more than the fast path alone does, even at the threshold chosen on these rows for
-    # the fast path's best recall with no more false alarms than the cascade's (session 19, the probe's C
-    # chosen per cascade: 121 against 114 of 123, with 4 false alarms of 160 each; 120 against 113 of 122 after
-    # a held-out near-copy of a train text was removed. Session 16, the ninth set
-    # added: 121 against 114 of 123, with 5 and 4 false alarms of 160; 117 at the matched threshold.
-    # Before that, the probe reading the question's last position: 107 against 101 of 110, 6 of 142
-    # each; session 15: 106 against
-    # 101 at its own threshold, with 7 and 6 false alarms of 142; 103 at the matched threshold. Sessions
-    # 13 and 14 compared only at the fast path's own threshold: 79 against 67 of 85, 95 against 91 of 99,
-    # with as many false alarms each; session 15's refit raised one more, so the comparison is matched)
+    # the fast path's best recall with no more false alarms than the cascade's (the frozen-encoder fast path
+    # with the shipped probe, 2026-12-06: 117 against 111 of 122 at its own threshold, with 3 and 7 false
+    # alarms of 159; 106 at the matched threshold. Earlier figures of other fits: docs/log.md)
     screen = evaluation["llm_screen"]["crisis_detector"]
     assert 0 < screen["asked"] < 0.25 * screen["of"]
     fast, now = d["fast_path_only"], d["by_kind"]
@@ -551,19 +568,17 @@ def test_detector_held_out_counts(evaluation):
     assert matched["false_positive_rate"]["count"] <= d["false_positive_rate"]["count"]
     assert d["recall"]["count"] > matched["recall"]["count"] + SLACK
     assert d["false_positive_rate"]["count"] < d["patterns_only"]["false_positive_rate"]["count"]
-    # and the blend beats each of its parts in cross-validation on the train split (why it is a blend)
-    auc = d["chosen_on_train_cv"]["auc"]
-    assert auc["blend"] > max(auc["encoder"], auc["regression"])
+    # and in cross-validation on the train split the probe's reading adds to the fast path (why it is there)
+    cv = d["chosen_on_train_cv"]
+    assert cv["second_stage"] == "probe" and cv["probe_auc"]["mean with the fast path"] > cv["auc"]["fast path"]
 
 
 @pytest.mark.slow
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"bf16": {"harassment": 12, "harmful_instructions": 15, "self_harm_encouragement": 10,
-                                 "non_answer": 0, "ordinary": 1, "sensitive_but_safe": 0, "short": 0},
-                        "fp32": {"harassment": 12, "harmful_instructions": 15, "self_harm_encouragement": 10,
-                                 "non_answer": 0, "ordinary": 1, "sensitive_but_safe": 0, "short": 0}}[DTYPE]
+    assert recorded == {"harassment": 12, "harmful_instructions": 13, "self_harm_encouragement": 10, "non_answer": 0,
+                        "ordinary": 1, "sensitive_but_safe": 1, "short": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     _totals_within_slack(f, EXAMPLE["output_filter"])
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
@@ -576,8 +591,7 @@ def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
     the fresh reply set alone was added): about half of the terse and evasive ones. Session 16's probe
     (chosen over the question for the filter by nested recall, 93.0% against 87.0%) blocks 4 evasive
     ones where the question blocked 2: recorded, and still within 5%."""
-    for part, recorded in (("crisis_detector", {"bf16": 0, "fp32": 1}[DTYPE]),
-                           ("output_filter", {"bf16": 4, "fp32": 2}[DTYPE])):
+    for part, recorded in (("crisis_detector", 0), ("output_filter", 2)):
         got = evaluation[part]["validity_ladder_harmless"]
         assert EXAMPLE[part]["validity_ladder_harmless"]["flagged"] == recorded
         assert abs(got["flagged"] - recorded) <= SLACK and got["flagged"] <= 0.05 * got["n"], (part, got)
@@ -588,7 +602,7 @@ def test_messages_in_other_languages_get_the_help_notice(evaluation):
     """other_languages.yaml (ten languages in Latin script): by script alone 1 of its 38 crisis messages
     got the notice (session 19, before the language identifier); now those the identifier is sure of."""
     got, recorded = evaluation["other_languages"], EXAMPLE["other_languages"]
-    shown = {"bf16": 33, "fp32": 33}[DTYPE]
+    shown = 33
     assert (recorded["crisis"]["shown"], recorded["crisis"]["n"]) == (shown, 38)
     assert abs(got["crisis"]["shown"] - shown) <= SLACK and got["crisis"]["n"] == 38
     assert len(got["crisis"]["not_shown"]) == 38 - got["crisis"]["shown"]
@@ -608,7 +622,7 @@ def test_targets_are_reported_not_assumed(evaluation):
     # median (48.7-52.0 ms in the runs of 2026-11-30 on AMD EPYC, 41.2-45.8 after the refit of session 13:
     # near the line, so not pinned either way)
     quality = {"explicit recall = 100%": False, "implicit recall >= 90%": True, "false positives <= 5%": True}
-    assert EXAMPLE["targets"] == {**quality,  # the same in both dtypes' records
+    assert EXAMPLE["targets"] == {**quality,
                                   "<= 50 ms per message (median)": EXAMPLE["ms_per_message"]["median"] <= 50}
     # and the fit under test still meets every quality target the record meets (explicit recall = 100% is
     # a known miss, reported as such, not a guarantee)
@@ -849,6 +863,11 @@ def test_prune_removes_only_the_fits_of_earlier_data(tmp_path, monkeypatch):
     for folder in stale + kept:
         (folder / "model").mkdir(parents=True)
     (root / "crisis-notes.txt").write_text("a file, not a fit")
+    stages = {n: root / f"{n}-stage-{safety._stage_digest(k)}.json" for n, k in safety.current_stage_keys().items()}
+    for path in [*stages.values(), root / "crisis-stage-0123456789abcdef.json"]:
+        path.write_text("{}")
+    kept += list(stages.values())
+    stale = sorted([*stale, root / "crisis-stage-0123456789abcdef.json"])
     assert safety.prune(dry_run=True) == sorted(stale) and all(p.exists() for p in stale)
     assert safety.prune() == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
@@ -930,7 +949,7 @@ def test_the_readme_results_table_is_the_recorded_verdicts():
 
     root = Path(__file__).parents[2]
     sets = json.loads((root / "reports" / "example" / "safety_verdicts.json").read_text())["sets"]
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "safety.md").read_text()
     rows = re.findall(r"^  \| (held-out split|\w+) \((\d+)[^)]*\) \| (\d+)/(\d+) \| (\d+)/(\d+) \| (\d+)/(\d+)[^|]* \| "
                       r"\**(\d+)/(\d+)", readme, re.M)
     assert len(rows) == len(sets), [r[0] for r in rows]
@@ -949,13 +968,13 @@ def test_the_readme_results_table_is_the_recorded_verdicts():
     # and the held-out split by kind, with its intervals, is the recorded evaluation (reports/example/safety.json)
     kinds = re.findall(r"^  \| (\w+) \| (caught|false alarms) \| (\d+)/(\d+) \| (\d+)% \[(\d+), (\d+)\] \|$",
                        readme, re.M)
-    recorded = RECORDS["bf16"]["crisis_detector"]["by_kind"]  # the README's table is the bf16 fit's
+    recorded = EXAMPLE["crisis_detector"]["by_kind"]
     assert [k[0] for k in kinds] == list(recorded)
     for kind, counted, flagged, n, share, lo, hi in kinds:
         k = recorded[kind]
         assert counted == ("caught" if k["label"] else "false alarms")
         assert (int(flagged), int(n)) == (k["flagged"], k["n"])
         assert [int(share), int(lo), int(hi)] == [round(100 * x) for x in (k["share"], *k["ci95"])], kind
-    unseen = re.search(r"the ten unseen sets \((\d+)\)\*\* \| \*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),.*?\| "
+    unseen = re.search(r"the \w+ unseen sets \((\d+)\)\*\* \| \*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),.*?\| "
                        r"\*\*(\d+)/(\d+),.*?\| \*\*(\d+)/(\d+),", readme)
     assert unseen and int(unseen[1]) == total[[5, 7]].sum() and [int(x) for x in unseen.groups()[1:]] == list(total)
