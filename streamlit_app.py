@@ -22,6 +22,7 @@ import streamlit as st
 from utils import judge as J
 from utils import chat, engine, metrics, models, ratings, safety, serving
 from utils.export import ExportError
+from utils.limits import REPLY_TOKENS
 from utils.benchmark import share_text
 from utils.data import read_jsonl
 from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
@@ -93,7 +94,7 @@ def split_rows(split: str) -> list[dict]:
 def settings_panel(key: str) -> dict:
     with st.expander("Generation settings"):
         c1, c2, c3, c4, c5 = st.columns(5)
-        max_new = c1.number_input("max new tokens", 8, 512, 96, key=f"{key}_max")
+        max_new = c1.number_input("max new tokens", 8, 512, REPLY_TOKENS["dashboard"], key=f"{key}_max")
         sample = c2.toggle("sampling", False, key=f"{key}_sample", help="off: greedy decoding")
         temp = c3.slider("temperature", 0.1, 1.5, 0.7, key=f"{key}_temp", disabled=not sample)
         top_p = c4.slider("top-p", 0.1, 1.0, 0.9, key=f"{key}_topp", disabled=not sample)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .limits import REPLY_TOKENS
+
 ENGINES = ("torch", "llama.cpp")
 XLLAMACPP_VERSION = "2026.10.11549"  # keep in step with requirements.txt
 FORMS = ("adapter", "merged")
@@ -137,7 +139,8 @@ class LlamaCppModel:
                               f"context of {self.n_ctx} tokens")
         return body
 
-    def complete(self, ids: list[int], max_new_tokens: int = 64, on_piece: Callable[[str], None] | None = None,
+    def complete(self, ids: list[int], max_new_tokens: int = REPLY_TOKENS["evaluation"],
+                 on_piece: Callable[[str], None] | None = None,
                  **kw) -> Completion:
         """Generate after ``ids``; ``on_piece`` is called with each new piece of text as it comes."""
         body = self.request(ids, max_new_tokens, **kw)
@@ -173,7 +176,8 @@ class LlamaCppModel:
         return Completion("".join(pieces), token_ids, len(ids), seconds, timings.get("predicted_per_second"),
                           timings.get("prompt_per_second"), last.get("choices", [{}])[0].get("finish_reason"), timings)
 
-    def stream(self, ids: list[int], max_new_tokens: int = 128, info: dict | None = None, **kw) -> Iterator[str]:
+    def stream(self, ids: list[int], max_new_tokens: int = REPLY_TOKENS["dashboard"], info: dict | None = None,
+               **kw) -> Iterator[str]:
         """Yield the reply piece by piece (generation runs in a worker thread)."""
         pieces: queue.Queue = queue.Queue()
         done = object()

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import yaml
 
 from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
-from .io import write_json_atomically, write_text_atomically
+from .io import read_yaml, write_json_atomically, write_text_atomically
+from .limits import REPLY_TOKENS
 from .store import code_key
 from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
 
@@ -47,7 +47,7 @@ class EvalConfig:
     split: str = "test"  # held-out split the test prompts come from
     suite: str = "both"  # "domain" (the domain suite), "test" (the test split sample) or "both"
     num_examples: int = 40  # prompts sampled from the test split
-    max_new_tokens: int = 64  # reply length cap
+    max_new_tokens: int = REPLY_TOKENS["evaluation"]  # reply length cap
     batch_size: int = 8  # prompts generated together
     dtype: str = "auto"  # generation: "bf16", "fp32", or "auto" (bf16 where the CPU has it natively)
     seed: int = 42  # sample and bootstrap seed
@@ -66,10 +66,7 @@ def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
     """Items ``{id, category, prompt, reference, note}`` of the domain suite; a malformed entry
     stops with the file, the entry and what was expected."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise EvaluationError(f"{path}: cannot read the domain suite ({err})") from err
+    doc = read_yaml(path, "the domain suite", EvaluationError)
     if not isinstance(doc, dict) or not isinstance(doc.get("categories"), dict) or not doc.get("prompts"):
         raise EvaluationError(f"{path}: expected a mapping with 'categories' (name -> rubric) and 'prompts'")
     items = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from . import chat
+from .limits import REPLY_TOKENS
 
 
 @dataclass
@@ -63,7 +64,8 @@ def _gen_kwargs(tokenizer, model, max_new_tokens: int, min_new_tokens: int = 0, 
     return kw
 
 
-def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fmt: str, max_new_tokens: int = 64,
+def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fmt: str,
+                   max_new_tokens: int = REPLY_TOKENS["evaluation"],
                    batch_size: int = 8, min_new_tokens: int = 0, max_prompt_tokens: int = 768,
                    progress: bool = True) -> list[Generated]:
     """Greedy replies to the last user turn of each conversation, generated in left-padded batches."""
@@ -108,7 +110,8 @@ def time_generation(model, tokenizer, ids: list[int], new_tokens: int, batch: in
     return seconds
 
 
-def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens: int = 128, do_sample: bool = False,
+def stream(model, tokenizer, messages: Sequence[dict], fmt: str, max_new_tokens: int = REPLY_TOKENS["dashboard"],
+           do_sample: bool = False,
            temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
            max_prompt_tokens: int = 768, lock: threading.Lock | None = None, info: dict | None = None) -> Iterator[str]:
     """Yield the reply's text piece by piece as it is generated (for the dashboard). ``info``

@@ -81,3 +81,25 @@ def write_directory_atomically(output_dir: str | os.PathLike, write: Callable[[P
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_yaml(path: str | os.PathLike, what: str, error: type[Exception] = ValueError, hint: str = ""):
+    """The YAML document at ``path`` (``None`` for an empty file). A missing or unreadable file, or text
+    that is not YAML, raises ``error`` naming the file, the line where the parser stopped, and ``what``
+    the file should hold (e.g. "the sweep config"); ``hint`` is added to the YAML message."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found (no such file)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read {what} ({err})") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err}); expected {what}"
+                    + (f"; {hint}" if hint else "")) from err

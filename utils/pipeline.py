@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 
-from .io import point_symlink, write_json_atomically
+from .io import point_symlink, read_yaml, write_json_atomically
 from .params import QUICK, QUICK_SUBDIR, notebook_parameters
 from .paths import (CONFIGS_DIR, MODELS, NOTEBOOKS_DIR, REPORTS_DIR, adapter_folder, adapter_root, final_adapter,
                     from_root, shown)
@@ -55,12 +54,7 @@ def check_parameters(step: Step, source: str) -> None:
 
 def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
     path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML ({err})") from err
+    config = read_yaml(path, "the pipeline config file", PipelineError) or {}
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: expected a mapping of sections {sorted(SECTIONS)}")
     valid = sorted(SECTIONS) + list(META_SECTIONS)

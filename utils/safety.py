@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .io import read_yaml
 from .paths import CONFIGS_DIR, DATA_DIR, shown
 from .validity import LADDER, ladder
 
@@ -190,13 +191,8 @@ def load_labelled(path: Path | tuple[Path, ...], positive: str) -> list[dict]:
                 rows.append(row)
         _refuse_split_near_copies(rows)
         return rows
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:  # e.g. an unquoted text that starts with "," or "*"
-        where = getattr(err, "problem_mark", None)
-        line = f" line {where.line + 1}" if where is not None else ""
-        raise ValueError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err}); "
-                         f"quote a text that starts with punctuation") from err
+    data = read_yaml(path, f"a labelled set (a mapping of '{positive}' and one other label to lists of texts)",
+                     hint="quote a text that starts with punctuation")  # e.g. an unquoted "," or "*"
     if not isinstance(data, dict) or positive not in data or len(data) != 2:
         raise ValueError(f"{path}: expected two top-level groups, one named {positive!r}")
     rows = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import chat, engine, generation, models
+from .limits import REPLY_TOKENS
 from .paths import FINAL, MODELS_DIR, has_adapter
 
 
@@ -150,7 +151,8 @@ class StreamStats:
         return self.new_tokens / self.latency_s if self.latency_s else 0.0
 
 
-def stream_reply(entry: Entry, messages: list[dict], stats: StreamStats, max_new_tokens: int = 128,
+def stream_reply(entry: Entry, messages: list[dict], stats: StreamStats,
+                 max_new_tokens: int = REPLY_TOKENS["dashboard"],
                  do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9, seed: int | None = 0,
                  max_prompt_tokens: int = 768) -> Iterator[str]:
     """Stream the reply to ``messages`` and fill ``stats`` (latency, time to first token, tokens, words)."""

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
 
-from .io import write_json_atomically, write_text_atomically
+from .io import read_yaml, write_json_atomically, write_text_atomically
+from .limits import APPLIED_CHECK_TOKENS, REPLY_TOKENS
 from .paths import final_adapter, from_root, shown
 
 CONFIG = "configs/sweep.yaml"
@@ -112,10 +112,7 @@ class Trial:
 def load_config(path: str | Path = CONFIG, quick: bool = False) -> dict:
     """The sweep config, with the ``quick`` settings applied when asked; unknown keys are refused."""
     path = from_root(path)
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise SweepError(f"{path}: cannot read the sweep config ({err})") from err
+    cfg = read_yaml(path, "the sweep config", SweepError)
     if not isinstance(cfg, dict):
         raise SweepError(f"{path}: expected a mapping with model, train, learning_rate, quality and grid")
     unknown = set(cfg) - TOP_KEYS
@@ -286,14 +283,16 @@ def train_trial(trial: Trial, cfg: dict, out: Path, log: Callable = print) -> di
     items = quality_items(cfg)
     q = cfg.get("quality") or {}
     replies = generation.generate_batch(model, tokenizer, [it["history"] for it in items], fmt,
-                                        max_new_tokens=int(q.get("max_new_tokens", 48)), batch_size=len(items),
-                                        progress=False)
+                                        max_new_tokens=int(q.get("max_new_tokens", REPLY_TOKENS["sweep"])),
+                                        batch_size=len(items), progress=False)
     same_as_base = None
     if trial.method in ("prefix", "prompt"):  # is the learned prefix or prompt applied when generating at all?
         first = [items[0]["history"]]
-        with_adapter = generation.generate_batch(model, tokenizer, first, fmt, max_new_tokens=16, progress=False)
+        with_adapter = generation.generate_batch(model, tokenizer, first, fmt, max_new_tokens=APPLIED_CHECK_TOKENS,
+                                                   progress=False)
         with model.disable_adapter():
-            without = generation.generate_batch(model, tokenizer, first, fmt, max_new_tokens=16, progress=False)
+            without = generation.generate_batch(model, tokenizer, first, fmt, max_new_tokens=APPLIED_CHECK_TOKENS,
+                                                  progress=False)
         same_as_base = with_adapter[0].text == without[0].text
     n_decode = int(cfg.get("decode_tokens", 32))
     ids = generation.prompt_ids(tokenizer, items[0]["history"], fmt)

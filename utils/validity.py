@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
 
+from .io import read_yaml
 from .paths import DATA_DIR
 
 LADDER = DATA_DIR / "eval" / "validity_ladder.yaml"
@@ -66,10 +66,7 @@ def looped(text: str, head: int = 5) -> str:
 def ladder(path: Path = LADDER) -> list[dict]:
     """One row per (prompt, tier): ``{"id", "prompt", "tier", "reply"}``."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise LadderError(f"{path}: cannot read the ladder ({err})") from err
+    doc = read_yaml(path, "the validity ladder", LadderError)
     prompts = doc.get("prompts") if isinstance(doc, dict) else None
     if not prompts:
         raise LadderError(f"{path}: expected a mapping with a non-empty 'prompts' list")

@@ -44,3 +44,26 @@ def test_the_symlink_is_replaced_not_removed_first(tmp_path):
     io.point_symlink(tmp_path / "latest", "a")
     io.point_symlink(tmp_path / "latest", "b")
     assert os.readlink(tmp_path / "latest") == "b" and sorted(os.listdir(tmp_path)) == ["a", "b", "latest"]
+
+
+def test_read_yaml_names_the_file_the_line_and_what_was_expected(tmp_path):
+    from utils.io import read_yaml
+
+    class MyError(ValueError):
+        pass
+
+    good = tmp_path / "good.yaml"
+    good.write_text("a: 1\nb: [x, y]\n")
+    assert read_yaml(good, "a config") == {"a": 1, "b": ["x", "y"]}
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml(tmp_path / "empty.yaml", "a config") is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\nb: [x, y\nc: 3\n")
+    with pytest.raises(MyError, match=r"bad.yaml line \d+: not valid YAML .*expected a config; quote it"):
+        read_yaml(bad, "a config", MyError, hint="quote it")
+    with pytest.raises(MyError, match="missing.yaml: a config not found"):
+        read_yaml(tmp_path / "missing.yaml", "a config", MyError)
+    (tmp_path / "latin1.yaml").write_bytes("a: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MyError, match="latin1.yaml: cannot read a config"):
+        read_yaml(tmp_path / "latin1.yaml", "a config", MyError)
+    assert bad.read_text() == "a: 1\nb: [x, y\nc: 3\n"  # nothing written
