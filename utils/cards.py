@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 from . import models
 from .paths import adapter_root, final_adapter, from_root, shown
+from .runinfo import base_precision, method_text
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -73,8 +74,6 @@ def _card_root(run: dict) -> str:
 
 
 def model_card(run: dict, spec: dict) -> str:
-    from . import training  # training writes model cards: imported here, not at the top
-
     card = spec.get("card", {})
     rows = [
         ("Model Type", card.get("type", "Decoder-only Transformer")),
@@ -82,7 +81,7 @@ def model_card(run: dict, spec: dict) -> str:
         ("Base", f"`{run['base_model']}`"),
         (
             "Fine-Tuning",
-            f"{training.method_text(run)}, {training.base_precision(run)} base weights",
+            f"{method_text(run)}, {base_precision(run)} base weights",
         ),
         (
             "Trainable parameters",

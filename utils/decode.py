@@ -33,7 +33,7 @@ AGREEMENT_PROMPTS, AGREEMENT_TOKENS = 20, 32
 
 
 def agreement_prompts(n: int = AGREEMENT_PROMPTS) -> list[str]:
-    from .evaluation import load_domain_suite
+    from .suite import load_domain_suite
 
     return [item["prompt"] for item in load_domain_suite()][:n]
 
@@ -111,7 +111,7 @@ def llama_decode_rate(llama, prompts_ids: list[list[int]], new_tokens: int, repe
 
 
 def torch_decode_rate(model, tokenizer, prompts_ids: list[list[int]], new_tokens: int, repeats: int) -> dict:
-    from .benchmark import measure_variant
+    from .roofline import measure_variant
 
     res = measure_variant(model, tokenizer, prompts_ids, new_tokens, repeats)
     return {"decode_tokens_per_s": res["decode_tokens_per_s"], "latency_median_s": res["latency_median_s"],
@@ -166,7 +166,7 @@ def decode_rate(model: str, engine_name: str, new_tokens: int, repeats: int, dty
     net = loaded.model.eval()
     if dtype == "bf16":
         net = net.to(torch.bfloat16)
-    from .benchmark import weight_bytes_read_per_token
+    from .roofline import weight_bytes_read_per_token
 
     return {**torch_decode_rate(net, loaded.tokenizer, ids, new_tokens, repeats),
             "bytes_per_token": weight_bytes_read_per_token(net)}
@@ -247,7 +247,7 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
     from tqdm.auto import tqdm
 
     from . import models
-    from .benchmark import Bound, memory_bandwidth
+    from .roofline import Bound, memory_bandwidth
     from .system import machine
     from .io import write_json_atomically
     from .paths import MODELS, from_root
@@ -267,7 +267,7 @@ def decode_benchmark(models_list: list[str], models_dir: Path | None = None, out
         per_model.append(decode_model(model, adapter, new_tokens, repeats, dtype, train_steps, n_prompts))
     bandwidth.sample()
     rows = [r for m in per_model for r in m["rows"]]
-    from .benchmark import share_of_bound
+    from .roofline import share_of_bound
 
     for r in rows:  # every share against the best probe of the whole run
         r["roofline_tokens_per_s"] = bandwidth.best / r["bytes_per_token"]
@@ -313,7 +313,7 @@ def table(report: dict):
     """The rows as a DataFrame, for notebooks and the report."""
     import pandas as pd
 
-    from .benchmark import share_text
+    from .roofline import share_text
 
     return pd.DataFrame([{
         "model": r["model"], "variant": r["variant"], "engine": r["engine"], "form": r["form"],

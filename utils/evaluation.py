@@ -9,7 +9,6 @@ Means come with 95% bootstrap intervals and n. Results go to ``<report_dir>/eval
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import random
@@ -21,21 +20,17 @@ from typing import Sequence
 
 from . import chat, generation, hardware, judge as J, metrics, models, safety
 from .data import read_jsonl
-from .io import read_yaml, write_json_atomically, write_text_atomically
+from .io import write_json_atomically, write_text_atomically
 from .limits import REPLY_TOKENS
-from .store import code_key
-from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
+from .suite import DOMAIN_SUITE, EvaluationError, category_notes, load_domain_suite  # noqa: F401
+from .validity import validity_cached, validity_key  # noqa: F401
+from .paths import MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
 
-DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
 SUITES = ("both", "domain", "test")
 METRICS = ("words", "new_tokens", "latency_s", *metrics.GRADES, "distinct_2", "prompt_similarity",
            *metrics.REFERENCE, "judge_seconds")
 TEST_CATEGORY = "test split"
 WIN = ("win_rate", "low", "high")  # interval_text keys of a win-rate summary
-
-
-class EvaluationError(ValueError):
-    pass
 
 
 @dataclass
@@ -60,33 +55,6 @@ class EvalConfig:
     allow_judge_as_model: bool = False  # True lets the judge be a compared model (flagged in the report)
     loss_examples: int = 64  # validation conversations for held-out loss / perplexity
     models_dir: str = MODELS  # where trained adapters are (<models_dir>/<name>-lora/final)
-
-
-def load_domain_suite(path: Path = DOMAIN_SUITE) -> list[dict]:
-    """Items ``{id, category, prompt, reference, note}`` of the domain suite; a malformed entry
-    stops with the file, the entry and what was expected."""
-    path = Path(path)
-    doc = read_yaml(path, "the domain suite", EvaluationError)
-    if not isinstance(doc, dict) or not isinstance(doc.get("categories"), dict) or not doc.get("prompts"):
-        raise EvaluationError(f"{path}: expected a mapping with 'categories' (name -> rubric) and 'prompts'")
-    items = []
-    for i, p in enumerate(doc["prompts"]):
-        cat = p.get("category") if isinstance(p, dict) else None
-        if cat not in doc["categories"]:
-            raise EvaluationError(
-                f"{path}: prompts[{i}] has category {cat!r}; expected one of {sorted(doc['categories'])}"
-            )
-        if not isinstance(p.get("prompt"), str) or not p["prompt"].strip():
-            raise EvaluationError(f"{path}: prompts[{i}] has no prompt text")
-        items.append({"id": f"domain-{cat}-{i}", "category": cat, "prompt": p["prompt"],
-                      "history": [{"role": "user", "content": p["prompt"]}], "reference": p.get("reference"),
-                      "note": " ".join(doc["categories"][cat]["rubric"].split())})
-    return items
-
-
-def category_notes(path: Path = DOMAIN_SUITE) -> dict[str, str]:
-    """Each domain-suite category's rubric line, as the judge is given it."""
-    return {it["category"]: it["note"] for it in load_domain_suite(path)}
 
 
 def pick_examples(rows: Sequence[dict], n: int, seed: int) -> list[dict]:
@@ -255,52 +223,6 @@ def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
     if len(finals) >= 2:
         pairs.append((finals[0], finals[1]))
     return pairs
-
-
-def validity_key(judge, pairwise: bool = True, notes: bool = False) -> str:
-    """The validity study's cache file name: the judge's fingerprint (weights, dtype, every prompt
-    piece), the ladder (and the suite's rubric lines when graded with them), the code that formats,
-    grades and counts (``utils/chat.py``, ``utils/judge.py``, ``utils/validity.py``, comments and
-    docstrings aside) and the torch and transformers versions."""
-    import torch
-    import transformers
-
-    from . import chat, validity
-
-    code = [code_key(Path(m.__file__)) for m in (validity, J, chat)]
-    parts = ([validity.LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
-             + [torch.__version__.encode(), transformers.__version__.encode()])
-    ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
-    return f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
-
-
-def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False,
-                    score: bool = True) -> dict | None:
-    """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
-    compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
-    instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
-    prompts), ladder, suite rubric, the code and the library versions (``validity_key``): a cached
-    result is only ever one that this judge, this data and this code would compute again. ``score``
-    False: None when nothing is cached (nothing is scored)."""
-    from . import validity
-
-    cache = (cache_root or models.cache_dir()) / "validity" / validity_key(judge, pairwise, notes)
-    if cache.exists():
-        return json.loads(cache.read_text())
-    if not score:
-        return None
-    start = time.perf_counter()
-    rubric = category_notes() if notes else None
-    # the judge keeps every grade in its content cache as it is made, so a stopped scoring (30-60 minutes
-    # on 2 AVX2 cores) resumes where it stopped
-    result = validity.run(validity.judge_scorer(judge, rubric),
-                          pair_fn=validity.judge_pairs(judge) if pairwise else None)
-    result["notes"] = bool(notes)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu", "correctness_calibration")},
-                       "timing": judge.timing_summary()}
-    write_json_atomically(cache, result)
-    return result
 
 
 def evaluate(cfg: EvalConfig, log=print) -> dict:

@@ -10,6 +10,9 @@ matplotlib.use("Agg")  # no screen on servers and in papermill
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .pareto import is_judged, pareto_front, score_of  # noqa: E402
+from .runinfo import base_precision, method_text  # noqa: E402
+
 
 def plot_length_distribution(splits: Mapping[str, Sequence], path: Path | None = None):
     """Histogram of words per user and per assistant turn, one colour per split."""
@@ -36,7 +39,6 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
         points = run["loss_history"][split]
         if points:
             ax.plot([p["step"] for p in points], [p["loss"] for p in points], style, label=split)
-    from .training import base_precision, method_text
 
     title = f"{run['model']}: {method_text(run)}\n({base_precision(run)} base weights)"
     if run.get("random_init"):
@@ -183,8 +185,6 @@ def plot_pareto(sweep: Mapping, x: str, xlabel: str, path: Path | None = None, l
     """Quality (the judge's overall grade with its 95% interval, or minus the held-out loss without a
     judge) of every sweep trial against a cost; the trials on the Pareto front of this cost are
     joined and filled, the others hollow."""
-    from .sweep import is_judged, pareto_front, score_of
-
     sns.set_theme(style="whitegrid")
     trials = [t for t in sweep["trials"] if score_of(t) is not None and t.get(x) is not None]
     judged = bool(trials) and all(is_judged(t) for t in trials)

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 from .io import read_yaml, write_json_atomically, write_text_atomically
 from .limits import APPLIED_CHECK_TOKENS, REPLY_TOKENS
+from .pareto import is_judged, pareto_front, score_of  # noqa: F401  (sweep.pareto_front etc. stay importable)
 from .paths import final_adapter, from_root, shown
 
 CONFIG = "configs/sweep.yaml"
@@ -463,27 +464,6 @@ def work(cfg: dict, trials: Sequence[Trial], out: Path, url: str, log: Callable 
 
 
 # --------------------------------------------------------------------------- results
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """For (cost, value) points, lower cost and higher value better: True where no other point is
-    at least as good on both and better on one."""
-    front = []
-    for i, (c, v) in enumerate(points):
-        dominated = any((c2 <= c and v2 >= v) and (c2 < c or v2 > v) for j, (c2, v2) in enumerate(points) if j != i)
-        front.append(not dominated)
-    return front
-
-
-def is_judged(record: dict) -> bool:
-    return bool(record.get("quality")) and record["quality"].get("mean") is not None
-
-
-def score_of(record: dict) -> float | None:
-    """What ranks the trials: the judge's mean overall grade, or minus the held-out loss without a judge."""
-    if is_judged(record):
-        return record["quality"]["mean"]
-    return -record["heldout_loss"] if record.get("heldout_loss") is not None else None
 
 
 def collect(study) -> tuple[list[dict], list[dict]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import cards, chat, hardware, int8, models, system
+from .runinfo import METHOD_NAMES, PEFT_METHODS, PROMPT_LEARNING, base_precision, method_text  # noqa: F401
 from .io import OutputDirError, write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import PROCESSED, final_adapter, from_root, require, shown
 
@@ -31,8 +32,6 @@ TRAIN_DTYPES = hardware.COMPUTE_DTYPES
 # What is trained: LoRA and its variants, IA3 (learned rescaling vectors), prefix tuning (learned
 # key/value prefixes in every layer), prompt tuning (learned input embeddings), all through PEFT;
 # "full" trains every weight of the model (the ceiling the others are compared with).
-PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "full")
-PROMPT_LEARNING = ("prefix", "prompt")
 TRACKERS = ("tensorboard", "none")
 # target_modules aliases (besides a list of names): the preset's default, attention projections, every linear
 TARGET_ALIASES = ("default", "attention", "all-linear")
@@ -713,30 +712,6 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Stop before any work when the data splits are missing, naming the notebook that writes them."""
     for split in ("train", "validation"):
         require(from_root(cfg.data_dir) / f"{split}.jsonl", "01_data_prep.ipynb", TrainingError)
-
-
-METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
-                "full": "full fine-tuning"}
-
-
-def method_text(run: dict) -> str:
-    """What was trained, in words: "LoRA r=8 on q_proj, v_proj", "prompt tuning (16 virtual tokens)"."""
-    method, lora = run.get("peft_method", "lora"), run["lora"]
-    name = METHOD_NAMES[method]
-    if method in ("lora", "dora"):
-        if run.get("load_in_4bit"):
-            name = f"QLoRA ({name} on 4-bit NF4 weights)"
-        scaling = ", rsLoRA" if lora.get("rslora") else ""
-        return f"{name} r={lora['r']} alpha={lora['alpha']}{scaling} on {', '.join(lora['target_modules'])}"
-    if method == "ia3":
-        return f"IA3 on {', '.join(lora['target_modules'] or ['PEFT default modules'])}"
-    if method in PROMPT_LEARNING:
-        return f"{name} ({run['config']['num_virtual_tokens']} virtual tokens)"
-    return name
-
-
-def base_precision(run: dict) -> str:
-    return "4-bit NF4" if run.get("load_in_4bit") else "8-bit" if run["load_in_8bit"] else "full-precision"
 
 
 def summary(run: dict) -> str:

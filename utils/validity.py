@@ -13,14 +13,19 @@ the score cannot tell them apart.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
+import time
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 
-from .io import read_yaml
+from .io import read_yaml, write_json_atomically
 from .paths import DATA_DIR
+from .store import code_key
+from .suite import DOMAIN_SUITE, category_notes
 
 LADDER = DATA_DIR / "eval" / "validity_ladder.yaml"
 WRITTEN = ("good", "terse", "evasive", "wrong", "topical")
@@ -181,6 +186,51 @@ def judge_pairs(judge) -> Callable[[list[tuple[dict, dict]]], list[dict]]:
     return compare
 
 
+def validity_key(judge, pairwise: bool = True, notes: bool = False) -> str:
+    """The validity study's cache file name: the judge's fingerprint (weights, dtype, every prompt
+    piece), the ladder (and the suite's rubric lines when graded with them), the code that formats,
+    grades and counts (``utils/chat.py``, ``utils/judge.py``, ``utils/validity.py``, comments and
+    docstrings aside) and the torch and transformers versions."""
+    import torch
+    import transformers
+
+    from . import chat, judge as J
+
+    code = [code_key(Path(__file__))] + [code_key(Path(m.__file__)) for m in (J, chat)]
+    parts = ([LADDER.read_bytes()] + ([DOMAIN_SUITE.read_bytes()] if notes else []) + code
+             + [torch.__version__.encode(), transformers.__version__.encode()])
+    ladder_hash = hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+    return f"{judge.fingerprint()}-{ladder_hash}-{int(pairwise)}{'-notes' if notes else ''}.json"
+
+
+def validity_cached(judge, cache_root: Path | None = None, pairwise: bool = True, notes: bool = False,
+                    score: bool = True) -> dict | None:
+    """The validity ladder scored by ``judge`` (and, with ``pairwise``, good vs fluent-but-wrong
+    compared in both orders; with ``notes``, each prompt's category rubric line in the judge's
+    instructions, as the domain suite is graded), cached per judge fingerprint (weights, dtype,
+    prompts), ladder, suite rubric, the code and the library versions (``validity_key``): a cached
+    result is only ever one that this judge, this data and this code would compute again. ``score``
+    False: None when nothing is cached (nothing is scored)."""
+    from .models import cache_dir
+
+    cache = (cache_root or cache_dir()) / "validity" / validity_key(judge, pairwise, notes)
+    if cache.exists():
+        return json.loads(cache.read_text())
+    if not score:
+        return None
+    start = time.perf_counter()
+    rubric = category_notes() if notes else None
+    # the judge keeps every grade in its content cache as it is made, so a stopped scoring (30-60 minutes
+    # on 2 AVX2 cores) resumes where it stopped
+    result = run(judge_scorer(judge, rubric), pair_fn=judge_pairs(judge) if pairwise else None)
+    result["notes"] = bool(notes)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["judge"] = {**{k: judge.info.get(k) for k in ("model", "dtype", "cpu", "correctness_calibration")},
+                       "timing": judge.timing_summary()}
+    write_json_atomically(cache, result)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import judge as J
 
@@ -194,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="grade with each prompt's category rubric line (as the domain suite is graded)")
     args = ap.parse_args(argv)
     try:
-        from .evaluation import category_notes
-
         rubric = category_notes() if args.notes else None
         for row in ladder(Path(args.ladder)):  # a bad ladder stops before the judge loads (about a minute)
             try:
@@ -204,8 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise LadderError(f"{args.ladder}: {err}") from None
         judge = J.LLMJudge(args.judge, dtype=args.dtype)
         if Path(args.ladder).resolve() == LADDER.resolve():  # the evaluation's cache: computed once per judge
-            from .evaluation import validity_cached
-
             result = validity_cached(judge, pairwise=args.pairwise, notes=args.notes)
         else:
             result = run(judge_scorer(judge, rubric), Path(args.ladder), judge_pairs(judge) if args.pairwise else None)
@@ -229,8 +275,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"good > fluent-but-wrong (pairwise, both orders agree): {p['share']:.1%} (n={p['n']}, ties {p['ties']})")
     print(f"judge: {judge.info['model']} {judge.info['dtype']}, {result['judge']['timing']['grade']}")
     if args.out:
-        from .io import write_json_atomically
-
         write_json_atomically(Path(args.out), result)
     return 0
 

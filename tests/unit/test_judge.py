@@ -326,22 +326,22 @@ def test_ask_refuses_a_judge_whose_yes_is_not_one_token(tmp_path):
 
 
 def test_the_validity_cache_entry_changes_with_the_code_that_formats_grades_and_counts(monkeypatch):
-    from utils import evaluation
+    from utils import validity
 
     class Fingerprinted:
         def fingerprint(self):
             return "judge"
 
-    base = evaluation.validity_key(Fingerprinted())
-    real = evaluation.code_key
+    base = validity.validity_key(Fingerprinted())
+    real = validity.code_key
     for changed in ("chat.py", "judge.py", "validity.py"):
-        monkeypatch.setattr(evaluation, "code_key", lambda path, c=changed: real(path) + (b"x" if path.name == c
+        monkeypatch.setattr(validity, "code_key", lambda path, c=changed: real(path) + (b"x" if path.name == c
                                                                                           else b""))
-        assert evaluation.validity_key(Fingerprinted()) != base, changed
-    monkeypatch.setattr(evaluation, "code_key", lambda path: real(path) + (b"x" if path.name == "models.py" else b""))
-    assert evaluation.validity_key(Fingerprinted()) == base  # a file it does not read
-    monkeypatch.setattr(evaluation, "code_key", real)
-    assert evaluation.validity_key(Fingerprinted(), notes=True) != base
+        assert validity.validity_key(Fingerprinted()) != base, changed
+    monkeypatch.setattr(validity, "code_key", lambda path: real(path) + (b"x" if path.name == "models.py" else b""))
+    assert validity.validity_key(Fingerprinted()) == base  # a file it does not read
+    monkeypatch.setattr(validity, "code_key", real)
+    assert validity.validity_key(Fingerprinted(), notes=True) != base
 
 
 def test_the_validity_cache_key_ignores_comments_and_docstrings_but_not_code(tmp_path):
