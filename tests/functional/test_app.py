@@ -355,10 +355,12 @@ def test_the_default_screen_decides_the_help_notice(app):
     for row in safety.held_out(None, safety.CRISIS_SETS, "positive"):
         if (verdict := safety.crisis_check(row["text"])).screen is not None:
             asked.append((row["text"], verdict))
-        if {notice(v) for _, v in asked} == {True, False} or len(asked) == 8:
+        # (with the shipped fit the first eleven screened messages all get the notice, the twelfth not)
+        if {notice(v) for _, v in asked} == {True, False} or len(asked) == 40:
             break
     assert {notice(v) for _, v in asked} == {True, False}, asked
-    for text, verdict in asked:
+    checked = [a for a in asked if notice(a[1])][:3] + [a for a in asked if not notice(a[1])][:3]
+    for text, verdict in checked:
         at.text_area(key="prompt").input(text)
         at.button(key="generate").click().run()
         assert not at.exception, at.exception
