@@ -345,12 +345,12 @@ def test_the_validity_cache_entry_changes_with_the_code_that_formats_grades_and_
 
 
 def test_the_validity_cache_key_ignores_comments_and_docstrings_but_not_code(tmp_path):
-    from utils import evaluation
+    from utils import validity
 
     def key(src):
         path = tmp_path / "m.py"
         path.write_text(src)
-        return evaluation.code_key(path)
+        return validity.code_key(path)
 
     base = key('"""Module."""\nX = 1\n\n\ndef f(a):\n    """Doc."""\n    return a + X\n')
     assert key('"""Other words."""\nX = 1  # a comment\n\n\ndef f(a):\n    """More."""\n    return a + X\n') == base
