@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -59,14 +60,24 @@ def grade_pair(prompt: str, outputs: list[str], reference: str | None = None) ->
                                                          [reference] * len(outputs) if reference else None)
 
 
-@st.cache_resource(show_spinner="loading the safety classifiers and their LLM screen (the first time on a machine "
-                                "their fast path is fitted: about a minute) ...")
-def safety_models() -> bool:
-    """The crisis detector and the output filter: their fast paths fitted on first use on a machine
-    (about a minute), then loaded from the cache, their second stages shipped fitted; and the judge
-    LLM that screens what they cannot decide (``utils.safety``), loaded now so no message waits for it."""
-    safety.preload()
-    return True
+@st.cache_resource(show_spinner=False)
+def safety_loading() -> Future:
+    """The crisis detector and the output filter (``utils.safety``: fast paths fitted by ``make safety``
+    or on first use, second stages shipped fitted) and the judge LLM that screens what they cannot
+    decide, loaded in a background thread from the server's first page on, so the page is usable at once.
+    On a brand-new machine that load converts the judge's GGUF first (about 1-3 minutes on 2 cores)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-preload").submit(safety.preload)
+
+
+def safety_ready() -> None:
+    """Wait (with a spinner) until the safety models are loaded: every call to ``safety`` comes after this,
+    so no message is screened by a half-loaded model and the judge is never loaded twice."""
+    loading = safety_loading()
+    if not loading.done():
+        with st.spinner("loading the safety classifiers and the judge LLM that screens what they cannot decide "
+                        "(the first start on a machine converts the judge: about 1-3 minutes) ..."):
+            loading.result()
+    loading.result()  # raises here, on the page, if the load failed
 
 
 @st.cache_resource
@@ -80,6 +91,18 @@ def engine_available(name: str) -> bool:
     except engine.EngineError:
         return False
     return True
+
+
+def default_engine(engines: list[str], picked: list[serving.Choice]) -> str:
+    """llama.cpp when it is installed and both picked models are GGUF presets (it reads the shipped file
+    as it is: no conversion before the first reply), else torch."""
+    def gguf(choice: serving.Choice) -> bool:
+        try:
+            return models.resolve(choice.model).get("source") == "gguf"
+        except models.ModelError:
+            return False
+
+    return "llama.cpp" if "llama.cpp" in engines and picked and all(map(gguf, picked)) else "torch"
 
 
 def choices() -> list[serving.Choice]:
@@ -107,6 +130,7 @@ def draw_reply(box, text: str, truncated_to: int | None = None) -> None:
     """Every reply the dashboard shows is drawn here, on first display and on every rerun: the output
     filter decides whether it is shown or shown as blocked (with the reason), and a prompt cut to
     fit gets its notice."""
+    safety_ready()
     verdict = safety.output_check(text)
     if verdict.flag:
         box.error(f"Reply blocked by the output filter ({'; '.join(verdict.reasons)}).")
@@ -157,13 +181,17 @@ def compare_page():
     pick_a = col_a.selectbox("Model A", labels, index=a_default, key="model_a")
     pick_b = col_b.selectbox("Model B", labels, index=b_default, key="model_b")
     engines = [e for e in engine.ENGINES if e == "torch" or engine_available(e)]
+    picked = [options[labels.index(pick_a)], options[labels.index(pick_b)]] if options else []
     pick_engine = st.radio(
         "Engine",
         engines,
+        index=engines.index(default_engine(engines, picked)),
         horizontal=True,
         key="engine",
-        help="llama.cpp: the shipped GGUF, with the adapter exported to lora.gguf (utils/export.py); "
-        "GGUF presets only. Both sides use the same engine.",
+        help="llama.cpp (the default where both models are GGUF presets): the shipped GGUF, with the adapter "
+        "exported to lora.gguf (utils/export.py); it starts in a second, where torch first converts the GGUF "
+        "to a safetensors cache once per machine. torch: any model, the weights the evaluation uses. Both "
+        "sides use the same engine.",
     )
     side = {"A": dataclasses.replace(options[labels.index(pick_a)], engine=pick_engine),
             "B": dataclasses.replace(options[labels.index(pick_b)], engine=pick_engine)}
@@ -196,6 +224,7 @@ def compare_page():
         if not prompt.strip():
             st.warning("The prompt is empty: type something first.")
             return
+        safety_ready()
         if safety.crisis_flag(prompt):
             st.warning(safety.HELP_NOTICE)
         outputs = {}
@@ -385,7 +414,7 @@ def main():
     st.caption(safety.RESEARCH_NOTE)
     page = st.sidebar.radio("Page", ["Compare", "Blind arena", "Reports"], key="page")
     if page != "Reports":
-        safety_models()
+        safety_loading()  # starts loading in the background; the page does not wait for it
     {"Compare": compare_page, "Blind arena": arena_page, "Reports": reports_page}[page]()
 
 

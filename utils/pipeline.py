@@ -101,8 +101,8 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
         params = {**config.get(section, {}), "models": list(models), "models_dir": models_dir}
         if section == "evaluate":
             params.setdefault("data_dir", data_dir)
-        if quick:
-            params.update(QUICK[SECTIONS[section]])
+        if quick:  # the smoke-test sizes, but the models are the config's (the ones trained above)
+            params.update({k: v for k, v in QUICK[SECTIONS[section]].items() if k != "models"})
         steps.append(Step(name, SECTIONS[section], params))
     for step in steps:
         check_parameters(step, f"{source} [{step.name}]")

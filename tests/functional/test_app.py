@@ -94,6 +94,27 @@ def test_no_adapters_and_no_data(app, tmp_path):
     assert "no processed data" in _texts(at)
 
 
+def test_the_engine_is_llama_cpp_by_default_only_where_both_models_are_gguf_presets(app, monkeypatch, tmp_path):
+    from utils import engine
+
+    engine.check_engine("llama.cpp")  # installed by `make venv`: the default below needs it
+    at = app(models_dir=tmp_path / "empty-models")  # the tiny folder model on both sides: torch
+    assert at.radio(key="engine").value == "torch"
+    # two shipped GGUF presets (nothing is loaded until Generate): llama.cpp, which needs no conversion
+    monkeypatch.setenv("LORA_COMPARE_BASES", "smollm2-135m,gemma3-270m")
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.radio(key="engine").value == "llama.cpp" and at.radio(key="engine").options == ["torch", "llama.cpp"]
+    # one of them a folder: torch for both
+    monkeypatch.setenv("LORA_COMPARE_BASES", f"smollm2-135m,{tmp_path / 'empty-models'}")
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert at.radio(key="engine").value == "torch"
+
+
 def test_empty_prompt_gets_a_message(app):
     at = app()
     at.button(key="generate").click().run()

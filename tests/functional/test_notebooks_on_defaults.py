@@ -40,7 +40,7 @@ def _text(nb) -> str:
     return "\n".join(parts)
 
 
-def test_every_notebook_runs_top_to_bottom_on_its_own_defaults(tmp_path, monkeypatch):
+def test_every_notebook_runs_top_to_bottom_on_its_own_defaults(tmp_path, monkeypatch, capsys):
     repo = _fresh_copy(tmp_path / "clone")
     # the kernel imports `utils` from the copy (its paths then point into the copy), not from this checkout
     monkeypatch.setenv("PYTHONPATH", str(repo))
@@ -52,6 +52,8 @@ def test_every_notebook_runs_top_to_bottom_on_its_own_defaults(tmp_path, monkeyp
         NotebookClient(nb, kernel_name=KERNEL, timeout=1200,
                        resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
         seconds[name] = round(time.perf_counter() - start)
+        with capsys.disabled():  # the CI log shows where this test's time goes, notebook by notebook
+            print(f"\n  {name}: {seconds[name]} s", flush=True)
         nbformat.write(nb, tmp_path / name)  # kept for reading when an assertion below fails
         text = _text(nb)
         assert f"{params.QUICK_ENV}=1: smoke-test sizes" in text, name

@@ -77,6 +77,14 @@ def test_quick_plan_uses_tiny_sizes_and_a_separate_folder():
     assert steps[2].parameters["models_dir"] == "models/quick" and steps[2].parameters["num_examples"] == 4
 
 
+def test_a_quick_pipeline_evaluates_and_benchmarks_every_model_it_trains():
+    # notebooks 03 and 04 run by hand in quick mode take one model; the pipeline keeps its config's
+    steps = pipeline.plan({"models": ["smollm2-135m", "gemma3-270m"]}, quick=True)
+    by_name = {s.name: s.parameters for s in steps}
+    assert by_name["03_evaluate"]["models"] == by_name["04_benchmark"]["models"] == ["smollm2-135m", "gemma3-270m"]
+    assert by_name["03_evaluate"]["num_examples"] == 4 and by_name["04_benchmark"]["new_tokens"] == 6
+
+
 def test_unknown_training_parameter_and_model_override_are_refused():
     with pytest.raises(PipelineError, match=r"unknown parameter\(s\) \['lora_rank'\] for 02_train_lora.ipynb"):
         pipeline.plan({"models": ["gpt2"], "train": {"lora_rank": 4}})
