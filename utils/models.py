@@ -139,17 +139,42 @@ def _one_gguf_reader():
         gguf.GGUFReader = original
 
 
-def _convert_gguf(spec: dict) -> tuple[Path, str]:
-    """Dequantise the GGUF once into a safetensors folder keyed on the file's hash."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _gguf_source(spec: dict) -> tuple[Path, str, Path]:
+    """The GGUF file, its sha256, and the folder its conversion is kept in."""
     src = gguf_path(spec)
     digest = file_sha256(src)
     if "split" in spec and digest != spec["split"]["sha256"]:
         raise ModelError(f"{src} changed after it was verified (sha256 {digest}); delete it and load "
                          f"{spec['name']} again to rebuild it from its packages")
-    target = cache_dir() / f"{spec['name']}-{digest[:16]}"
+    return src, digest, cache_dir() / f"{spec['name']}-{digest[:16]}"
+
+
+def _gguf_tokenizer_folder(spec: dict) -> Path:
+    """A folder holding the GGUF's tokenizer: the converted model's when it exists, else the tokenizer
+    alone, read from the GGUF once and kept (llama.cpp reads the weights from the GGUF itself, so asking
+    for the tokenizer does not convert the weights; the tokenizer is the same object the conversion saves)."""
+    from transformers import AutoTokenizer
+
+    src, _, target = _gguf_source(spec)
+    if (target / "tokenizer_config.json").exists():
+        return target
+    alone = target.with_name(target.name + "-tokenizer")
+    if (alone / "tokenizer_config.json").exists():
+        return alone
+    print(f"reading the tokenizer of {src.name} (once; the weights are converted only when torch loads them) ...",
+          flush=True)
+    with _one_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    write_directory_atomically(alone, tokenizer.save_pretrained)
+    return alone
+
+
+def _convert_gguf(spec: dict) -> tuple[Path, str]:
+    """Dequantise the GGUF once into a safetensors folder keyed on the file's hash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, digest, target = _gguf_source(spec)
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return target, digest
     print(f"converting {src.name} to a safetensors cache (once; about a minute) ...", flush=True)
@@ -277,6 +302,8 @@ def _load_tokenizer(spec: dict, folder):
 def load_tokenizer(name: str, random_init: bool = False):
     """The tokenizer of a preset, folder or hub id, without loading the weights."""
     spec = resolve(name)
+    if spec["source"] == "gguf" and not random_init:
+        return _load_tokenizer(spec, _gguf_tokenizer_folder(spec))
     return _load_tokenizer(spec, weights_folder(spec, random_init)[0])
 
 

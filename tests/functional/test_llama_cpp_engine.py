@@ -125,3 +125,22 @@ def test_decode_benchmark_writes_the_rows_the_issue_asks_for(tmp_path, smollm2):
     assert target["lora_llama_cpp_vs_base_llama_cpp"] == pytest.approx(lora / base)
     assert target["lora_llama_cpp_vs_lora_torch"] == pytest.approx(lora / torch_lora)
     assert target["target_lora_at_least_base_rate"] == (lora >= base)
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
+def test_a_gguf_presets_tokenizer_is_read_without_converting_its_weights(preset, tmp_path, monkeypatch):
+    # the llama.cpp engine needs our tokenizer only: on a brand-new machine asking for it must not
+    # dequantise the whole model into the safetensors cache first
+    spec = models.resolve(preset)
+    converted = models._load_tokenizer(spec, models.weights_folder(spec)[0])  # the per-machine cache
+    monkeypatch.setenv("LORA_COMPARE_CACHE", str(tmp_path))
+    alone = models.load_tokenizer(preset)
+    assert not list(tmp_path.rglob("*.safetensors")), "the weights were converted"
+    assert models.load_tokenizer(preset).get_vocab() == alone.get_vocab()  # kept, read back the same
+    fmt = chat.chat_format(spec, converted)
+    texts = ["Hello there!", "I've been feeling anxious lately. Any tips?", "naïve café 東京 🙂\n\n  x"]
+    for text in texts:
+        messages = [{"role": "user", "content": text}]
+        assert prompt_ids(alone, messages, fmt) == prompt_ids(converted, messages, fmt), text
+    assert alone.get_vocab() == converted.get_vocab()
+    assert (alone.eos_token_id, alone.pad_token_id) == (converted.eos_token_id, converted.pad_token_id)
