@@ -253,6 +253,8 @@ def test_probe_kept_as_numbers_answers_as_the_fitted_regression():
 def test_the_cache_keys_cover_the_code_that_fits(monkeypatch):
     """Both fits are keyed by what their code computes: a change to a function that fits (not to its
     docstring) moves the key, so nothing fitted by other code is loaded."""
+    from utils.safety import cascade, fitcache
+
     rows = [{"text": "hello", "kind": "short", "label": 0}]
     screen = safety.Screen("crisis")
     fast, stage = safety._cache_folder("crisis", rows), safety._stage_key("crisis", rows, screen)
@@ -263,11 +265,13 @@ def test_the_cache_keys_cover_the_code_that_fits(monkeypatch):
         """Only the docstring differs from a plain call."""
         return original(blend, y, triggers, screen, max_fp)
 
-    monkeypatch.setattr(safety, "choose_rule", choose_rule)
+    monkeypatch.setattr(cascade, "choose_rule", choose_rule)  # where _stage_code reads it
     moved = safety._stage_key("crisis", rows, screen)
     assert moved["code"] != stage["code"] and {k for k in stage if moved[k] != stage[k]} == {"code"}
     assert safety._cache_folder("crisis", rows) == fast  # the fast path does not use the rule
-    monkeypatch.setattr(safety, "_cv_scores", lambda texts, y, folds=4, seed=0, what="": None)
+    cv_scores = lambda texts, y, folds=4, seed=0, what="": None  # noqa: E731
+    monkeypatch.setattr(fitcache, "_cv_scores", cv_scores)  # where _fast_code reads it
+    monkeypatch.setattr(cascade, "_cv_scores", cv_scores)  # where _stage_code reads it
     assert safety._cache_folder("crisis", rows) != fast
     assert safety._stage_key("crisis", rows, screen)["code"] != moved["code"]  # the rule is chosen on its scores
     # the code of the judge that reads the hidden states is part of it too
