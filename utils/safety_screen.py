@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import read_yaml
+from .paths import CONFIGS_DIR, shown
+
 # ---- the LLM screen: the judge asked one Yes/No question about texts the fast path cannot decide
 SCREENS = {
     "crisis": (
@@ -40,15 +43,25 @@ SCREENS = {
 
 
 # ---- the probe: a logistic regression on the judge LLM's hidden states, a second stage like the question.
-# What it reads (5-fold CV on the 801 crisis train rows, session 16, Qwen2.5-Coder-1.5B in bf16): the state at
-# the last position of the screen's question prompt, with the message inside it, gave AUC 0.984 alone and 0.993
-# averaged with the fast path, against 0.973 and 0.988 for the mean of the message's own tokens read without a
-# prompt (sessions 11-15); the question's P(Yes) from the same pass: 0.720. Depth kept from session 11's search
-# (layer 20 of 28); layers 14-26 were within 0.01 of it read this way. C (the inverse of the regularisation) is
-# chosen per cascade from ``c_grid`` on its own train split (session 19; until then one C = 0.1 for both, so a
-# change chosen on the crisis data moved the output filter too): see ``_Cascade._fit_probe``.
-PROBE = {"depth": 0.7, "c_grid": (0.1, 0.3, 1.0, 3.0), "folds": 5,
-         "reads": "the last position of the screen's question"}
+# Its recipe is set in configs/safety.yaml (``probe``; what it reads and why, measured: the comments there);
+# its C is chosen per cascade from ``c_grid`` on its own train split: see ``_Cascade._fit_probe``.
+CONFIG = CONFIGS_DIR / "safety.yaml"
+
+
+def _probe(path: Path = CONFIG) -> dict:
+    """``PROBE`` as ``path`` sets it, in the order written there (the order is part of the stage key)."""
+    settings = read_yaml(path, "the safety settings")
+    probe = settings.get("probe") if isinstance(settings, dict) else None
+    kinds = {"depth": float, "c_grid": list, "folds": int, "reads": str}
+    if (not isinstance(probe, dict) or list(probe) != list(kinds)
+            or not all(type(probe[k]) is kind for k, kind in kinds.items())
+            or not probe["c_grid"] or not all(type(c) is float for c in probe["c_grid"])):
+        raise ValueError(f"{shown(path)}: probe should hold depth (a float), c_grid (a list of floats), folds (an "
+                         f"int) and reads (text), in that order; got {probe!r}")
+    return {**probe, "c_grid": tuple(probe["c_grid"])}
+
+
+PROBE = _probe()
 
 
 @dataclass(frozen=True)
