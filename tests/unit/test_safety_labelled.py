@@ -79,11 +79,19 @@ def test_a_labelled_file_of_your_own_is_measured_whole_and_may_not_hold_training
         S.held_out(tmp_path / "nothere.yaml", S.CRISIS_DATA, "positive")
 
 
-EXTRA_CRISIS_SETS = sorted(p.name for p in safety.SAFETY_DATA.glob("crisis_*.yaml") if p != safety.CRISIS_DATA)
+EXTRA_CRISIS_SETS = sorted(p.relative_to(safety.SAFETY_DATA).as_posix()
+                           for p in safety.SAFETY_DATA.glob("*/crisis_*.yaml") if p != safety.CRISIS_DATA)
 
 
 def test_every_crisis_set_in_the_folder_is_checked_for_shared_texts():
-    assert len(EXTRA_CRISIS_SETS) >= 17 and "crisis_seventeenth.yaml" in EXTRA_CRISIS_SETS
+    assert len(EXTRA_CRISIS_SETS) >= 17 and "unseen/crisis_dementia_carers_scams.yaml" in EXTRA_CRISIS_SETS
+
+
+def test_the_sets_fitted_on_are_in_fitted_and_the_others_in_unseen():
+    """data/eval/safety/fitted/ holds exactly the sets the classifiers are fitted on; unseen/ only sets measured on."""
+    folders = {p.parent.name for p in safety.SAFETY_DATA.glob("*/*.yaml")}
+    assert folders == {"fitted", "unseen"} and not list(safety.SAFETY_DATA.glob("*.yaml"))
+    assert sorted(safety.SAFETY_DATA.glob("fitted/*.yaml")) == sorted(safety.CRISIS_SETS + safety.REPLY_SETS)
 
 
 @pytest.mark.parametrize("name", EXTRA_CRISIS_SETS)
@@ -101,8 +109,8 @@ def test_each_extra_held_out_set_shares_no_text_with_the_data_set_or_another_hel
     extra = norm(S.load_labelled(S.SAFETY_DATA / name, "positive"))
     assert len(extra) >= 80
     assert not extra & norm(S.load_labelled(S.CRISIS_DATA, "positive"))
-    for other in S.SAFETY_DATA.glob("crisis_*.yaml"):
-        if other.name not in (name, S.CRISIS_DATA.name):
+    for other in S.SAFETY_DATA.glob("*/crisis_*.yaml"):
+        if other not in (S.SAFETY_DATA / name, S.CRISIS_DATA):
             assert not extra & norm(S.load_labelled(other, "positive")), other.name
 
 
@@ -149,7 +157,7 @@ def test_the_ladders_harmless_texts_check_both_classifiers_and_none_of_them_is_i
     assert not {norm(r["text"]) for r in prompts} & crisis
 
 
-@pytest.mark.parametrize("name", ["unsafe_replies_fresh.yaml", "unsafe_replies_third.yaml"])
+@pytest.mark.parametrize("name", ["fitted/unsafe_replies_petty_crime.yaml", "unseen/unsafe_replies_home_family.yaml"])
 def test_each_held_out_reply_set_shares_no_text_with_the_reply_data_or_another(name):
     from utils import safety as S
 
@@ -160,6 +168,6 @@ def test_each_held_out_reply_set_shares_no_text_with_the_reply_data_or_another(n
     assert len(fresh) >= 40 and {r["label"] for r in fresh} == {0, 1}
     assert {r["kind"] for r in fresh} == {r["kind"] for r in S.load_labelled(S.REPLY_DATA, "unsafe")}
     assert not norm(fresh) & norm(S.load_labelled(S.REPLY_DATA, "unsafe"))
-    for other in S.SAFETY_DATA.glob("unsafe_replies_*.yaml"):
-        if other.name != name:
+    for other in S.SAFETY_DATA.glob("*/unsafe_replies_*.yaml"):
+        if other != S.SAFETY_DATA / name:
             assert not norm(fresh) & norm(S.load_labelled(other, "unsafe")), other.name

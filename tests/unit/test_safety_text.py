@@ -36,7 +36,8 @@ def test_no_english_text_of_the_repo_is_called_another_language():
     from utils.validity import ladder
 
     def texts_of(pattern: str, positive: str) -> list[str]:
-        return [r["text"] for p in sorted(safety.SAFETY_DATA.glob(pattern)) for r in safety.load_labelled(p, positive)]
+        return [r["text"] for p in sorted(safety.SAFETY_DATA.glob(f"*/{pattern}"))  # fitted/ and unseen/
+                for r in safety.load_labelled(p, positive)]
 
     texts = texts_of("crisis_*.yaml", "positive") + texts_of("unsafe_*.yaml", "unsafe")
     texts += [r["prompt"] for r in ladder()]

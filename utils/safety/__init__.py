@@ -4,7 +4,7 @@
   someone they describe, may be at risk of suicide or self-harm? A logistic regression
   (``TextClassifier``) on the frozen sentence embeddings of all-MiniLM-L6-v2 (the encoder the project
   already ships) and character n-grams, trained on the train split of
-  ``data/eval/safety/crisis_messages.yaml`` (440 messages, ten kinds: explicit, implicit, indirect,
+  ``data/eval/safety/fitted/crisis_messages.yaml`` (440 messages, ten kinds: explicit, implicit, indirect,
   third-person; and hyperbole, alarming words in benign use, negated, quoted, sad but not in crisis,
   everyday) and of the sets written later as unseen
   tests and added once measured, and short and phone-typed messages written as training data (``CRISIS_ADDED``;
@@ -28,7 +28,7 @@
   stage (rule, probe), which needs the judge to read every train text, ships fitted with the
   repository (``SHIPPED_FIT``, keyed by data, code and screen; a test keeps it current).
 - **Output filter** (``output_check``): a reply is blocked, with the reason, when the same kind of
-  classifier (trained on ``data/eval/safety/unsafe_replies.yaml`` and ``REPLY_ADDED``: harmful instructions,
+  classifier (trained on ``data/eval/safety/fitted/unsafe_replies.yaml`` and ``REPLY_ADDED``: harmful instructions,
   encouragement of self-harm, harassment; and safe replies, including safe talk about dangerous
   topics), or its LLM screen for replies it cannot decide, puts it in an unsafe kind, or when the
   configurable word list (``configs/safety.yaml``, ``blocked_terms``) matches: an extra, explicit layer.

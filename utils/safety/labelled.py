@@ -12,17 +12,20 @@ from ..paths import DATA_DIR
 from ..validity import ladder
 
 SAFETY_DATA = DATA_DIR / "eval" / "safety"
-CRISIS_DATA = SAFETY_DATA / "crisis_messages.yaml"
-# Sets written later as unseen tests, each measured once as written (docs/safety.md), then added to the data:
-# they are split by the same hash, so a quarter of each joins the held-out test split.
-CRISIS_ADDED = tuple(SAFETY_DATA / name for name in ("crisis_fresh.yaml", "crisis_third.yaml", "crisis_fourth.yaml",
-                                                     "crisis_short.yaml", "crisis_slang.yaml", "crisis_seventh.yaml",
-                                                     "crisis_ninth.yaml"))
-# crisis_short and crisis_slang: written as training data (their headers say why)
+FITTED_DATA = SAFETY_DATA / "fitted"  # the sets the classifiers are fitted on (their train split)
+UNSEEN_DATA = SAFETY_DATA / "unseen"  # sets only ever measured on
+CRISIS_DATA = FITTED_DATA / "crisis_messages.yaml"
+# Sets written later: the general ones as unseen tests, each measured as written (docs/safety.md), then added to
+# the data; crisis_short and crisis_slang as training data (their headers say why). They are split by the same
+# hash, so a quarter of each joins the held-out test split. The order is kept: the fits' keys hash the rows in it.
+CRISIS_ADDED = tuple(FITTED_DATA / name for name in ("crisis_plans_goodbyes.yaml", "crisis_in_progress.yaml",
+                                                     "crisis_self_injury.yaml", "crisis_short.yaml",
+                                                     "crisis_slang.yaml", "crisis_phone_typed.yaml",
+                                                     "crisis_after_ordinary_talk.yaml"))
 CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
-REPLY_DATA = SAFETY_DATA / "unsafe_replies.yaml"
-# the set measured once in session 11, then added; and short replies written as training data (its header says why)
-REPLY_ADDED = (SAFETY_DATA / "unsafe_replies_fresh.yaml", SAFETY_DATA / "unsafe_replies_short.yaml")
+REPLY_DATA = FITTED_DATA / "unsafe_replies.yaml"
+# a set measured once as an unseen test, then added; and short replies written as training data (its header says why)
+REPLY_ADDED = (FITTED_DATA / "unsafe_replies_petty_crime.yaml", FITTED_DATA / "unsafe_replies_short.yaml")
 REPLY_SETS = (REPLY_DATA, *REPLY_ADDED)
 
 
@@ -135,7 +138,7 @@ def ladder_prompts() -> list[dict]:
     return [{"text": p, "kind": "ladder prompt", "label": 0, "split": "test"} for p in prompts]
 
 
-OTHER_LANGUAGES = SAFETY_DATA / "other_languages.yaml"
+OTHER_LANGUAGES = UNSEEN_DATA / "other_languages.yaml"
 
 
 def _names(paths: Path | tuple[Path, ...]) -> str:

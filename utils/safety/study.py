@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="measure the detector and the output filter on their held-out splits")
     p.add_argument("--out", help="also write the figures to this JSON file")
     p.add_argument("--crisis-data", help="measure the crisis detector on every row of this labelled file instead "
-                   "(laid out like data/eval/safety/crisis_messages.yaml)")
+                   "(laid out like data/eval/safety/fitted/crisis_messages.yaml)")
     p.add_argument("--replies-data", help="measure the output filter on every row of this labelled file instead "
-                   "(laid out like data/eval/safety/unsafe_replies.yaml)")
+                   "(laid out like data/eval/safety/fitted/unsafe_replies.yaml)")
     p = sub.add_parser("verdicts", help="the crisis detector's verdict on each message, to compare two detectors")
     p.add_argument("--held-out", action="store_true", help="the held-out split of the detector's own data")
     p.add_argument("--crisis-data", nargs="+", default=[], help="every row of these labelled files (unseen sets)")
