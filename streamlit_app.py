@@ -404,7 +404,7 @@ def reports_page():
     if samples.exists():
         st.subheader("Sample outputs")
         st.dataframe(pd.DataFrame([json.loads(x) for x in samples.read_text().splitlines()]).drop(columns="id"))
-        st.caption("crisis_flag: the prompt or a reply mentions self-harm or a crisis (utils/safety.py).")
+        st.caption("crisis_flag: the prompt or a reply mentions self-harm or a crisis (utils/safety/).")
     if (run / "report.html").exists():
         st.download_button("Download report.html", (run / "report.html").read_bytes(), file_name=f"report-{pick}.html")
 

@@ -54,7 +54,7 @@ def dashboard(world: dict, extra_env: dict | None = None):
     env = {**os.environ, "LORA_COMPARE_MODELS_DIR": str(world["models"]), "LORA_COMPARE_DATA_DIR": str(world["data"]),
            "LORA_COMPARE_BASES": str(world["base"]), "LORA_COMPARE_RATINGS_DB": str(root / "ratings.sqlite"),
            "LORA_COMPARE_REPORTS_DIR": str(root / "reports"), "LORA_COMPARE_JUDGE": str(world["base"]),
-           "LORA_COMPARE_SAFETY_SCREEN": "none",  # the 1.5B screen is tested in tests/unit/test_safety.py
+           "LORA_COMPARE_SAFETY_SCREEN": "none",  # the 1.5B screen: tests/unit/test_safety_cascade.py
            **(extra_env or {})}
     port = _free_port()
     log = open(root / "streamlit.log", "w")

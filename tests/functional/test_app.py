@@ -37,7 +37,7 @@ def app(world, monkeypatch, tmp_path):
         monkeypatch.setenv("LORA_COMPARE_RATINGS_DB", str(tmp_path / "ratings.sqlite"))
         monkeypatch.setenv("LORA_COMPARE_BASES", str(world["base"]))
         monkeypatch.setenv("LORA_COMPARE_JUDGE", str(world["base"]))  # the tiny model stands in for the judge
-        # the safety classifiers without their LLM screen (tested in tests/unit/test_safety.py): loading
+        # the safety classifiers without their LLM screen (tested in tests/unit/test_safety_cascade.py): loading
         # the 1.5B judge would only slow these tests of how the dashboard draws what they decide
         # (test_the_default_screen_decides_the_help_notice below runs the default set-up, screen and all)
         if screen:

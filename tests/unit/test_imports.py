@@ -8,23 +8,50 @@ import pytest
 UTILS = Path(__file__).parents[2] / "utils"
 
 
+def module_names(folder: Path = UTILS) -> dict[str, Path]:
+    """Dotted name (relative to ``folder``) -> file, for the modules of ``folder`` and of its packages
+    (sub-folders with an ``__init__.py``); a package's ``__init__.py`` is named after the package."""
+    names = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
+    for init in sorted(folder.glob("*/**/__init__.py")):
+        package = init.parent
+        parts = package.relative_to(folder).parts
+        if all((folder.joinpath(*parts[:i + 1]) / "__init__.py").is_file() for i in range(len(parts))):
+            names[".".join(parts)] = init
+            names.update({".".join([*parts, p.stem]): p for p in package.glob("*.py") if p.stem != "__init__"})
+    return names
+
+
 def import_graph(folder: Path = UTILS) -> dict[str, set[str]]:
-    """module -> the modules of ``folder`` it imports anywhere in its code (relative or ``utils.`` imports)."""
-    modules = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    """module -> the modules of ``folder`` it imports anywhere in its code (relative or ``utils.`` imports).
+    A package's modules are named with dots (``safety.cascade``; the package's ``__init__.py``: ``safety``),
+    so an import circle inside a package, or through it, is found too."""
+    modules = module_names(folder)
+
+    def known(dotted: str) -> str | None:  # the module that holds this name (a module, or its package)
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
     graph = {}
-    for name in sorted(modules):
+    for name, path in sorted(modules.items()):
+        # the package relative imports start from: the module's own for a package's __init__.py
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         found = set()
-        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text(encoding="utf-8"))):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.ImportFrom):
                 continue
-            if node.level == 1:
-                targets = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
-            elif node.level == 0 and node.module and node.module.split(".")[0] == "utils":
-                parts = node.module.split(".")
-                targets = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+            module = node.module.split(".") if node.module else []
+            if node.level >= 1:
+                if node.level - 1 > len(here):
+                    continue  # above utils/
+                base = here[:len(here) - (node.level - 1)] + module
+            elif module[:1] == ["utils"]:
+                base = module[1:]
             else:
                 continue
-            found |= {t for t in targets if t in modules and t != name}
+            # each name imported: a module of its own (from . import judge), or a name in the nearest module above
+            targets = {known(".".join(base + [a.name])) for a in node.names}
+            found |= {t for t in targets if t and t != name}
         graph[name] = found
     return graph
 
@@ -74,6 +101,26 @@ def test_the_check_finds_a_circle_made_through_an_import_inside_a_function(tmp_p
     graph = import_graph(tmp_path)
     assert graph == {"alone": {"io"}, "high": {"low"}, "io": set(), "low": {"high", "io"}}
     assert circles(graph) == [["high", "low"]]
+
+
+def test_the_check_reads_a_package_and_finds_a_circle_inside_it_or_through_its_face(tmp_path):
+    (tmp_path / "io.py").write_text("x = 1\n")
+    (tmp_path / "user.py").write_text("from .pkg import f\nfrom utils.pkg.low import g\n")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .low import g\nfrom .high import f\n")
+    (pkg / "low.py").write_text("from ..io import x\nfrom .. import user\n\ndef g():\n    from . import high\n")
+    (pkg / "high.py").write_text("from .low import g\nfrom . import f  # a name of the package's face\n")
+    graph = import_graph(tmp_path)
+    assert graph == {"io": set(), "user": {"pkg", "pkg.low"}, "pkg": {"pkg.low", "pkg.high"},
+                     "pkg.low": {"io", "user", "pkg.high"}, "pkg.high": {"pkg.low", "pkg"}}
+    assert circles(graph) == [["pkg", "pkg.high", "pkg.low", "user"]]
+
+
+def test_the_safety_package_is_read_module_by_module():
+    graph = import_graph()
+    assert graph["safety"] >= {"safety.cascade", "safety.study"} and "safety" in graph["evaluation"]
+    assert graph["safety.cascade"] >= {"safety.classifiers", "judge"} and "safety" not in graph["safety.cascade"]
 
 
 @pytest.mark.parametrize("module, allowed", [("pareto", set()), ("runinfo", set()), ("limits", set()),
