@@ -12,8 +12,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 def test_quick_pipeline_end_to_end(tmp_path):
     cfg = tmp_path / "pipeline.yaml"
+    # the benchmark on torch only: decode on llama.cpp is run by the notebook test (04 on its defaults) and
+    # checked row by row in test_llama_cpp_engine.py; here it would only repeat them (about a minute)
     cfg.write_text(f"data:\n  output_dir: {tmp_path / 'processed'}\n  on_error: skip\n"
-                   f"models: [smollm2-135m]\nmodels_dir: {tmp_path / 'models'}\n")
+                   f"models: [smollm2-135m]\nmodels_dir: {tmp_path / 'models'}\nbenchmark:\n  engines: [torch]\n")
     reports = tmp_path / "reports"
     assert pipeline.main(["--quick", "--config", str(cfg), "--reports-dir", str(reports)]) == 0
     run = (reports / "latest").resolve()
