@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -800,10 +801,20 @@ def _calibration(judge: "LLMJudge") -> dict:
 _FITS: dict[str, dict] = {}  # calibration fits made or read in this process
 
 
-@lru_cache(maxsize=2)
 def shared(model: str = DEFAULT_JUDGE, dtype: str = "auto") -> "LLMJudge":
     """One loaded judge per (model, dtype) in this process: the dashboard's grader and the safety
-    screen use the same weights instead of loading them twice."""
+    screen use the same weights instead of loading them twice. Thread-safe: a second thread asking
+    while the first is still loading (the dashboard loads the safety screen's judge in the background)
+    waits for that judge instead of loading another copy."""
+    with _SHARED_LOCK:
+        return _shared(model, dtype)
+
+
+_SHARED_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=2)
+def _shared(model: str, dtype: str) -> "LLMJudge":
     return LLMJudge(model, dtype)
 
 

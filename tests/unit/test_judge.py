@@ -357,3 +357,30 @@ def test_the_validity_cache_key_ignores_comments_and_docstrings_but_not_code(tmp
     assert key('X = 1\n\n\ndef f(a):\n    return a + X\n') == base
     assert key('"""Module."""\nX = 2\n\n\ndef f(a):\n    """Doc."""\n    return a + X\n') != base
     assert key('"""Module."""\nX = 1\n\n\ndef f(a):\n    """Doc."""\n    return "a" + X\n') != base
+
+
+def test_two_threads_asking_for_the_shared_judge_at_once_load_it_once(monkeypatch):
+    # the dashboard loads the safety screen's judge in a background thread while a page may ask for the
+    # grader: the second caller waits for the first one's judge instead of loading a second copy
+    import threading
+    import time as clock
+
+    made = []
+
+    class SlowJudge:
+        def __init__(self, model, dtype):
+            clock.sleep(0.3)  # a load long enough for the other thread to ask meanwhile
+            made.append((model, dtype))
+
+    monkeypatch.setattr(J, "LLMJudge", SlowJudge)
+    J._shared.cache_clear()
+    try:
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(J.shared("some-judge", "fp32"))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert made == [("some-judge", "fp32")] and len(got) == 3 and got[0] is got[1] is got[2]
+    finally:
+        J._shared.cache_clear()
