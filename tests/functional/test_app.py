@@ -115,6 +115,32 @@ def test_the_engine_is_llama_cpp_by_default_only_where_both_models_are_gguf_pres
     assert at.radio(key="engine").value == "torch"
 
 
+def test_the_page_is_usable_while_the_safety_models_load_and_a_message_waits_for_them(app, monkeypatch):
+    # the safety classifiers and their judge load in a background thread from the first page on (on a
+    # brand-new machine the judge is converted first, minutes): the page does not wait; Generate does
+    import threading
+
+    from utils import safety
+
+    release, finished, real_preload = threading.Event(), [], safety.preload
+
+    def held_preload():
+        release.wait(60)  # held until the test lets it go
+        real_preload()
+        finished.append(True)
+
+    monkeypatch.setattr(safety, "preload", held_preload)
+    at = app()
+    assert not finished, "the page waited for the safety models"
+    assert [s.label for s in at.selectbox] == ["Model A", "Model B"]  # usable at once
+    at.text_area(key="prompt").input("say cat 3")
+    threading.Timer(2, release.set).start()  # the load ends while Generate is waiting for it
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert finished, "a message was screened before the safety models were loaded"
+    assert [m.label for m in at.metric].count("tokens/s") == 2
+
+
 def test_empty_prompt_gets_a_message(app):
     at = app()
     at.button(key="generate").click().run()
