@@ -124,8 +124,8 @@ def _one_gguf_reader():
     """Inside: the ``gguf`` package's reader parses each file once. transformers reads the GGUF three times
     for one conversion (tokenizer, config, weights), and each read parses every metadata field in Python,
     the tokenizer's vocabulary included (151k strings for Qwen2.5; the judge's conversion took 58-61 s
-    with this instead of 63-79 s on 2 AVX-512-BF16 cores). The parsed reader is only read from (fields, and tensors as memory maps),
-    so the same one can serve all three."""
+    with this instead of 63-79 s on 2 AVX-512-BF16 cores). The parsed reader is only read from (fields,
+    and tensors as memory maps), so the same one can serve all three."""
     import gguf
 
     with _GGUF_PATCH:  # one patch at a time: two threads patching at once could leave the memo installed
