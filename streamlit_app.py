@@ -27,6 +27,7 @@ from utils.limits import REPLY_TOKENS
 from utils.benchmark import share_text
 from utils.data import read_jsonl
 from utils.paths import MODELS_DIR, PROCESSED_DIR, REPORTS_DIR
+from utils.suite import EXAMPLE_PROMPTS, FIRST_PROMPT
 
 MODELS = Path(os.environ.get("LORA_COMPARE_MODELS_DIR", MODELS_DIR))
 DATA = Path(os.environ.get("LORA_COMPARE_DATA_DIR", PROCESSED_DIR))
@@ -213,6 +214,11 @@ def compare_page():
         history, prompt, reference = chat.split_prompt(row)
         st.text_area("Prompt", prompt, disabled=True, key="val_prompt_view")
     else:
+        examples = st.columns(len(EXAMPLE_PROMPTS))
+        for column, (category, example) in zip(examples, EXAMPLE_PROMPTS.items()):
+            if column.button(category, key=f"example_{category}", help=example, use_container_width=True):
+                st.session_state["prompt"] = example
+        st.session_state.setdefault("prompt", FIRST_PROMPT)
         prompt = st.text_area("Prompt", key="prompt", placeholder="Ask both models something ...")
         history = None
 

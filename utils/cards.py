@@ -42,6 +42,8 @@ def render_data_card(card: Mapping) -> str:
         "## Cleaning",
         f"- duplicates removed: {card['duplicates_removed']['exact']} exact, "
         f"{card['duplicates_removed']['near']} near (case/space/punctuation-insensitive)",
+        f"- conversations removed because a turn is a near-copy of an evaluation text (data/eval/): "
+        f"{len({(x['file'], x['line']) for x in card.get('evaluation_leaks_removed', [])})}",
         f"- empty or unanswered turns dropped: {card['empty_turns_dropped']}",
         "- PII redactions: " + ", ".join(f"{k} {v}" for k, v in card["pii_redactions"].items()),
         f"- rows skipped: {len(card['skipped_rows'])}",
@@ -51,6 +53,10 @@ def render_data_card(card: Mapping) -> str:
     if card["skipped_rows"]:
         out += ["", "### Skipped rows", _table(["file", "line", "reason"],
                 [[Path(r["file"]).name, r["line"], r["reason"]] for r in card["skipped_rows"]])]
+    if card.get("evaluation_leaks_removed"):
+        out += ["", "### Removed: near-copies of evaluation texts", _table(["file", "line", "turn", "evaluation set"],
+                [[Path(x["file"]).name, x["line"], x["text"][:80], x["evaluation_file"]]
+                 for x in card["evaluation_leaks_removed"]])]
     if card.get("files_without_new_rows"):
         out += ["", "Files that added no new conversation: " + ", ".join(card["files_without_new_rows"])]
     out += ["", "## Lengths (words)"]
@@ -65,6 +71,15 @@ def render_data_card(card: Mapping) -> str:
             "", "![length distribution](length_distribution.png)", ""]
     return "\n".join(out)
 
+
+
+def corpus_table(profile: dict[str, dict]) -> str:
+    """Markdown table of ``utils.data.corpus_profile``: what a corpus's data card shows per category."""
+    return _table(["category", "conversations", "multi-turn", "replies", "words p10", "median", "p90", "max",
+                   "replies of 30-120 words"],
+                  [[name, p["conversations"], f"{p['multi_turn']} ({p['multi_turn'] / p['conversations']:.0%})",
+                    p["replies"], p["words_p10"], p["words_median"], p["words_p90"], p["words_max"],
+                    f"{p['within_30_120']:.0%}"] for name, p in profile.items()])
 
 
 def _card_root(run: dict) -> str:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import pii
 from .io import OutputDirError, write_directory_atomically
-from .paths import EMBEDDED_CORPUS, PROCESSED, chatterbot_corpus_dir
+from .paths import DEFAULT_CORPUS, EVAL_DIR, PROCESSED, embedded_corpus_files, is_embedded
 
 SPLITS = ("train", "validation", "test")
 OUTPUT_FILES = tuple(f"{s}.jsonl" for s in SPLITS) + (
@@ -59,13 +59,15 @@ _OPENAI_ROLES = {"user", "assistant", "system"}
 class PrepareConfig:
     """Parameters of ``notebooks/01_data_prep.ipynb`` (its parameters cell is generated from this class)."""
 
-    input_path: str | list = EMBEDDED_CORPUS  # JSONL/YAML file, folder, list of them, or the embedded corpus
+    input_path: str | list = DEFAULT_CORPUS  # JSONL/YAML file, folder, list of them, or an embedded corpus
+    # by name: "embedded:supportive-chat" (the project's own, see its CARD.md) or "embedded:chatterbot-corpus"
+    # (the ChatterBot package's short trivia exchanges)
     output_dir: str = PROCESSED  # relative paths are taken from the repository root
     val_fraction: float = 0.1  # share of conversations in the validation split
     test_fraction: float = 0.1  # share of conversations in the test split
     seed: int = 42  # the split is deterministic for a given seed
     on_error: str = "skip"  # "skip": drop malformed rows, named (file:line) in the data card and the summary below;
-    # "raise": stop at the first one. The embedded corpus has one (trivia.yml:35, a string where a list belongs).
+    # "raise": stop at the first one. The ChatterBot corpus has one (trivia.yml:35, a string where a list belongs).
     schema: str | None = None  # None: detect per file; or one of prompt_response, context_response, alpaca,
     # openai, sharegpt, chatterbot
 
@@ -295,14 +297,17 @@ def _read_chatterbot(path: Path) -> Iterator[tuple[int, list[dict] | RowError]]:
 
 
 def resolve_inputs(input_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand the ``input_path`` parameter (a file, a folder, the embedded corpus or a list of those)."""
+    """Expand the ``input_path`` parameter (a file, a folder, an embedded corpus or a list of those)."""
     items = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
     if not items:
         raise DataError("input_path is empty; expected a file, a folder or a list of files")
     files: list[Path] = []
     for item in items:
-        if str(item) == EMBEDDED_CORPUS:
-            files.extend(sorted(chatterbot_corpus_dir().glob("*.yml")))
+        if is_embedded(item):
+            try:
+                files.extend(embedded_corpus_files(item))
+            except ValueError as err:
+                raise DataError(str(err)) from None
             continue
         path = Path(item)
         if path.is_dir():
@@ -446,6 +451,49 @@ def to_record(conv: Conversation) -> dict:
     return {"id": conversation_id(conv), "source": conv.source, "messages": conv.messages}
 
 
+# --------------------------------------------------------------------------- leakage into evaluation
+
+LEAK_MIN_WORDS = 4  # shorter evaluation texts ("Diamond.", "thanks") are too common to count as a leak
+
+
+def evaluation_texts(folder: Path = EVAL_DIR) -> dict[str, tuple[str, str]]:
+    """``near_key(text) -> (file, text)`` for every text of at least ``LEAK_MIN_WORDS`` words in the
+    evaluation sets (every YAML under ``folder``, recursively: the domain suite, the validity ladder,
+    the judge's calibration set, the safety sets): prompts, messages and replies alike."""
+    found: dict[str, tuple[str, str]] = {}
+
+    def walk(node, file: str) -> None:
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value, file)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, file)
+        elif isinstance(node, str) and len(node.split()) >= LEAK_MIN_WORDS:
+            found.setdefault(near_key(node), (file, node))
+
+    for path in sorted(folder.rglob("*.y*ml")):
+        try:
+            walk(yaml.safe_load(path.read_text(encoding="utf-8")), str(path.relative_to(folder.parent)))
+        except yaml.YAMLError as err:
+            raise DataError(f"cannot read an evaluation set ({err}); expected YAML", path) from None
+    return found
+
+
+def evaluation_leaks(convs: Iterable[Conversation], folder: Path = EVAL_DIR) -> list[dict]:
+    """The turns of ``convs`` (user or assistant) that are near-copies (``near_key``: case, spaces and
+    punctuation ignored) of an evaluation text: training on them would leak the evaluation into the model."""
+    texts = evaluation_texts(folder)
+    leaks = []
+    for conv in convs:
+        for turn, m in enumerate(conv.messages):
+            hit = texts.get(near_key(m["content"]))
+            if hit is not None:
+                leaks.append({"file": conv.file, "line": conv.line, "turn": turn, "role": m["role"],
+                              "text": m["content"], "evaluation_file": hit[0], "evaluation_text": hit[1]})
+    return leaks
+
+
 # --------------------------------------------------------------------------- statistics, writing
 
 
@@ -472,6 +520,26 @@ def length_stats(convs: Sequence[Conversation]) -> dict:
         "assistant_words": _describe(words["assistant"]),
         "turns_per_conversation": _describe([len(c.messages) for c in convs]),
     }
+
+
+def corpus_profile(convs: Sequence[Conversation]) -> dict[str, dict]:
+    """Per source (a JSONL file's name: a category of the embedded corpus) and for all: conversations,
+    multi-turn ones (two or more user turns), and the assistant replies' words (quartiles, p10/p90, the
+    share within 30-120 words). What a corpus's data card states (``cards.corpus_table``)."""
+    groups: dict[str, list[Conversation]] = {}
+    for conv in convs:
+        groups.setdefault(conv.source, []).append(conv)
+    groups["all"] = list(convs)
+    out = {}
+    for name, rows in groups.items():
+        words = sorted(len(m["content"].split()) for c in rows for m in c.messages if m["role"] == "assistant")
+        q = statistics.quantiles(words, n=20, method="inclusive") if len(words) > 1 else words * 19
+        out[name] = {"conversations": len(rows),
+                     "multi_turn": sum(sum(m["role"] == "user" for m in c.messages) >= 2 for c in rows),
+                     "replies": len(words), "words_p10": round(q[1]), "words_median": round(statistics.median(words)),
+                     "words_p90": round(q[17]), "words_max": words[-1],
+                     "within_30_120": round(sum(30 <= w <= 120 for w in words) / len(words), 3)}
+    return out
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -509,6 +577,9 @@ def prepare(input_path, output_dir, val_fraction: float = PrepareConfig.val_frac
     convs = read_inputs(files, schema=schema, on_error=on_error, report=report)
     pii_counts = redact_conversations(convs)
     kept, dup = deduplicate(convs)
+    leaks = evaluation_leaks(kept)
+    leaked = {(x["file"], x["line"]) for x in leaks}
+    kept = [c for c in kept if (c.file, c.line) not in leaked]
 
     contributed = Counter(c.file for c in kept)
     empty_files = [str(f) for f in files if contributed[str(f)] == 0]
@@ -531,6 +602,8 @@ def prepare(input_path, output_dir, val_fraction: float = PrepareConfig.val_frac
         "counts_by_source": {s: dict(sorted(Counter(c.source for c in rows).items())) for s, rows in splits.items()},
         "prompt_groups": {s: len({near_key(c.first_user) for c in rows}) for s, rows in splits.items()},
         "duplicates_removed": dup,
+        "evaluation_leaks_removed": [{k: x[k] for k in ("file", "line", "role", "text", "evaluation_file")}
+                                     for x in leaks],
         "empty_turns_dropped": report.empty_turns_dropped,
         "pii_redactions": {k: pii_counts.get(k, 0) for k in pii.PLACEHOLDERS},
         "skipped_rows": report.skipped,
@@ -562,6 +635,11 @@ def summary(card: dict) -> str:
         worst = max(d["by_source"].items(), key=lambda kv: kv[1]) if d["by_source"] else None
         lines.append(f"De-duplication removed {d['total']} ({d['exact']} exact, {d['near']} near)"
                      + (f", most of them from {worst[0]} ({worst[1]})." if worst else "."))
+    leaked = card.get("evaluation_leaks_removed", [])
+    if leaked:
+        n = len({(x["file"], x["line"]) for x in leaked})
+        lines.append(f"Removed {n} conversation(s) with a turn that is a near-copy of an evaluation text "
+                     f"(first: {Path(leaked[0]['file']).name}:{leaked[0]['line']}, in {leaked[0]['evaluation_file']}).")
     redacted = {k: v for k, v in card["pii_redactions"].items() if v}
     lines.append("PII redacted: " + (", ".join(f"{v} {k}" for k, v in redacted.items()) if redacted else "none found")
                  + ".")

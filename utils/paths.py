@@ -12,14 +12,40 @@ MODELS = "models"
 CONFIGS_DIR = ROOT / "configs"
 DATA_DIR = ROOT / "data"
 RAW_DIR = DATA_DIR / "raw"
+EVAL_DIR = DATA_DIR / "eval"  # every evaluation set: the domain suite, the ladder, the calibration and safety sets
 PROCESSED_DIR = ROOT / PROCESSED
 MODELS_DIR = ROOT / MODELS
 NOTEBOOKS_DIR = ROOT / "notebooks"
 REPORTS_DIR = ROOT / "reports"
 
-# Sentinel accepted wherever an input path is expected: the English ChatterBot corpus
-# shipped by the PyPI package ``chatterbot-corpus`` (converted at run time, never committed).
-EMBEDDED_CORPUS = "embedded:chatterbot-corpus"
+# Names accepted wherever an input path is expected (``embedded:<name>``), for the corpora that come
+# with a clone: "supportive-chat", the project's own conversations (data/corpus/supportive-chat/, its
+# data card there: CARD.md), the default; and "chatterbot-corpus", the English ChatterBot corpus shipped
+# by the PyPI package ``chatterbot-corpus`` (read from the installed package, never committed).
+EMBEDDED_PREFIX = "embedded:"
+SUPPORTIVE_CORPUS = "embedded:supportive-chat"
+CHATTERBOT_CORPUS = "embedded:chatterbot-corpus"
+DEFAULT_CORPUS = SUPPORTIVE_CORPUS
+SUPPORTIVE_CORPUS_DIR = DATA_DIR / "corpus" / "supportive-chat"
+
+
+def is_embedded(value) -> bool:
+    """``value`` names an embedded corpus (``embedded:<name>``), not a path."""
+    return isinstance(value, str) and value.startswith(EMBEDDED_PREFIX)
+
+
+def embedded_corpus_files(name: str) -> list[Path]:
+    """The files of the embedded corpus ``name`` (``embedded:supportive-chat`` or
+    ``embedded:chatterbot-corpus``); an unknown name is refused with the known ones."""
+    if name == SUPPORTIVE_CORPUS:
+        files = sorted(SUPPORTIVE_CORPUS_DIR.glob("*.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{name}: no .jsonl files in {SUPPORTIVE_CORPUS_DIR}")
+        return files
+    if name == CHATTERBOT_CORPUS:
+        return sorted(chatterbot_corpus_dir().glob("*.yml"))
+    raise ValueError(f"input_path={name!r}: unknown embedded corpus; expected "
+                     f"{SUPPORTIVE_CORPUS!r} or {CHATTERBOT_CORPUS!r}, or a file or folder path")
 
 
 def chatterbot_corpus_dir() -> Path:
@@ -98,7 +124,7 @@ def require(path: str | Path, notebook: str, error: type[Exception] = MissingInp
 
 
 def input_paths(value):
-    """``from_root`` for the ``input_path`` parameter: a path, the embedded-corpus sentinel or a list."""
+    """``from_root`` for the ``input_path`` parameter: a path, an embedded corpus's name or a list."""
     if isinstance(value, (list, tuple)):
         return [input_paths(v) for v in value]
-    return value if str(value) == EMBEDDED_CORPUS else from_root(value)
+    return value if is_embedded(value) else from_root(value)

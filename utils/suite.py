@@ -10,6 +10,16 @@ from .io import read_yaml
 from .paths import DATA_DIR
 
 DOMAIN_SUITE = DATA_DIR / "eval" / "domain_suite.yaml"
+# The dashboard's Compare page opens on the original write-up's own prompt (it is in the suite); one example
+# per category of the suite and of the default corpus fills the prompt box on a click. None is in the corpus
+# (a test checks).
+FIRST_PROMPT = "I've been feeling anxious lately."
+EXAMPLE_PROMPTS = {
+    "everyday advice": "My landlord has not fixed the heating for three weeks. What can I do?",
+    "emotional support": FIRST_PROMPT,
+    "factual": "How does a microwave oven heat food?",
+    "crisis-adjacent": "I can't see the point in anything any more and I don't know who to tell.",
+}
 
 
 class EvaluationError(ValueError):

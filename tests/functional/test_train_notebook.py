@@ -5,7 +5,7 @@ import nbformat
 import pytest
 
 from utils import data, pipeline
-from utils.paths import EMBEDDED_CORPUS
+from utils.paths import DEFAULT_CORPUS
 from utils.pipeline import Step
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_train_notebook_on_smollm2(tmp_path):
     processed = tmp_path / "processed"
-    data.prepare(EMBEDDED_CORPUS, processed, on_error="skip")
+    data.prepare(DEFAULT_CORPUS, processed, on_error="skip")
     out = tmp_path / "smollm2-lora"
     params = {"model": "smollm2-135m", "data_dir": str(processed), "output_dir": str(out), "max_steps": 3,
               "eval_steps": 3, "save_steps": 3, "batch_size": 2, "max_seq_len": 128, "max_train_examples": 12,

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from utils import data
 from utils.data import Conversation, DataError
+from utils.paths import CHATTERBOT_CORPUS
 
 
 def _pairs(n, prefix="q"):
@@ -77,8 +78,8 @@ def test_chatterbot_yaml_with_line_numbers(tmp_path):
     assert report.skipped == [{"file": str(f), "line": 9, "reason": "conversation must be a list of strings"}]
 
 
-def test_embedded_corpus_resolves_to_installed_yaml_files():
-    files = data.resolve_inputs(data.EMBEDDED_CORPUS)
+def test_chatterbot_corpus_resolves_to_installed_yaml_files():
+    files = data.resolve_inputs(CHATTERBOT_CORPUS)
     assert len(files) >= 15 and all(f.suffix == ".yml" for f in files)
     assert any(f.stem == "tech_support" for f in files)
 

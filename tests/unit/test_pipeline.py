@@ -29,7 +29,7 @@ def test_config_errors_name_the_file(tmp_path):
 def test_default_config_plans_valid_steps():
     steps = pipeline.plan(pipeline.load_config())
     assert steps[0].name == "01_data_prep"
-    assert pipeline.param(steps[0], "input_path") == "embedded:chatterbot-corpus"
+    assert pipeline.param(steps[0], "input_path") == "embedded:supportive-chat"
 
 
 def test_latest_symlink_is_replaced_atomically(tmp_path):
