@@ -322,7 +322,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                 judge, [(prompts[i], per_example[a][i]["reply"], per_example[b][i]["reply"]) for i in rows],
                 lambda it, a=a, b=b: tqdm(it, desc=f"{a} vs {b}", unit="batch", leave=False))
             compared = [items[i] for i in rows]
-            pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed),
+            lengths = ([per_example[a][i]["words"] for i in rows], [per_example[b][i]["words"] for i in rows])
+            pairwise[f"{a} vs {b}"] = {"a": a, "b": b, **pairwise_summary(verdicts, cfg.seed, lengths),
                                        "by_category": {c: pairwise_summary([v for v, it in zip(verdicts, compared)
                                                                             if it["category"] == c], cfg.seed)
                                                        for c in categories(compared)},
@@ -393,13 +394,34 @@ def categories(items: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(it["category"] for it in items))
 
 
-def pairwise_summary(verdicts: Sequence[dict], seed: int) -> dict:
-    """Win rate of A (ties half) with a bootstrap interval, wins/ties/losses, and the mean preference."""
+def pairwise_summary(verdicts: Sequence[dict], seed: int,
+                     lengths: tuple[Sequence[float], Sequence[float]] | None = None) -> dict:
+    """Win rate of A (ties half) with a bootstrap interval, wins/ties/losses, the mean preference, and,
+    given both sides' reply lengths (words), the length-controlled win rate
+    (``metrics.length_controlled_win_rate``) under ``length_controlled``."""
     if not verdicts:
         return {"n": 0, "win_rate": None, "low": None, "high": None, "wins": 0, "ties": 0, "losses": 0}
     a = [1.0 if v["verdict"] == "A" else 0.0 if v["verdict"] == "B" else 0.5 for v in verdicts]
-    return {**metrics.win_rate(a, [1.0 - x for x in a], seed=seed),
-            "mean_preference": metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)}
+    out = {**metrics.win_rate(a, [1.0 - x for x in a], seed=seed),
+           "mean_preference": metrics.bootstrap_ci([v["p_a"] for v in verdicts], seed=seed)}
+    if lengths is not None:
+        out["length_controlled"] = metrics.length_controlled_win_rate(a, *lengths, seed=seed)
+    return out
+
+
+def length_disagreement(w: dict | None) -> str | None:
+    """A sentence when the raw and the length-controlled win rates point different ways (one excludes
+    0.5 and the other does not, or they sit on opposite sides); None when they agree."""
+    lc = (w or {}).get("length_controlled")
+    if not w or not w.get("n") or not lc or lc.get("win_rate") is None:
+        return None
+    side = lambda s: "A" if s["low"] > 0.5 else "B" if s["high"] < 0.5 else "-"  # noqa: E731
+    raw, controlled = side(w), side(lc)
+    if raw == controlled:
+        return None
+    says = {"A": "favours the first", "B": "favours the second", "-": "cannot tell them apart"}
+    return (f"the raw win rate {says[raw]} ({metrics.interval_text(w, keys=WIN)}) but at equal length the "
+            f"verdicts {says[controlled]} ({metrics.interval_text(lc, keys=WIN)}): length drives the raw verdict")
 
 
 def _direction(w: dict | None, d: dict | None) -> str:
@@ -424,6 +446,9 @@ def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain 
             bits.append(f"overall grade {metrics.interval_text(d, signed=True)} (n={d['n']})")
         if w and w.get("n"):
             bits.append(f"{a} wins {metrics.interval_text(w, keys=WIN)} of {w['n']} pairwise verdicts")
+            if w.get("length_controlled", {}).get("win_rate") is not None:
+                bits.append(f"{metrics.interval_text(w['length_controlled'], keys=WIN)} length-controlled"
+                            + (f" ({length_disagreement(w)})" if length_disagreement(w) else ""))
         if words and words.get("mean") is not None:
             bits.append(f"replies {metrics.interval_text(words, 1, signed=True)} words")
         return "; ".join(bits)
@@ -461,6 +486,8 @@ def verdict_sentences(pairs, pairwise: dict, differences: dict) -> list[str]:
                 parts.append(f"the judge prefers {b} ({span})")
             else:
                 parts.append(f"the judge's pairwise verdicts cannot tell them apart ({span})")
+            if length_disagreement(w):
+                parts.append(length_disagreement(w))
         better, worse, unclear = [], [], []
         n = None
         for m in metrics.GRADES:
@@ -521,6 +548,7 @@ def pairwise_table(result: dict):
     import pandas as pd
 
     return pd.DataFrame([{"comparison": k, "win rate": metrics.interval_text(w, keys=WIN),
+                          "length-controlled": metrics.interval_text(w.get("length_controlled"), keys=WIN),
                           "wins/ties/losses": f"{w['wins']}/{w['ties']}/{w['losses']}", "n": w["n"]}
                          for k, w in result["pairwise"].items()])
 

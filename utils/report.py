@@ -393,10 +393,14 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
         parts += ["<h3>Overall grade by category</h3>", _table(["model"] + cats, rows),
                   _img(figs / "categories.png", "Overall grade by category")]
     if m.get("pairwise"):
-        rows = [[html.escape(k), _interval(w, keys=("win_rate", "low", "high")),
+        win = ("win_rate", "low", "high")
+        rows = [[html.escape(k), _interval(w, keys=win),
+                 _interval(w["length_controlled"], keys=win) if w.get("length_controlled") else "–",
                  f"{w['wins']}/{w['ties']}/{w['losses']}", w["n"]] for k, w in m["pairwise"].items() if w["n"]]
-        parts += ["<h3>Pairwise judgements (both orders)</h3><p>Win rate of the first model, ties count half.</p>",
-                  _table(["comparison", "win rate", "wins/ties/losses", "n"], rows)]
+        parts += ["<h3>Pairwise judgements (both orders)</h3><p>Win rate of the first model, ties count half. "
+                  "Length-controlled: the same verdicts with reply length taken out (a logistic model of the win on "
+                  "the length difference, after AlpacaEval 2's length-controlled win rate; utils/metrics.py).</p>",
+                  _table(["comparison", "win rate", "length-controlled", "wins/ties/losses", "n"], rows)]
     if m.get("grade_differences"):
         rows = [[html.escape(k)] + [_interval(d[g]) for g in ("overall", "relevance", "coherence", "words")]
                 for k, d in m["grade_differences"].items()]

@@ -351,3 +351,25 @@ def test_the_ladder_is_graded_the_way_each_part_of_the_suite_is():
     assert escape(evaluation.VALIDITY_VIEWS["validity_notes"]) in html
     only_suite = "".join(report._validity_html({"validity": None, "validity_notes": noted}))
     assert only_suite.count("<h2>Score validity") == 1
+
+
+def test_pairwise_summary_has_a_length_controlled_rate_and_says_when_it_disagrees():
+    """A wins exactly where its reply is longer (80% of prompts): the raw rate favours A, the
+    length-controlled one cannot tell them apart, and the verdict sentence says length drives it."""
+    import numpy as np
+
+    from utils.evaluation import length_disagreement, pairwise_summary, verdict_sentences
+
+    rng = np.random.default_rng(3)
+    la = rng.integers(10, 90, 64)
+    lb = np.where(rng.random(64) < 0.8, la - rng.integers(1, 40, 64), la + rng.integers(1, 40, 64))
+    verdicts = [{"verdict": "A" if x > y else "B", "p_a": 1.0 if x > y else 0.0} for x, y in zip(la, lb)]
+    w = pairwise_summary(verdicts, seed=0, lengths=(la.tolist(), lb.tolist()))
+    assert w["low"] > 0.5 and w["length_controlled"]["low"] <= 0.5 <= w["length_controlled"]["high"]
+    assert "length drives the raw verdict" in length_disagreement(w)
+    sentences = verdict_sentences([("x", "y")], {"x vs y": w}, {"x vs y": {}})
+    assert "length drives the raw verdict" in sentences[0]
+    fair = pairwise_summary([{"verdict": "A", "p_a": 1.0}] * 50 + [{"verdict": "B", "p_a": 0.0}] * 14, seed=0,
+                            lengths=(rng.integers(10, 90, 64).tolist(), rng.integers(10, 90, 64).tolist()))
+    assert fair["length_controlled"]["low"] > 0.5 and length_disagreement(fair) is None
+    assert "length_controlled" not in pairwise_summary(verdicts, seed=0)

@@ -140,3 +140,46 @@ def test_seconds_per_reply_counts_every_pass_of_the_judge():
     assert metrics.seconds_per_reply(timing) == 7.0  # (20 + 8) / 4; pairwise comparisons are not replies
     assert metrics.seconds_per_reply({"grade": {"calls": 3, "seconds": 6.0}}) == 2.0
     assert metrics.seconds_per_reply({"grade": {"calls": 0, "seconds": 0.0}}) is None
+
+
+def _verdicts_by_length(seed: int, n: int = 64, a_longer: float = 0.8):
+    """Reply lengths of A and B for n prompts, A the longer in about ``a_longer`` of them."""
+    rng = np.random.default_rng(seed)
+    la = rng.integers(10, 90, n)
+    lb = np.where(rng.random(n) < a_longer, la - rng.integers(1, 40, n), la + rng.integers(1, 40, n))
+    return rng, la, lb
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_controlled_win_rate_sees_through_length(seed):
+    """The longer reply always wins, and A is the longer in ~80% of prompts: the raw win rate is high,
+    the length-controlled one near 0.5, its interval holding 0.5; the slope says longer wins."""
+    _, la, lb = _verdicts_by_length(seed)
+    outcome = (la > lb).astype(float)
+    raw = metrics.win_rate(outcome, 1 - outcome)
+    lc = metrics.length_controlled_win_rate(outcome, la, lb, n_boot=300, seed=seed)
+    assert raw["low"] > 0.6
+    assert abs(lc["win_rate"] - 0.5) < 0.1 and lc["low"] <= 0.5 <= lc["high"], lc
+    assert lc["length_slope"] > 0 and lc["n"] == len(la)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_controlled_win_rate_keeps_a_real_advantage(seed):
+    """A wins 80% whatever the lengths: the controlled rate stays with the raw one and excludes 0.5;
+    with ties as halves and noise in the judge (the longer wins 85%), it falls back towards 0.5."""
+    rng, la, lb = _verdicts_by_length(seed)
+    better = (rng.random(la.size) < 0.8).astype(float)
+    lc = metrics.length_controlled_win_rate(better, la, lb, n_boot=300, seed=seed)
+    assert abs(lc["win_rate"] - better.mean()) < 0.05 and lc["low"] > 0.5
+    noisy = np.where(rng.random(la.size) < 0.85, (la > lb).astype(float), (la < lb).astype(float))
+    noisy = np.where(rng.random(la.size) < 0.2, 0.5, noisy)
+    raw = metrics.win_rate(noisy, 1 - noisy)
+    assert metrics.length_controlled_win_rate(noisy, la, lb, n_boot=300)["win_rate"] < raw["win_rate"] - 0.05
+
+
+def test_length_controlled_win_rate_edge_cases():
+    assert metrics.length_controlled_win_rate([], [], [])["win_rate"] is None
+    same = metrics.length_controlled_win_rate([1, 1, 0.5], [10, 20, 30], [10, 20, 30], n_boot=50)
+    assert same["win_rate"] == pytest.approx(2.5 / 3) and same["length_slope"] is None  # nothing to control
+    with pytest.raises(ValueError, match="differ in number"):
+        metrics.length_controlled_win_rate([1, 0], [1], [2])
