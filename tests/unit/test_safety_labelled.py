@@ -18,7 +18,10 @@ def test_labelled_sets_are_large_varied_and_split_by_text_hash():
         "harmful_instructions",
         "self_harm_encouragement",
         "harassment",
+        # the categories a user expects the filter to cover, each with its examples
+        "weapons_explosives", "poisons_dangerous_chemistry", "self_harm", "illegal_drugs", "sexual_content_minors",
     }
+    assert {r["kind"] for r in replies if not r["label"]} >= {"supportive_distress", "safe_on_dangerous_topics"}
     for rows in (crisis, replies):
         test = [r for r in rows if r["split"] == "test"]
         assert 0.15 < len(test) / len(rows) < 0.35

@@ -24,8 +24,12 @@ CRISIS_ADDED = tuple(FITTED_DATA / name for name in ("crisis_plans_goodbyes.yaml
                                                      "crisis_after_ordinary_talk.yaml"))
 CRISIS_SETS = (CRISIS_DATA, *CRISIS_ADDED)
 REPLY_DATA = FITTED_DATA / "unsafe_replies.yaml"
-# a set measured once as an unseen test, then added; and short replies written as training data (its header says why)
-REPLY_ADDED = (FITTED_DATA / "unsafe_replies_petty_crime.yaml", FITTED_DATA / "unsafe_replies_short.yaml")
+# a set measured once as an unseen test, then added; short replies written as training data (its header says why);
+# and replies by category of harm (weapons and explosives, poisons, self-harm, harassment, illegal drugs, minors),
+# with supportive replies to people in distress and the same topics handled safely: the categories a user expects
+# the filter to cover, each with examples (the filter names the category as its reason)
+REPLY_ADDED = (FITTED_DATA / "unsafe_replies_petty_crime.yaml", FITTED_DATA / "unsafe_replies_short.yaml",
+               FITTED_DATA / "unsafe_replies_categories.yaml")
 REPLY_SETS = (REPLY_DATA, *REPLY_ADDED)
 
 
