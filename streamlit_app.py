@@ -324,7 +324,9 @@ def leaderboard():
     if not votes:
         st.caption("No votes yet.")
         return
-    wr, bt = ratings.win_rates(votes), ratings.bradley_terry(votes)
+    wr, arena = ratings.win_rates(votes), ratings.arena_ratings(votes)
+    rated = arena["models"]
+    bracket = lambda lo_hi: f"[{lo_hi[0]:.0f}, {lo_hi[1]:.0f}]"  # noqa: E731
     st.dataframe(
         pd.DataFrame(
             [
@@ -333,13 +335,20 @@ def leaderboard():
                     "games": s["games"],
                     "win rate": round(s["win_rate"], 3),
                     "95% CI": metrics.interval_text(s, keys=(None, "low", "high")),
-                    "Bradley-Terry (Elo scale)": round(bt.get(m, 1000)),
+                    "Bradley-Terry (Elo scale)": f"{rated[m]['rating']:.0f} {bracket(rated[m]['interval'])}",
+                    "length-controlled": f"{rated[m]['controlled']:.0f} {bracket(rated[m]['controlled_interval'])}",
                 }
-                for m, s in sorted(wr.items(), key=lambda kv: -bt.get(kv[0], 0))
+                for m, s in sorted(wr.items(), key=lambda kv: -rated[kv[0]]["rating"])
             ]
         ),
         hide_index=True,
     )
+    if arena["length_coef"] is not None:
+        st.caption(f"Length-controlled: the Bradley-Terry fit with the replies' normalised length difference as a "
+                   f"covariate (style control, as Chatbot Arena does); its coefficient here is "
+                   f"{arena['length_coef']:+.2f} "
+                   f"({'longer' if arena['length_coef'] > 0 else 'shorter'} replies tend to win). "
+                   "Intervals: 95% bootstrap over votes.")
     st.caption(
         "Human calibration, the judge's grades vs your 1-5 ratings of the same replies (Spearman, 95% interval): "
         + ratings.agreement_text(ratings.agreement(votes))

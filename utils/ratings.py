@@ -151,32 +151,75 @@ def win_rates(votes: list[dict]) -> dict[str, dict]:
     return stats
 
 
-def bradley_terry(votes: list[dict], iterations: int = 200, prior: float = 0.5) -> dict[str, float]:
-    """Bradley-Terry strengths by the MM algorithm (Hunter 2004), ties as half a win each way,
-    with ``prior`` virtual wins against an average opponent so that undefeated models stay finite.
-    Returned on an Elo-like scale: 400 * log10(strength) + 1000, mean strength 1."""
-    names = sorted({v["model_a"] for v in votes} | {v["model_b"] for v in votes})
-    if not names:
-        return {}
+ELO = 400 / math.log(10)  # a logistic coefficient on the Elo scale
+ARENA_C = 1.0  # inverse L2 strength of the arena's fits (each vote enters twice, once from each side)
+
+
+def _bt_logistic(votes: list[dict], names: list[str], length: bool) -> tuple[np.ndarray, float | None]:
+    """Bradley-Terry strengths as a logistic regression (one column per model: +1 on A's side, -1 on
+    B's; ties as half a win each way; L2 with C = 1, about a virtual game per model, so an unbeaten
+    model stays finite), with a column for the normalised length difference
+    (len A - len B) / (len A + len B) in words, divided by its standard deviation, when ``length``:
+    Chatbot Arena's style control."""
+    from sklearn.linear_model import LogisticRegression
+
     idx = {n: i for i, n in enumerate(names)}
-    k = len(names)
-    wins = np.full(k, prior)
-    games = np.zeros((k, k))
+    rows, labels, weights = [], [], []
     for v in votes:
         if v["vote"] == "both_bad":
             continue
-        a, b = idx[v["model_a"]], idx[v["model_b"]]
-        games[a, b] += 1
-        games[b, a] += 1
-        wins[a] += 1.0 if v["vote"] == "A" else 0.5 if v["vote"] == "tie" else 0.0
-        wins[b] += 1.0 if v["vote"] == "B" else 0.5 if v["vote"] == "tie" else 0.0
-    p = np.ones(k)
-    for _ in range(iterations):
-        denom = np.array([sum(games[i, j] / (p[i] + p[j]) for j in range(k) if j != i) + 2 * prior / (p[i] + 1)
-                          for i in range(k)])
-        p = wins / denom
-        p = p / np.exp(np.mean(np.log(p)))
-    return {n: float(400 * math.log10(p[idx[n]]) + 1000) for n in names}
+        x = np.zeros(len(names) + int(length))
+        x[idx[v["model_a"]]], x[idx[v["model_b"]]] = 1.0, -1.0
+        if length:
+            la, lb = (len(str(v.get(k) or "").split()) for k in ("output_a", "output_b"))
+            x[-1] = (la - lb) / (la + lb) if la + lb else 0.0
+        won = 1.0 if v["vote"] == "A" else 0.5 if v["vote"] == "tie" else 0.0
+        rows += [x, x, -x, -x]  # and the same vote seen from B's side: both classes always present
+        labels += [1, 0, 0, 1]
+        weights += [won, 1.0 - won, won, 1.0 - won]
+    X, y, w = np.array(rows), np.array(labels), np.array(weights)
+    if length and X[:, -1].std() > 0:  # standardised, as the arena's style control does
+        X[:, -1] = X[:, -1] / X[:, -1].std()
+    keep = w > 0
+    if not keep.any():
+        return np.zeros(len(names)), None
+    fit = LogisticRegression(C=ARENA_C, fit_intercept=False, max_iter=1000).fit(X[keep], y[keep], sample_weight=w[keep])
+    coef = fit.coef_[0]
+    strengths = coef[:len(names)] - coef[:len(names)].mean()
+    return strengths, (float(coef[-1]) if length else None)
+
+
+def arena_ratings(votes: list[dict], n_boot: int = 200, seed: int = 0) -> dict:
+    """The leaderboard's ratings on the Elo scale (1000 = the average model): Bradley-Terry as it is,
+    and with the replies' length difference as a covariate (style control, as Chatbot Arena does),
+    each with a 95% percentile bootstrap interval over votes. ``length_coef`` > 0: the longer reply
+    tends to win the vote (per standard deviation of the normalised difference). A linear control: where
+    voters pick the longer reply whatever the margin (a step in length), part of it stays with the model
+    that writes longer; the evaluation's pairwise reading (``metrics.length_controlled_win_rate``)
+    handles that case."""
+    names = sorted({v["model_a"] for v in votes} | {v["model_b"] for v in votes})
+    if not names:
+        return {"models": {}, "length_coef": None}
+    raw, _ = _bt_logistic(votes, names, length=False)
+    controlled, coef = _bt_logistic(votes, names, length=True)
+    rng = np.random.default_rng(seed)
+    boots_raw, boots_lc = [], []
+    for _ in range(n_boot):
+        sample = [votes[i] for i in rng.integers(0, len(votes), len(votes))]
+        present = {v["model_a"] for v in sample} | {v["model_b"] for v in sample}
+        r, _ = _bt_logistic(sample, names, length=False)
+        c, _ = _bt_logistic(sample, names, length=True)
+        missing = [i for i, n in enumerate(names) if n not in present]  # a model absent from a resample: no rating
+        r[missing], c[missing] = np.nan, np.nan
+        boots_raw.append(r)
+        boots_lc.append(c)
+    br, bc = np.array(boots_raw), np.array(boots_lc)
+    ci = lambda b, i: (float(1000 + ELO * np.nanquantile(b[:, i], 0.025)),  # noqa: E731
+                       float(1000 + ELO * np.nanquantile(b[:, i], 0.975)))
+    return {"models": {n: {"rating": float(1000 + ELO * raw[i]), "interval": ci(br, i),
+                           "controlled": float(1000 + ELO * controlled[i]), "controlled_interval": ci(bc, i)}
+                       for i, n in enumerate(names)},
+            "length_coef": coef, "n": sum(v["vote"] != "both_bad" for v in votes)}
 
 
 def spearman_interval(x: list[float], y: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:

@@ -92,18 +92,39 @@ def test_win_rates_count_ties_half():
     assert wr["y"]["wins"] == 1.5
 
 
-def test_bradley_terry_two_models_by_hand():
-    # x beats y 3 times out of 4: strengths 3:1, geometric mean 1 -> sqrt(3) and 1/sqrt(3);
-    # on the Elo scale 1000 +/- 400*log10(sqrt(3)) = 1000 +/- 95.42
-    votes = [_vote("x", "y", "A")] * 2 + [_vote("y", "x", "B"), _vote("y", "x", "A")]
-    bt = ratings.bradley_terry(votes, prior=0.0)
-    assert bt["x"] == pytest.approx(1095.42, abs=0.01) and bt["y"] == pytest.approx(904.58, abs=0.01)
-
-
-def test_bradley_terry_prior_keeps_undefeated_finite_and_orders():
+def test_arena_ratings_order_and_keep_an_unbeaten_model_finite():
     votes = [_vote("a", "b", "A")] * 3 + [_vote("b", "c", "A")] * 3
-    bt = ratings.bradley_terry(votes)
-    assert bt["a"] > bt["b"] > bt["c"] and all(abs(v) < 5000 for v in bt.values())
+    r = ratings.arena_ratings(votes, n_boot=50)["models"]
+    assert r["a"]["rating"] > r["b"]["rating"] > r["c"]["rating"] and all(abs(v["rating"]) < 5000 for v in r.values())
+    assert all(v["interval"][0] <= v["rating"] <= v["interval"][1] for v in r.values())
+    assert sum(v["rating"] - 1000 for v in r.values()) == pytest.approx(0, abs=1e-6)
+
+
+def test_arena_ratings_length_control_sees_through_verbosity():
+    """Voters prefer the longer reply (the chance rises with the normalised length difference, as the
+    style control models it) and neither model is better; "long" writes longer in most games. The plain
+    rating puts "long" well ahead; the length-controlled one puts them close, intervals overlapping."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    votes = []
+    for _ in range(300):
+        la, lb = int(rng.integers(40, 120)), int(rng.integers(10, 70))  # "long" and "short" reply lengths
+        p_long = 1 / (1 + np.exp(-8 * (la - lb) / (la + lb)))
+        long_won = rng.random() < p_long
+        if rng.random() < 0.5:
+            votes.append({**_vote("long", "short", "A" if long_won else "B"), "output_a": "w " * la,
+                          "output_b": "w " * lb})
+        else:
+            votes.append({**_vote("short", "long", "B" if long_won else "A"), "output_a": "w " * lb,
+                          "output_b": "w " * la})
+    arena = ratings.arena_ratings(votes, n_boot=100)
+    r = arena["models"]
+    raw_gap = r["long"]["rating"] - r["short"]["rating"]
+    assert raw_gap > 150 and r["long"]["interval"][0] > r["short"]["interval"][1]
+    assert abs(r["long"]["controlled"] - r["short"]["controlled"]) < 0.25 * raw_gap
+    assert r["long"]["controlled_interval"][0] < r["short"]["controlled_interval"][1]
+    assert arena["length_coef"] > 0
 
 
 def test_agreement_spearman():
