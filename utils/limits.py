@@ -8,8 +8,9 @@ from __future__ import annotations
 
 REPLY_TOKENS = {
     "dashboard": 96,   # the Compare page's and the arena's starting value (the settings panel can change it)
-    "evaluation": 128,  # notebook 03: each model's replies to the domain suite and the test split (the default
-    # corpus's replies run to about 70 words, 90-110 tokens: a cap of 64 cut most of them mid-sentence)
+    "evaluation": 64,  # notebook 03: each model's replies to the domain suite and the test split (the default
+    # corpus's replies run to about 70 words, ~90 tokens: in its default run this cap cut about half of the
+    # fine-tuned replies, at about 42 words; 128 keeps them whole at about twice the judge's time)
     "sweep": 48,       # the sweep's quality check per trial (configs/sweep.yaml: quality.max_new_tokens)
 }
 # The sweep's check that a learned prefix or prompt changes the output at all: a few tokens say it.
