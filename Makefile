@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline lint safety safety-fit validate cold-start test test-fast lab app benchmark sweep tracker strip clean
+.PHONY: venv pipeline lint safety safety-fit validate cold-start test test-fast lab app serve benchmark sweep tracker strip clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,13 @@ lab: $(STAMP)
 # The dashboard on http://127.0.0.1:8501 (settings in .streamlit/config.toml)
 app: safety
 	$(VENV)/bin/streamlit run streamlit_app.py $(ARGS)
+
+# An OpenAI-compatible server for one model on 127.0.0.1 (llama.cpp engine): a preset name serves its
+# fine-tuned adapter when one is trained (ADAPTER=none: the base; ADAPTER=<folder under models/>: that one).
+MODEL ?= smollm2-135m
+PORT ?= 8000
+serve: $(STAMP)
+	$(PY) -m utils.openai_server --model $(MODEL) --port $(PORT) $(if $(ADAPTER),--adapter $(ADAPTER),)
 
 # Training throughput (this repo's recipe vs the tutorial recipe, fp32 vs 8-bit; about 7 minutes), then
 # decode on torch vs llama.cpp with token agreement (about 8 minutes); JSON under reports/benchmarks/
