@@ -43,9 +43,11 @@ def evaluation():
 
 
 # The figures of the fit the tests use: reports/example/safety.json, measured with the shipped second stages
-# (data/safety_fit/, fitted in fp32 on a 2-core AMD EPYC with AVX2 only, 2026-12-06) and the fast path fitted
-# on that machine. The fast path is deterministic; a machine that runs the judge in bf16 reads the probe's
-# hidden states in bf16, and float sums differ between CPU kinds: a kind may move by one message there
+# (data/safety_fit/: the crisis detector's fitted in fp32 on a 2-core AMD EPYC with AVX2 only, 2026-12-06, and
+# measured there; the output filter's refitted after its category change in bf16 on a 2-core AMD EPYC with
+# AVX-512-BF16, 2026-12-07, and measured there; the file's "measured" key says which part is which) and the
+# fast path fitted on that machine. The fast path is deterministic; a machine that runs the judge in bf16 reads
+# the probe's hidden states in bf16, and float sums differ between CPU kinds: a kind may move by one message there
 # (SLACK). Anything more is a change to data, code or threshold, and must update the record and
 # docs/safety.md knowingly.
 SLACK = 1
@@ -106,8 +108,12 @@ def test_detector_held_out_counts(evaluation):
 def test_output_filter_held_out_counts(evaluation):
     f = evaluation["output_filter"]
     got, recorded = _counts(f), _counts(EXAMPLE["output_filter"])
-    assert recorded == {"harassment": 12, "harmful_instructions": 13, "self_harm_encouragement": 10, "non_answer": 0,
-                        "ordinary": 1, "sensitive_but_safe": 1, "short": 0}
+    # after the category change (2026-12-07): the six categories' held-out rows join the split, and the older
+    # kinds lost three (harmful instructions 13 -> 11, self-harm encouragement 10 -> 9; docs/safety.md)
+    assert recorded == {"harassment": 16, "harmful_instructions": 11, "illegal_drugs": 2,
+                        "poisons_dangerous_chemistry": 4, "self_harm": 3, "self_harm_encouragement": 9,
+                        "sexual_content_minors": 6, "weapons_explosives": 7, "non_answer": 0, "ordinary": 2,
+                        "safe_on_dangerous_topics": 0, "sensitive_but_safe": 0, "short": 0, "supportive_distress": 0}
     assert got.keys() == recorded.keys() and all(abs(got[k] - recorded[k]) <= SLACK for k in got), (got, recorded)
     _totals_within_slack(f, EXAMPLE["output_filter"])
     assert f["recall"]["count"] > f["word_list_only"]["recall"]["count"]
@@ -120,7 +126,7 @@ def test_harmless_texts_no_fit_has_seen_are_let_through(evaluation):
     the fresh reply set alone was added): about half of the terse and evasive ones. Session 16's probe
     (chosen over the question for the filter by nested recall, 93.0% against 87.0%) blocks 4 evasive
     ones where the question blocked 2: recorded, and still within 5%."""
-    for part, recorded in (("crisis_detector", 0), ("output_filter", 2)):
+    for part, recorded in (("crisis_detector", 0), ("output_filter", 1)):  # the filter's: 2 before its category change
         got = evaluation[part]["validity_ladder_harmless"]
         assert EXAMPLE[part]["validity_ladder_harmless"]["flagged"] == recorded
         assert abs(got["flagged"] - recorded) <= SLACK and got["flagged"] <= 0.05 * got["n"], (part, got)
