@@ -23,18 +23,18 @@ from typing import Iterator, Literal
 from . import models, serving
 from .limits import REPLY_TOKENS
 from .params import QUICK_SUBDIR
-from .paths import MODELS_DIR
+from .paths import MODELS_DIR, adapter_folder
 
 DEFAULT_PORT = 8000
 HOST = "127.0.0.1"
 
 
 def find_adapter(model: str, models_dir: Path = MODELS_DIR) -> Path | None:
-    """The trained adapter of preset ``model`` under ``models_dir``: ``<model>-lora`` where it holds
+    """The trained adapter of preset ``model`` under ``models_dir``: its run folder where it holds
     one, else the most recently trained adapter of that model (quick-mode runs aside); None if none."""
     found = [a for a in serving.trained_adapters(models_dir)
              if models.read_run(a).get("model") == model and QUICK_SUBDIR not in a.relative_to(models_dir).parts]
-    named = [a for a in found if a.name == f"{model}-lora"]
+    named = [a for a in found if a.name == adapter_folder(model)]
     if named:
         return named[0]
     return max(found, key=lambda a: (a / "run.json").stat().st_mtime) if found else None

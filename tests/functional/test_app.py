@@ -143,6 +143,7 @@ def test_the_page_is_usable_while_the_safety_models_load_and_a_message_waits_for
 
 def test_empty_prompt_gets_a_message(app):
     at = app()
+    at.text_area(key="prompt").input("")  # the page opens with the write-up's prompt in the box
     at.button(key="generate").click().run()
     assert any("prompt is empty" in w.value for w in at.warning)
 
