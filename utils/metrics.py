@@ -329,13 +329,13 @@ def _separated(outcome: np.ndarray, x: np.ndarray):
     return None
 
 
-def _balanced_length_win_rate(outcome: np.ndarray, x: np.ndarray) -> float:
+def _balanced_length_win_rate(outcome: np.ndarray, x: np.ndarray, fitted=False) -> float:
     """The model's win rate for A with each prompt's length difference read once as it was and once
-    mirrored (given to the other side), averaged."""
+    mirrored (given to the other side), averaged. ``fitted``: ``_length_fit``'s result when already known."""
     step = _separated(outcome, x)
     if step is not None:
         return float(np.mean((step(x) + step(-x)) / 2))
-    fitted = _length_fit(outcome, x)
+    fitted = _length_fit(outcome, x) if fitted is False else fitted
     if fitted is None:
         return float(outcome.mean())
     theta, beta = fitted
@@ -368,7 +368,7 @@ def length_controlled_win_rate(outcome: Sequence[float], length_a: Sequence[floa
     rng = np.random.default_rng(seed)
     boots = [_balanced_length_win_rate(y[i], x[i]) for i in rng.integers(0, y.size, size=(n_boot, y.size))]
     fitted = _length_fit(y, x)
-    return {"win_rate": _balanced_length_win_rate(y, x), "low": float(np.quantile(boots, 0.025)),
+    return {"win_rate": _balanced_length_win_rate(y, x, fitted), "low": float(np.quantile(boots, 0.025)),
             "high": float(np.quantile(boots, 0.975)), "n": int(y.size),
             "length_slope": None if fitted is None else fitted[1], "length_scale_words": scale}
 

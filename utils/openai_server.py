@@ -46,7 +46,7 @@ def resolve_served(model: str, adapter: str | None, models_dir: Path = MODELS_DI
     spec = models.resolve(model)  # an unknown model is refused here, by name
     if spec.get("source") != "gguf":
         gguf = sorted(k for k, v in models.presets().items() if v.get("source") == "gguf")
-        raise ValueError(f"--model {model!r}: the server runs on llama.cpp and needs a GGUF preset; {gguf} are")
+        raise ValueError(f"--model {model!r}: the server runs on llama.cpp and needs a GGUF preset, one of {gguf}")
     if adapter is not None and adapter.lower() == "none":
         return serving.Choice(model, model, None, "llama.cpp")
     if adapter is None:
