@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv pipeline lint safety safety-fit validate cold-start test test-fast lab app serve benchmark sweep tracker strip clean
+.PHONY: venv pipeline lint safety safety-fit validate cold-start test test-fast lab app serve dpo benchmark sweep tracker strip clean
 
 venv: $(STAMP)
 
@@ -78,6 +78,12 @@ MODEL ?= smollm2-135m
 PORT ?= 8000
 serve: $(STAMP)
 	$(PY) -m utils.openai_server --model $(MODEL) --port $(PORT) $(if $(ADAPTER),--adapter $(ADAPTER),)
+
+# Preference tuning of one model's SFT adapter: pairs from the blind arena's votes (and, with fewer than
+# min_votes, the judge's verdicts on two sampled replies to training prompts), then DPO (TRL) into
+# models/<name>-dpo; `make pipeline ARGS="--preference"` does it per model and judges it beside base and SFT.
+dpo: $(STAMP)
+	$(PY) -m utils.dpo --model $(MODEL) $(ARGS)
 
 # Training throughput (this repo's recipe vs the tutorial recipe, fp32 vs 8-bit; about 7 minutes), then
 # decode on torch vs llama.cpp with token agreement (about 8 minutes); JSON under reports/benchmarks/

@@ -126,3 +126,27 @@ def model_card(run: dict, spec: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def dpo_card(run: dict, summary: str) -> str:
+    """The model card of a DPO adapter (``utils.dpo``): what it continues, on which pairs, how to load it."""
+    pairs = run["preference_pairs"]
+    rows = [("Base", f"`{run['base_model']}`"),
+            ("Starts from", f"the SFT LoRA adapter `{run['sft_adapter']}/final` (also the frozen reference)"),
+            ("Fine-Tuning", f"DPO (TRL), beta {run['beta']}, LoRA on {'8-bit' if run['load_in_8bit'] else 'fp32'} "
+                            "base weights"),
+            ("Trainable parameters", f"{run['trainable_params']:,}"),
+            ("Preference pairs", f"{pairs['train']} to train, {pairs['held_out']} held out; by source "
+                                 + ", ".join(f"{k} {v}" for k, v in pairs["by_source"].items())
+                                 + f" (`{pairs['file']}`)"),
+            ("Intended Use", "Research on preference tuning of small models"),
+            ("Limitations", "Preferences of one small judge or a few voters; may hallucinate; not professional "
+                            "advice")]
+    lines = [f"# {run['model']} LoRA + DPO", ""]
+    if run.get("random_init"):
+        lines += [f"**{models.RANDOM_WEIGHTS_LABEL}**: trained on random base weights.", ""]
+    lines += ["| Field | Value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    root = f"<models>/{run['model']}-dpo"
+    lines += ["", summary, "", f"Load it like the SFT adapter: `utils.models.load_finetuned(\"{root}\")`, or "
+              f"`PeftModel.from_pretrained(base, \"{root}/final\")`.", ""]
+    return "\n".join(lines)

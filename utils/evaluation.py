@@ -89,12 +89,18 @@ def heldout_loss(model, tokenizer, fmt: str, rows: Sequence[dict], max_seq_len: 
 
 
 def variants(model: str, models_dir: Path) -> list[dict]:
-    """The base model and, when an adapter exists, the fine-tuned one."""
+    """The base model and, when their adapters exist, the fine-tuned one (SFT LoRA) and its
+    preference-tuned continuation (SFT + DPO LoRA, ``utils.dpo``)."""
+    from .dpo import dpo_root
+
     name = models.resolve(model)["name"]
     out = [{"name": f"{name} (base)", "model": model, "kind": "base"}]
     adapter = adapter_root(name, models_dir)
     if has_adapter(adapter):
         out.append({"name": f"{name} (LoRA)", "model": model, "kind": "lora", "adapter": str(adapter)})
+        if has_adapter(dpo_root(name, models_dir)):
+            out.append({"name": f"{name} (DPO)", "model": model, "kind": "dpo",
+                        "adapter": str(dpo_root(name, models_dir))})
     return out
 
 
@@ -214,11 +220,13 @@ def check_judge(cfg: EvalConfig) -> list[str]:
 
 
 def comparisons(all_variants: list[dict]) -> list[tuple[str, str]]:
-    """Each fine-tuned model vs its base, and the two models' final versions vs each other."""
+    """Each fine-tuned model vs its base, each preference-tuned (DPO) model vs its SFT adapter (did
+    DPO help?), and the two models' SFT versions vs each other."""
     by_model: dict[str, dict] = {}
     for v in all_variants:
         by_model.setdefault(v["model"], {})[v["kind"]] = v["name"]
     pairs = [(k["lora"], k["base"]) for k in by_model.values() if "lora" in k]
+    pairs += [(k["dpo"], k["lora"]) for k in by_model.values() if "dpo" in k and "lora" in k]
     finals = [k.get("lora", k["base"]) for k in by_model.values()]
     if len(finals) >= 2:
         pairs.append((finals[0], finals[1]))
@@ -284,11 +292,14 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
             "heldout": held,
             "random_init": loaded.info.get("random_init", False),
         }
-        if variant["kind"] == "lora":
+        if variant["kind"] in ("lora", "dpo"):
             run = models.read_run(variant["adapter"])
             info[variant["name"]]["trainable"] = {
                 k: run[k] for k in ("trainable_params", "total_params", "trainable_percent")
             }
+            if variant["kind"] == "dpo":  # which pairs, from where: the report says it beside the verdict
+                info[variant["name"]]["preference"] = {**run["preference_pairs"], "beta": run["beta"],
+                                                       "held_out_after": run.get("held_out_after")}
         log(f"{variant['name']}: {len(histories)} replies in {gen_seconds:.1f}s"
             + (f"; held-out loss {held['loss']:.3f}" if held else ""))
         del loaded
@@ -361,7 +372,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         "grade_differences": grade_differences,
         "headline": headline(pairs, pairwise, grade_differences,
                              {"domain": "the domain suite", "test": "the test split", "both": "the domain suite and "
-                              "the test split"}[judge_suite] if judge is not None else "the prompts"),
+                              "the test split"}[judge_suite] if judge is not None else "the prompts", info),
         "verdicts": verdict_sentences(pairs, pairwise, grade_differences),
         "scores_explained": metrics.__doc__,
         "dtype": dtype,
@@ -436,9 +447,19 @@ def _direction(w: dict | None, d: dict | None) -> str:
     return "mixed" if len(says) == 2 else next(iter(says), "unclear")
 
 
-def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain suite") -> list[str]:
+def preference_text(info: dict | None) -> str:
+    """Where a DPO variant's pairs came from and how many: "112 preference pairs (judge 112)"."""
+    p = (info or {}).get("preference")
+    if not p:
+        return "preference pairs"
+    return f"{p['train']} preference pairs ({', '.join(f'{k} {v}' for k, v in p['by_source'].items())})"
+
+
+def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain suite",
+             variant_info: dict | None = None) -> list[str]:
     """The answer first: which fine-tuned model answers better, then what fine-tuning did to each
-    model, by the judge's overall grade and its pairwise verdicts (n and 95% intervals), and reply length."""
+    model, then what preference tuning (DPO) did to each SFT model, by the judge's overall grade and
+    its pairwise verdicts (n and 95% intervals), and reply length."""
     def evidence(key: str, a: str) -> str:
         w, d, words = pairwise.get(key), differences[key].get("overall"), differences[key].get("words")
         bits = []
@@ -457,7 +478,13 @@ def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain 
     for a, b in pairs:
         key = f"{a} vs {b}"
         way = _direction(pairwise.get(key), differences[key].get("overall"))
-        if a.endswith("(LoRA)") and b == a.replace("(LoRA)", "(base)"):
+        if a.endswith("(DPO)") and b == a.replace("(DPO)", "(LoRA)"):
+            model = a[:-len(" (DPO)")]
+            what = {"better": "helped", "worse": "hurt", "mixed": "helped by one measure and hurt by the other",
+                    "unclear": "made no measurable difference"}[way]
+            rest.append(f"Preference tuning (DPO on {preference_text((variant_info or {}).get(a))}) {what} {model} "
+                        f"against its SFT adapter on {suite}: {evidence(key, a)}.")
+        elif a.endswith("(LoRA)") and b == a.replace("(LoRA)", "(base)"):
             model = a[:-len(" (LoRA)")]
             what = {"better": "better", "worse": "worse", "mixed": "better by one measure and worse by the other",
                     "unclear": "no measurable difference"}[way]

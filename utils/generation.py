@@ -67,10 +67,28 @@ def _gen_kwargs(tokenizer, model, max_new_tokens: int, min_new_tokens: int = 0, 
 def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fmt: str,
                    max_new_tokens: int = REPLY_TOKENS["evaluation"],
                    batch_size: int = 8, min_new_tokens: int = 0, max_prompt_tokens: int = 768,
-                   progress: bool = True) -> list[Generated]:
-    """Greedy replies to the last user turn of each conversation, generated in left-padded batches."""
+                   progress: bool = True, sample: dict | None = None) -> list[Generated]:
+    """Replies to the last user turn of each conversation, generated in left-padded batches: greedy,
+    or sampled with ``sample`` = {"temperature", "top_p", "seed"} (torch's generator seeded once, under
+    the sampling lock, so the same seed gives the same replies)."""
+    import contextlib
+
+    import torch
+
+    with _SAMPLING if sample else contextlib.nullcontext():
+        if sample:
+            torch.manual_seed(int(sample.get("seed", 0)))
+        return _generate_batches(model, tokenizer, conversations, fmt, max_new_tokens, batch_size, min_new_tokens,
+                                 max_prompt_tokens, progress, sample)
+
+
+def _generate_batches(model, tokenizer, conversations, fmt, max_new_tokens, batch_size, min_new_tokens,
+                      max_prompt_tokens, progress, sample) -> list[Generated]:
     import torch
     from tqdm.auto import tqdm
+
+    knobs = {"do_sample": True, "temperature": sample.get("temperature", 1.0),
+             "top_p": sample.get("top_p", 1.0)} if sample else {}
 
     order = sorted(range(len(conversations)), key=lambda i: len(conversations[i][-1]["content"]))
     results: dict[int, Generated] = {}
@@ -84,7 +102,7 @@ def generate_batch(model, tokenizer, conversations: Sequence[Sequence[dict]], fm
         start = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(input_ids=input_ids, attention_mask=attention,
-                                 **_gen_kwargs(tokenizer, model, max_new_tokens, min_new_tokens, fmt=fmt))
+                                 **_gen_kwargs(tokenizer, model, max_new_tokens, min_new_tokens, fmt=fmt, **knobs))
         seconds = time.perf_counter() - start
         stops = set(stop_token_ids(tokenizer, model)) | {pad}
         for row, i in enumerate(batch):

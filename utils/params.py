@@ -34,6 +34,7 @@ CONFIGS = {
     "03_evaluate.ipynb": "utils.evaluation:EvalConfig",
     "04_benchmark.ipynb": "utils.benchmark:BenchConfig",
     "05_sweep.ipynb": "utils.sweep:SweepNotebook",
+    "06_preference.ipynb": "utils.dpo:PreferenceNotebook",
 }
 # papermill writes the parameters it is given into a new cell with exactly this first line; the
 # generated cells start differently, so they are never mistaken for injected ones.
@@ -56,6 +57,9 @@ QUICK = {
     "04_benchmark.ipynb": {"models": ["smollm2-135m"], "new_tokens": 6, "repeats": 1, "random_models": ["gpt2"],
                            "agreement_prompts": 2},
     "05_sweep.ipynb": {"quick": True, "out": "reports/sweep-quick"},
+    # the judge's pairs from 4 training prompts (12-token candidates), then 2 DPO steps
+    "06_preference.ipynb": {"num_prompts": 4, "max_new_tokens": 12, "max_steps": 2, "batch_size": 2,
+                            "save_steps": 1, "logging_steps": 1, "resume": False},
 }
 QUICK_SUBDIR = "quick"
 QUICK_ENV = "LORA_COMPARE_QUICK"

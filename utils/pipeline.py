@@ -28,8 +28,8 @@ from .paths import (CONFIGS_DIR, MODELS, NOTEBOOKS_DIR, REPORTS_DIR, adapter_fol
 
 DEFAULT_CONFIG = CONFIGS_DIR / "pipeline.yaml"
 # config section -> notebook it parameterises
-SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb", "evaluate": "03_evaluate.ipynb",
-            "benchmark": "04_benchmark.ipynb"}
+SECTIONS = {"data": "01_data_prep.ipynb", "train": "02_train_lora.ipynb", "preference": "06_preference.ipynb",
+            "evaluate": "03_evaluate.ipynb", "benchmark": "04_benchmark.ipynb"}
 # sections that are not notebook parameters
 META_SECTIONS = ("models", "train_per_model", "models_dir")
 class PipelineError(RuntimeError):
@@ -95,6 +95,13 @@ def plan(config: dict, quick: bool = False, source: str = "config", models: list
         if quick or "models_dir" in config:
             params["output_dir"] = f"{models_dir}/{adapter_folder(resolve_name(model))}"
         steps.append(Step(f"02_train_lora-{resolve_name(model)}", SECTIONS["train"], params))
+    if "preference" in config:  # DPO on top of each SFT adapter (a third variant per model in the evaluation)
+        for model in models:
+            params = {"data_dir": data_dir, **(config.get("preference") or {}), "model": model,
+                      "models_dir": models_dir}
+            if quick:
+                params.update(QUICK[SECTIONS["preference"]])
+            steps.append(Step(f"06_preference-{resolve_name(model)}", SECTIONS["preference"], params))
     for section, name in (("evaluate", "03_evaluate"), ("benchmark", "04_benchmark")):
         if section not in config and not models:
             continue
@@ -193,6 +200,13 @@ def finish_report(run_dir: Path, steps: list[Step]) -> None:
             out = train_output(step)
             if (out / "MODEL_CARD.md").exists():
                 shutil.copyfile(out / "MODEL_CARD.md", cards / f"1_model_card-{resolve_name(p['model'])}.md")
+        elif step.notebook == SECTIONS["preference"]:
+            from .dpo import dpo_root
+
+            out = from_root(param(step, "output_dir")) if param(step, "output_dir") else dpo_root(
+                resolve_name(p["model"]), param(step, "models_dir"))
+            if (out / "MODEL_CARD.md").exists():
+                shutil.copyfile(out / "MODEL_CARD.md", cards / f"2_model_card-{resolve_name(p['model'])}-dpo.md")
     build_report(run_dir)
     print(f"report: {run_dir / 'report.html'}", flush=True)
 
@@ -239,10 +253,19 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _adapter_files(step: Step) -> list[Path]:
+def _adapter_files(step: Step, dpo: bool = False) -> list[Path]:
+    """The adapters a step reads: each model's SFT adapter, and with ``dpo`` its DPO adapter where
+    there is one (the evaluation compares it; the benchmark does not time it: same shape as SFT)."""
+    from .dpo import dpo_root
+
     models_dir = param(step, "models_dir")
-    return [final_adapter(adapter_root(resolve_name(m), models_dir)) / "adapter_model.safetensors"
-            for m in param(step, "models")]
+    out = []
+    for m in param(step, "models"):
+        out.append(final_adapter(adapter_root(resolve_name(m), models_dir)) / "adapter_model.safetensors")
+        tuned = final_adapter(dpo_root(resolve_name(m), models_dir)) / "adapter_model.safetensors"
+        if dpo and tuned.exists():
+            out.append(tuned)
+    return out
 
 
 def step_inputs(step: Step) -> list[Path]:
@@ -259,9 +282,20 @@ def step_inputs(step: Step) -> list[Path]:
     if step.notebook == SECTIONS["train"]:
         data_dir = from_root(param(step, "data_dir"))
         return [data_dir / "train.jsonl", data_dir / "validation.jsonl"]
+    if step.notebook == SECTIONS["preference"]:
+        from .preferences import default_pairs_path
+
+        data_dir = from_root(param(step, "data_dir"))
+        sft = final_adapter(adapter_root(resolve_name(param(step, "model")), param(step, "models_dir")))
+        given = param(step, "pairs_path")  # trained on as it is when the step does not make the pairs
+        pairs = [] if param(step, "export_pairs") else [from_root(given) if given else
+                                                        default_pairs_path(param(step, "model"))]
+        return [data_dir / "train.jsonl", sft / "adapter_model.safetensors",
+                from_root(param(step, "ratings_db"))] + pairs
     if step.notebook == SECTIONS["evaluate"]:
         data_dir = from_root(param(step, "data_dir"))
-        return [data_dir / f"{param(step, 'split')}.jsonl", data_dir / "validation.jsonl"] + _adapter_files(step)
+        return ([data_dir / f"{param(step, 'split')}.jsonl", data_dir / "validation.jsonl"]
+                + _adapter_files(step, dpo=True))
     return _adapter_files(step)
 
 
@@ -279,6 +313,12 @@ def external_outputs_present(step: Step) -> bool:
         return (from_root(param(step, "output_dir")) / "data_card.json").exists()
     if step.notebook == SECTIONS["train"]:
         return (final_adapter(train_output(step)) / "adapter_model.safetensors").exists()
+    if step.notebook == SECTIONS["preference"]:
+        from .dpo import dpo_root
+
+        out = param(step, "output_dir")
+        root = from_root(out) if out else dpo_root(resolve_name(param(step, "model")), param(step, "models_dir"))
+        return (final_adapter(root) / "adapter_model.safetensors").exists()
     return True
 
 
@@ -407,13 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", help="name of the run directory under reports/ (default: UTC timestamp)")
     parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
     parser.add_argument("--models", nargs="+", help="models to train and compare (default: the config's list)")
+    parser.add_argument("--preference", action="store_true",
+                        help="add preference tuning (notebooks/06_preference.ipynb: DPO on top of each SFT adapter, "
+                             "judged as a third variant) with the config's preference section, else its defaults")
     parser.add_argument("--kernel", default=None, help="Jupyter kernel (default: the notebooks' own, lora-compare)")
     parser.add_argument("--show", action="store_true",
                         help="print every step's parameters (* = set by the config, else the notebook's default) "
                              "and stop")
     args = parser.parse_args(argv)
     try:
-        steps = plan(load_config(args.config), quick=args.quick, source=args.config, models=args.models)
+        config = load_config(args.config)
+        if args.preference:
+            config.setdefault("preference", {})
+        steps = plan(config, quick=args.quick, source=args.config, models=args.models)
         if args.show:
             print(describe(steps))
             return 0

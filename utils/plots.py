@@ -49,6 +49,25 @@ def plot_loss_curves(run: Mapping, path: Path | None = None):
     return _save(fig, path)
 
 
+def plot_dpo(run: Mapping, path: Path | None = None):
+    """A DPO run (``utils.dpo``): its loss, and the reward margin (chosen minus rejected) of the
+    training batches, against the optimizer step."""
+    sns.set_theme(style="whitegrid")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.3))
+    loss = run["loss_history"]["train"]
+    left.plot([p["step"] for p in loss], [p["loss"] for p in loss], "o-")
+    left.axhline(0.6931, ls="--", c="grey", lw=1)  # log 2: the DPO loss where policy = reference
+    left.set(title="DPO loss (dashed: log 2, the start)", xlabel="optimizer step", ylabel="loss")
+    rewards = [r for r in run.get("reward_history", []) if r.get("margin") is not None]
+    right.plot([r["step"] for r in rewards], [r["margin"] for r in rewards], "o-", c="tab:green")
+    right.axhline(0, ls="--", c="grey", lw=1)
+    right.set(title="reward margin, chosen - rejected", xlabel="optimizer step", ylabel="beta x log-ratio")
+    fig.suptitle(f"{run['model']}: DPO on {run['preference_pairs']['train']} pairs"
+                 + (" - random weights" if run.get("random_init") else ""))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- evaluation and benchmark figures
 
 QUALITY = ("overall", "relevance", "coherence", "words")

@@ -126,6 +126,8 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
                                    "best_eval_loss": r["best_eval_loss"], "global_step": r["global_step"],
                                    "dtype": r.get("dtype", "fp32")}
                                for m, r in runs.items()}
+    out["preference"] = {p.stem: preference_record(json.loads(p.read_text()))
+                         for p in sorted((run_dir / "preference").glob("*.json"))}
     versions = next(iter(runs.values()), {}).get("versions")
     if versions is None:
         from .system import versions as installed
@@ -133,6 +135,14 @@ def collect_metrics(run_dir: Path, ratings_db: Path | None = None) -> dict:
         versions = installed()
     out["versions"] = versions
     return out
+
+
+def preference_record(run: dict) -> dict:
+    """What the report shows of a DPO run (``utils.dpo``): its pairs by source, held-out preference
+    accuracy before and after, steps and time."""
+    keep = ("beta", "global_step", "train_runtime_s", "held_out_before", "held_out_after", "trainable_params",
+            "load_in_8bit", "dtype", "random_init")
+    return {"pairs": run["preference_pairs"], **{k: run.get(k) for k in keep}}
 
 
 def run_timings(state: dict, evaluation: dict | None) -> dict:
@@ -287,6 +297,8 @@ def render_html(m: dict, run_dir: Path) -> str:
                   _img(figs / "parameters.png", "Trainable vs total parameters (log scale)")]
         for name in m["trainable_params"]:
             parts.append(_img(figs / f"loss_curves-{name}.png", f"Loss curves: {name}"))
+    if m.get("preference"):
+        parts += _preference_html(m["preference"], figs)
     parts.append(_img(figs / "memory.png", "Memory footprint"))
 
     samples = run_dir / "samples.jsonl"
@@ -407,6 +419,34 @@ def _quality_html(m: dict, figs: Path) -> list[str]:
         parts += ["<h3>Paired grade differences (first minus second)</h3>",
                   _table(["comparison", "overall", "relevance", "coherence", "words"], rows)]
     return parts + _validity_html(m)
+
+
+def _preference_html(preference: dict, figs: Path) -> list[str]:
+    """Preference tuning: per model, how many pairs from which source, and the held-out preference
+    accuracy (the verdict against the SFT adapter is in the headline and the pairwise table)."""
+    from .ratings import wilson_interval
+
+    rows = []
+    for name, r in preference.items():
+        after = r.get("held_out_after") or {}
+        acc = "–"
+        if after.get("rewards/accuracies") is not None:
+            low, high = wilson_interval(round(after["rewards/accuracies"] * after["n"]), after["n"])
+            acc = f"{after['rewards/accuracies']:.2f} [{low:.2f}, {high:.2f}] (n={after['n']})"
+        p = r["pairs"]
+        rows.append([html.escape(name), str(p["train"]), html.escape(", ".join(f"{k} {v}" for k, v in
+                                                                                p["by_source"].items())),
+                     str(p["held_out"]), acc, str(r["beta"]), str(r["global_step"]), _fmt(r["train_runtime_s"], 0)])
+    parts = ["<h2>Preference tuning (DPO)</h2>",
+             "<p>DPO (TRL) continued each SFT adapter on preference pairs (<code>utils.preferences</code>); the "
+             "reference policy is the SFT model. Held-out accuracy: how often the tuned model gives the chosen reply "
+             "of a held-out pair the larger reward (0 before training). Whether it answers better is the judge's "
+             "verdict above (the DPO vs LoRA rows).</p>",
+             _table(["model", "pairs trained", "by source", "held out", "held-out accuracy", "beta", "steps", "s"],
+                    rows)]
+    for name in preference:
+        parts.append(_img(figs / f"dpo_curves-{name}.png", f"DPO loss and reward margin: {name}"))
+    return parts
 
 
 def _validity_html(m: dict) -> list[str]:
