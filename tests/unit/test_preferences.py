@@ -104,14 +104,15 @@ def test_a_malformed_pairs_file_is_refused_by_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory):
-    """A tiny Llama with a trained SFT adapter under <root>/models, and a pairs file that prefers
-    the training data's kind of reply ("cat cat cat") over another."""
+    """A tiny Llama with a trained SFT adapter under <root>/models, and a pairs file that prefers one
+    kind of reply ("bird bird") over another."""
     root = tmp_path_factory.mktemp("dpo")
     base = save_tiny_model(root / "llama", "llama")
     data = write_splits(root / "data")
     out = root / "models" / "llama-lora"
-    training.train(training.TrainConfig(model=str(base), data_dir=str(data), output_dir=str(out), load_in_8bit=False, max_steps=4, eval_steps=2, save_steps=2, batch_size=4,
-                                        learning_rate=1e-2, report_to="none", lora_dropout=0.0), log=lambda *a: None)
+    training.train(training.TrainConfig(model=str(base), data_dir=str(data), output_dir=str(out), load_in_8bit=False,
+                                        max_steps=4, eval_steps=2, save_steps=2, batch_size=4, learning_rate=1e-2,
+                                        report_to="none", lora_dropout=0.0), log=lambda *a: None)
     pairs = root / "pairs.jsonl"
     with open(pairs, "w") as fh:
         for i in range(30):
