@@ -28,7 +28,7 @@ from typing import Sequence
 from . import cards, chat, hardware, int8, models, system
 from .io import write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import MODELS, adapter_root, final_adapter, from_root, has_adapter, shown
-from .preferences import PairsConfig, card_path, pairs_path, read_pairs
+from .preferences import MIN_PAIRS, PairsConfig, card_path, pairs_path, read_pairs
 from .training import checkpoint_is_complete, count_parameters, last_complete_checkpoint  # noqa: F401
 
 DPO_SUFFIX = "-dpo"
@@ -171,9 +171,9 @@ def train(cfg: PreferenceNotebook, log=print, extra_callbacks: Sequence = ()) ->
                        "notebooks/02_train_lora.ipynb first (DPO continues it)")
     path = pairs_path(cfg)
     pairs = read_pairs(path)
-    if len(pairs) < 2:
-        raise DPOError(f"{shown(path)} holds {len(pairs)} preference pair(s); DPO needs at least 2 (vote in the "
-                       "dashboard's blind arena, or make the judge's pairs: source='judge')")
+    if len(pairs) < MIN_PAIRS:
+        raise DPOError(f"{shown(path)} holds {len(pairs)} preference pair(s); DPO needs at least {MIN_PAIRS} (vote "
+                       "in the dashboard's blind arena, or make more of the judge's pairs: raise num_prompts)")
     pair_card = json.loads(card_path(path).read_text()) if card_path(path).exists() else {}
     train_pairs, eval_pairs = split_pairs(pairs, cfg.seed)
     output_dir = _output_dir(cfg)
@@ -242,7 +242,9 @@ def train(cfg: PreferenceNotebook, log=print, extra_callbacks: Sequence = ()) ->
     }
 
     def write_final(folder: Path) -> None:
-        trainer.model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"])
+        # no embedding layer is adapted: without this PEFT looks the base model's config up on the hub
+        trainer.model.save_pretrained(folder, safe_serialization=True, selected_adapters=["default"],
+                                      save_embedding_layers=False)
         tokenizer.save_pretrained(folder)
         config_file = folder / "adapter_config.json"
         config = json.loads(config_file.read_text())

@@ -68,6 +68,26 @@ def plot_dpo(run: Mapping, path: Path | None = None):
     return _save(fig, path)
 
 
+def plot_judge_pairs(verdicts: Sequence[Mapping], path: Path | None = None):
+    """The judge's two readings of each candidate pair (``utils.preferences``): the probability that the
+    first candidate is better when shown first (x) and when shown second (y). A pair is kept when both
+    are on the same side of 0.5 (lower left or upper right); elsewhere the judge follows the position."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for kept, colour, label in ((True, "tab:green", "kept: both orders agree"),
+                                (False, "tab:grey", "left out: the orders disagree")):
+        pts = [v for v in verdicts if v["kept"] == kept]
+        ax.scatter([v["p_first_shown_first"] for v in pts], [v["p_first_shown_second"] for v in pts], s=14,
+                   c=colour, alpha=0.7, label=f"{label} ({len(pts)})")
+    ax.axvline(0.5, c="black", lw=0.8)
+    ax.axhline(0.5, c="black", lw=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="P(first better), first shown first",
+           ylabel="P(first better), first shown second", title="The judge on two samples per prompt")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- evaluation and benchmark figures
 
 QUALITY = ("overall", "relevance", "coherence", "words")

@@ -38,6 +38,7 @@ from .io import write_json_atomically, write_text_atomically
 from .paths import DATA_DIR, MODELS, PROCESSED, adapter_root, from_root, has_adapter, require, shown
 
 SOURCES = ("auto", "arena", "judge", "both")
+MIN_PAIRS = 2  # DPO trains on no fewer
 PREFERENCES_DIR = "data/preferences"
 DEFAULT_DB = DATA_DIR / "ratings.sqlite"
 
@@ -120,9 +121,10 @@ def pairs_from_votes(votes: Sequence[dict]) -> tuple[list[dict], Counter]:
 
 
 def pairs_from_judge(judge, prompts: Sequence[list[dict]], first: Sequence[str], second: Sequence[str],
-                     progress: Callable | None = None) -> tuple[list[dict], Counter]:
+                     progress: Callable | None = None, record: list | None = None) -> tuple[list[dict], Counter]:
     """A pair per prompt whose two candidate replies the judge ranks the same way in both orders
-    (``verdict`` A or B); a tie (the orders disagree) and identical or empty candidates are left out."""
+    (``verdict`` A or B); a tie (the orders disagree) and identical or empty candidates are left out.
+    ``record``: a list that gets each comparison's two probabilities and whether it was kept."""
     from .judge import compare_all
 
     left = Counter()
@@ -135,6 +137,9 @@ def pairs_from_judge(judge, prompts: Sequence[list[dict]], first: Sequence[str],
     verdicts = compare_all(judge, [(m[-1]["content"], a, b) for m, a, b in todo], progress)
     pairs = []
     for (messages, a, b), v in zip(todo, verdicts):
+        if record is not None:
+            record.append({"p_first_shown_first": round(v["p_a_shown_first"], 4),
+                           "p_first_shown_second": round(v["p_a_shown_second"], 4), "kept": v["verdict"] != "tie"})
         if v["verdict"] == "tie":
             left["judge: the two orders disagree"] += 1
             continue
@@ -241,6 +246,7 @@ def export(cfg: PairsConfig, judge=None, log=print) -> dict:
         + (f"; below min_votes={cfg.min_votes}, so the judge's pairs are added" if cfg.source == "auto" and use_judge
            else ""))
     judged: list[dict] = []
+    compared: list[dict] = []
     if use_judge and cfg.num_prompts:
         prompts = train_prompts(cfg)
         first, second = candidates(cfg, prompts, log)
@@ -250,7 +256,8 @@ def export(cfg: PairsConfig, judge=None, log=print) -> dict:
             judge = LLMJudge(cfg.judge_model, dtype=cfg.judge_dtype)
         log(f"the judge ({cfg.judge_model}) compares the two candidates of {len(prompts)} prompts in both orders ...")
         judged, left_j = pairs_from_judge(judge, prompts, first, second,
-                                          lambda it: tqdm(it, desc="judging candidate pairs", unit="batch"))
+                                          lambda it: tqdm(it, desc="judging candidate pairs", unit="batch"),
+                                          compared)
         left += left_j
     pairs, cleaning = clean(arena + judged)
     path = pairs_path(cfg)
@@ -259,12 +266,33 @@ def export(cfg: PairsConfig, judge=None, log=print) -> dict:
     card = {"pairs": len(pairs), "file": shown(path), "by_source": dict(Counter(p["source"] for p in pairs)),
             "source_setting": cfg.source, "arena_votes": len(votes), "judge_used": use_judge,
             "judge_prompts": cfg.num_prompts if use_judge else 0, "left_out": dict(left), **cleaning,
-            "config": asdict(cfg)}
+            "judge_verdicts": compared, "config": asdict(cfg)}
     write_json_atomically(card_path(path), card)
     log(f"{len(pairs)} preference pairs ({', '.join(f'{k} {v}' for k, v in card['by_source'].items()) or 'none'}) "
         f"-> {shown(path)}; left out: {dict(left) or 'nothing'}; evaluation leaks removed: "
         f"{len(cleaning['evaluation_leaks_removed'])}")
     return card
+
+
+def summary(card: dict) -> str:
+    """What the pair-making found (markdown): pairs by source, and how often the judge's two orders agreed."""
+    sources = ", ".join(f"{v} from the {k}" for k, v in card["by_source"].items()) or "none"
+    lines = [f"**{card['pairs']} preference pairs** ({sources}) from {card['arena_votes']} arena votes"
+             + (f" and {card['judge_prompts']} training prompts answered twice" if card.get("judge_used") else "")
+             + "."]
+    verdicts = card.get("judge_verdicts") or []
+    if verdicts:
+        kept = sum(v["kept"] for v in verdicts)
+        strength = sorted(abs((v["p_first_shown_first"] + v["p_first_shown_second"]) / 2 - 0.5)
+                          for v in verdicts if v["kept"])
+        lines.append(f"The judge's two orders agreed on {kept} of {len(verdicts)} candidate pairs"
+                     + (f" (median preference {0.5 + strength[len(strength) // 2]:.2f} for the chosen reply)"
+                        if strength else "")
+                     + "; the rest, where it prefers whichever reply it reads first (or second), are left out.")
+    if card["pairs"] < MIN_PAIRS:
+        lines.append(f"Too few pairs for DPO (it needs at least {MIN_PAIRS}): vote in the dashboard's blind arena, "
+                     "or raise num_prompts.")
+    return " ".join(lines)
 
 
 def read_pairs(path: str | Path) -> list[dict]:

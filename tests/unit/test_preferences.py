@@ -209,3 +209,18 @@ def test_the_pipeline_adds_a_preference_step_per_model_before_the_evaluation():
     assert "06_preference-smollm2-135m" not in [s.name for s in pipeline.plan({"models": ["smollm2-135m"]})]
     with pytest.raises(pipeline.PipelineError, match="unknown parameter"):
         pipeline.plan({"models": ["smollm2-135m"], "preference": {"num_pairs": 8}})
+
+
+def test_the_summary_says_how_often_the_judge_agreed_and_when_there_are_too_few_pairs(tmp_path):
+    from utils import plots
+
+    verdicts = [{"p_first_shown_first": 0.7, "p_first_shown_second": 0.6, "kept": True},
+                {"p_first_shown_first": 0.6, "p_first_shown_second": 0.4, "kept": False},
+                {"p_first_shown_first": 0.3, "p_first_shown_second": 0.7, "kept": False}]
+    card = {"pairs": 1, "by_source": {"judge": 1}, "arena_votes": 0, "judge_used": True, "judge_prompts": 3,
+            "judge_verdicts": verdicts}
+    text = preferences.summary(card)
+    assert "agreed on 1 of 3 candidate pairs (median preference 0.65" in text and "Too few pairs for DPO" in text
+    assert "Too few" not in preferences.summary({**card, "pairs": 2, "by_source": {"judge": 2}})
+    plots.plot_judge_pairs(verdicts, tmp_path / "j.png")
+    assert (tmp_path / "j.png").stat().st_size > 0
