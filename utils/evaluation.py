@@ -448,11 +448,12 @@ def _direction(w: dict | None, d: dict | None) -> str:
 
 
 def preference_text(info: dict | None) -> str:
-    """Where a DPO variant's pairs came from and how many: "112 preference pairs (judge 112)"."""
+    """Where a DPO variant's pairs came from and how many: "24 preference pairs from judge 24, 22 trained on"."""
     p = (info or {}).get("preference")
     if not p:
         return "preference pairs"
-    return f"{p['train']} preference pairs ({', '.join(f'{k} {v}' for k, v in p['by_source'].items())})"
+    sources = ", ".join(f"{k} {v}" for k, v in p["by_source"].items())
+    return f"{p['n']} preference pairs from {sources}, {p['train']} trained on"
 
 
 def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain suite",
@@ -482,7 +483,7 @@ def headline(pairs, pairwise: dict, differences: dict, suite: str = "the domain 
             model = a[:-len(" (DPO)")]
             what = {"better": "helped", "worse": "hurt", "mixed": "helped by one measure and hurt by the other",
                     "unclear": "made no measurable difference"}[way]
-            rest.append(f"Preference tuning (DPO on {preference_text((variant_info or {}).get(a))}) {what} {model} "
+            rest.append(f"Preference tuning {model} (DPO on {preference_text((variant_info or {}).get(a))}) {what} "
                         f"against its SFT adapter on {suite}: {evidence(key, a)}.")
         elif a.endswith("(LoRA)") and b == a.replace("(LoRA)", "(base)"):
             model = a[:-len(" (LoRA)")]

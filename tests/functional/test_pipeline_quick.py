@@ -80,7 +80,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert m["response"]["smollm2-135m (DPO)"]["overall"]["n"] == 4
     pairs = m["preference"]["smollm2-135m"]["pairs"]
     assert pairs["by_source"]["arena"] == 3 and pairs["n"] == 3 + pairs["by_source"].get("judge", 0)
-    assert any(line.startswith("Preference tuning (DPO on ") for line in m["headline"])
+    assert any(line.startswith("Preference tuning smollm2-135m (DPO on ") for line in m["headline"])
     assert (tmp_path / "models" / "quick" / "smollm2-135m-dpo" / "final" / "adapter_model.safetensors").exists()
     assert "Preference tuning (DPO)" in (run / "report.html").read_text()
     html = (run / "report.html").read_text()

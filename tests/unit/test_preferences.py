@@ -191,11 +191,11 @@ def test_the_evaluation_adds_the_dpo_variant_and_compares_it_with_sft(tmp_path):
     key = "smollm2-135m (DPO) vs smollm2-135m (LoRA)"
     win = {"n": 40, "win_rate": 0.7, "low": 0.6, "high": 0.8}
     diffs = {key: {"overall": {"mean": 0.3, "low": 0.1, "high": 0.5, "n": 40}}}
-    info = {"smollm2-135m (DPO)": {"preference": {"train": 52, "by_source": {"judge": 50, "arena": 2}}}}
+    info = {"smollm2-135m (DPO)": {"preference": {"n": 58, "train": 52, "by_source": {"judge": 56, "arena": 2}}}}
     lines = evaluation.headline([("smollm2-135m (DPO)", "smollm2-135m (LoRA)")], {key: win}, diffs,
                                 variant_info=info)
-    assert lines[0].startswith("Preference tuning (DPO on 52 preference pairs (judge 50, arena 2)) helped "
-                               "smollm2-135m against its SFT adapter")
+    assert lines[0].startswith("Preference tuning smollm2-135m (DPO on 58 preference pairs from judge 56, arena 2, 52 "
+                               "trained on) helped against its SFT adapter")
 
 
 def test_the_pipeline_adds_a_preference_step_per_model_before_the_evaluation():
