@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from tiny import save_tiny_model, write_splits
@@ -224,3 +225,15 @@ def test_the_summary_says_how_often_the_judge_agreed_and_when_there_are_too_few_
     assert "Too few" not in preferences.summary({**card, "pairs": 2, "by_source": {"judge": 2}})
     plots.plot_judge_pairs(verdicts, tmp_path / "j.png")
     assert (tmp_path / "j.png").stat().st_size > 0
+
+
+def test_dpo_on_8bit_weights_trains_and_keeps_the_adapter_in_fp32(sft, tmp_path):
+    # TRL casts a quantized model's LoRA weights to bf16, where small Adam steps round away; kept fp32
+    run = dpo.train(_dpo_cfg(sft, tmp_path / "q", load_in_8bit=True, dtype="bf16"), log=lambda *a: None)
+    assert run["load_in_8bit"] and run["dtype"] == "bf16"
+    from safetensors.torch import load_file
+
+    tuned = load_file(str(tmp_path / "q" / "final" / "adapter_model.safetensors"))
+    sft_weights = load_file(str(sft["root"] / "models" / "llama-lora" / "final" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tuned.values()} == {torch.float32}
+    assert max((tuned[k] - sft_weights[k]).abs().max().item() for k in tuned) > 1e-3  # DPO moved the adapter
