@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, TrainerCallback
 
 from utils.models import byte_tokenizer
 
@@ -24,6 +24,18 @@ def tiny_config(arch: str):
     return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        bos_token_id=256, eos_token_id=256, tie_word_embeddings=False, initializer_range=INIT)
+
+
+class Interrupt(TrainerCallback):
+    """A Trainer callback that stops training right after optimizer step ``at`` (before that step's
+    checkpoint, if any), as a kill would."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated kill")
 
 
 def save_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:

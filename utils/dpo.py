@@ -29,7 +29,7 @@ from . import cards, chat, hardware, int8, models, system
 from .io import write_directory_atomically, write_json_atomically, write_text_atomically
 from .paths import MODELS, adapter_root, final_adapter, from_root, has_adapter, shown
 from .preferences import MIN_PAIRS, PairsConfig, card_path, pairs_path, read_pairs
-from .training import checkpoint_is_complete, count_parameters, last_complete_checkpoint  # noqa: F401
+from .training import count_parameters, last_complete_checkpoint
 
 DPO_SUFFIX = "-dpo"
 REPORT_SUBDIR = "preference"  # a pipeline report's DPO run records (<report_dir>/preference/<model>.json)
@@ -239,7 +239,7 @@ def train(cfg: PreferenceNotebook, log=print, extra_callbacks: Sequence = ()) ->
                             "margin": h.get("rewards/margins")} for h in history if "rewards/margins" in h],
         "train_loss": result.training_loss, "train_runtime_s": round(seconds, 2),
         "peak_train_rss_mb": round(memory.peak_rss_mb, 1), "dtype": dtype, "dtype_probe": hardware.dtype_probe(),
-        "versions": {**system.versions(), "trl": _version("trl")},
+        "versions": {**system.versions(), **system.versions(("trl",))},
     }
 
     def write_final(folder: Path) -> None:
@@ -265,33 +265,20 @@ def keep_fp32(model) -> int:
     few 1e-2 is below bf16's resolution there (about 2e-4) and is rounded away: in the first example run
     the DPO adapters barely moved. fp32 weights and optimizer state, bf16 autocast for the matmuls: as in
     SFT. (Before the optimizer exists: the Trainer builds it when training starts.)"""
+    import torch
+
     cast = 0
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch_float32():
+        if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
             cast += 1
     return cast
-
-
-def torch_float32():
-    import torch
-
-    return torch.float32
 
 
 def _count_sources(pairs: Sequence[dict]) -> dict:
     from collections import Counter
 
     return dict(Counter(p.get("source", "unknown") for p in pairs))
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def summary(run: dict) -> str:

@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from tiny import save_tiny_model, write_splits
+from tiny import Interrupt, save_tiny_model, write_splits
 from utils import dpo, evaluation, models, pipeline, preferences, training
 from utils.data import near_key
 from utils.ratings import RatingStore
@@ -151,18 +150,9 @@ def test_dpo_starts_at_the_sft_model_and_learns_the_held_out_preference(sft, tmp
     assert "27 preference pairs" in dpo.summary(run)
 
 
-class _Stop(TrainerCallback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def test_dpo_resumes_from_its_last_checkpoint(sft, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        dpo.train(_dpo_cfg(sft, tmp_path / "d"), log=lambda *a: None, extra_callbacks=[_Stop(5)])
+        dpo.train(_dpo_cfg(sft, tmp_path / "d"), log=lambda *a: None, extra_callbacks=[Interrupt(5)])
     assert (tmp_path / "d" / "checkpoint-4").exists() and not (tmp_path / "d" / "final").exists()
     run = dpo.train(_dpo_cfg(sft, tmp_path / "d"), log=lambda *a: None)
     assert run["resumed_from"] == "checkpoint-4" and run["global_step"] == 6

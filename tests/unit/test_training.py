@@ -6,9 +6,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from tiny import save_tiny_model, write_splits
+from tiny import Interrupt, save_tiny_model, write_splits
 from utils import chat, models, training
 from utils.training import TrainConfig, TrainingError
 
@@ -70,17 +69,6 @@ def test_label_mask_covers_only_assistant_tokens(tiny, arch):
     assert pad.any() and (batch["labels"][pad] == -100).all()
 
 
-class _Interrupt(TrainerCallback):
-    """Stops training right after optimizer step ``at`` (before that step's checkpoint, if any)."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt("simulated kill")
-
-
 def _adapter(path, folder="final"):
     return load_file(str(path / folder / "adapter_model.safetensors"))
 
@@ -97,7 +85,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny, tmp_path, seed):
     print(f"seed {seed}: interrupted after step {kill}; the newest checkpoint then is checkpoint-{last}")
     full = training.train(_cfg(tiny, "llama", tmp_path / "a", max_steps=steps))
     with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, "llama", tmp_path / "b", max_steps=steps), extra_callbacks=[_Interrupt(kill)])
+        training.train(_cfg(tiny, "llama", tmp_path / "b", max_steps=steps), extra_callbacks=[Interrupt(kill)])
     assert not (tmp_path / "b" / "final").exists()
     assert max(int(p.name.split("-")[1]) for p in (tmp_path / "b").glob("checkpoint-*")) == last
 
@@ -135,7 +123,7 @@ def _tear(kind, folder):
 def test_each_kind_of_torn_checkpoint_is_skipped_and_kept(tiny, tmp_path, kind):
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(5)])  # checkpoints 2 and 4
+        training.train(_cfg(tiny, "llama", out), extra_callbacks=[Interrupt(5)])  # checkpoints 2 and 4
     assert training.checkpoint_is_complete(out / "checkpoint-4")
     _tear(kind, out / "checkpoint-4")
     assert not training.checkpoint_is_complete(out / "checkpoint-4")
@@ -154,7 +142,7 @@ def test_an_earlier_torn_checkpoint_is_never_deleted(tiny, tmp_path):
     earlier.mkdir(parents=True)
     (earlier / "note.txt").write_text("moved aside by an earlier run")
     with pytest.raises(KeyboardInterrupt):
-        training.train(_cfg(tiny, "llama", out), extra_callbacks=[_Interrupt(5)])
+        training.train(_cfg(tiny, "llama", out), extra_callbacks=[Interrupt(5)])
     _tear("missing state", out / "checkpoint-4")
     res = training.train(_cfg(tiny, "llama", out, resume=True), log=lambda *a: None)
     assert res.run["resumed_from"] == "checkpoint-2"
